@@ -1,0 +1,42 @@
+# beitv2-ds: `make demo` (set up, then run the main job) and `make test` (set up, then run every test).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export PYTHONPATH := $(CURDIR)
+
+# System packages: Fashion-MNIST (demo data), OpenCV + libjpeg-turbo + pkg-config (FFCV builds against them),
+# numactl (DeepSpeed's --bind_cores_to_rank).
+APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl
+
+.PHONY: setup test test-fast demo clean
+setup: $(VENV)/.done
+
+$(VENV)/.done: setup.cfg setup.py
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	# torch first, from the pinned pair that works with timm's torchvision import (see setup.cfg).
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[teachers,data,dev]"
+	# DeepSpeed JIT-compiles its shared-memory comm op at the first init on CPU; do it once here.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -rs tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: setup
+	bash scripts/demo.sh
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Shared training machinery for every stage: typed configs, DeepSpeed setup, checkpoints, metrics, the loop."""

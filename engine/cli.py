@@ -1,0 +1,33 @@
+"""Entry-point wrapper: fire for the command line, one-line errors for bad input instead of tracebacks."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import fire
+
+from engine.config import ConfigError
+from engine.trainer import TrainingDiverged
+
+# Errors a user can fix from the message alone: print it on one line and exit non-zero.
+USER_ERRORS = (ConfigError, FileNotFoundError, TrainingDiverged, ValueError)
+
+
+def _print_result(result) -> None:
+    if os.environ.get("RANK", "0") != "0":   # one summary per run, not one per rank
+        return
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    elif result is not None:
+        print(result)
+
+
+def run_cli(commands: dict, argv: list[str] | None = None) -> int:
+    try:
+        result = fire.Fire(commands, command=argv, serialize=lambda r: None)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_result(result)
+    return 0

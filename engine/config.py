@@ -1,0 +1,218 @@
+"""Typed run configuration: dataclasses that reject unknown keys and impossible values, with named recipes.
+
+Every stage describes its run with a dataclass that nests `OptimConfig`, `ScheduleConfig` and `RunConfig`.
+A recipe is a plain dict of overrides applied on top of the defaults; command-line flags are applied last.
+The resolved config is written as JSON beside the run so that the run can be reproduced and resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line naming the key and what to do."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyper-parameters. Decoupled weight decay is skipped for 1-d parameters, biases and token embeddings."""
+    lr: float = 2e-4
+    min_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    weight_decay_end: float | None = None   # cosine weight-decay schedule to this value; None keeps it constant
+    layer_decay: float = 1.0                # layer-wise lr decay (fine-tuning); 1.0 is off
+    grad_clip: float = 0.0                  # global grad-norm clip; 0 is off
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", self.min_lr, "must be in [0, lr]")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas,
+               "must be two numbers in [0, 1)")
+        _check(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", self.layer_decay, "must be in (0, 1]")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step schedule: linear warm-up then cosine decay to `optim.min_lr`, measured in epochs or steps."""
+    epochs: float = 1.0
+    warmup_epochs: float = 0.0
+    total_steps: int | None = None    # overrides epochs when set
+    warmup_steps: int | None = None   # overrides warmup_epochs when set
+
+    def validate(self, prefix: str = "schedule") -> None:
+        _check(self.epochs > 0, f"{prefix}.epochs", self.epochs, "must be > 0")
+        _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.total_steps is None or self.total_steps > 0, f"{prefix}.total_steps", self.total_steps,
+               "must be > 0")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps,
+               "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Engine settings shared by every stage."""
+    output_dir: str = "runs/default"
+    ds_config: str = "ds_configs/zero1.json"   # ZeRO and communication settings; batch/optim/precision come from here
+    precision: str = "fp32"                    # fp32 | bf16 | fp16
+    micro_batch_size: int = 8                  # per rank, per forward
+    grad_accum_steps: int = 1
+    seed: int = 0
+    log_interval: int = 10                     # steps between reading metrics off the device
+    save_interval: int = 500                   # steps between checkpoints (and one at the end)
+    keep_last: int = 2                         # checkpoints kept on disk
+    resume: bool = True                        # continue from the latest checkpoint in output_dir
+    max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
+    grad_checkpointing: bool = False
+    compile: bool = False                      # torch.compile the model's forward
+    progress_bar: bool = True
+
+    def validate(self, prefix: str = "run") -> None:
+        _check(self.precision in ("fp32", "bf16", "fp16"), f"{prefix}.precision", self.precision,
+               "must be one of fp32, bf16, fp16")
+        for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
+                    "max_nonfinite_steps"):
+            _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
+
+
+def _check(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} {what}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a JSON/CLI value to the annotated type, or raise a one-line ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, prefix=key)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly nested) mapping; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise ConfigError(f"unknown config key {where}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def merge(base: dict, overrides: Mapping[str, Any]) -> dict:
+    """Deep-merge `overrides` into a copy of `base`. Dotted keys ('optim.lr') address nested fields."""
+    out = json.loads(json.dumps(base))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if p not in node else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"config key '{key}': '{p}' is not a section")
+            node = node[p]
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
+            overrides: Mapping[str, Any]) -> Any:
+    """Defaults of `cls`, then the named recipe, then `overrides`; validated before anything runs."""
+    values = to_dict(cls())
+    if recipe is not None:
+        if recipe not in recipes:
+            raise ConfigError(f"unknown recipe '{recipe}'; choose one of: {', '.join(sorted(recipes))}")
+        values = merge(values, recipes[recipe])
+    values = merge(values, overrides)
+    cfg = from_dict(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Call `validate(prefix)` on `cfg` and on every nested dataclass."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}.{f.name}" if prefix else f.name)
+    if hasattr(cfg, "validate"):
+        cfg.validate(prefix) if prefix else cfg.validate()
+
+
+def save_json(cfg: Any, path: str) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_json(cls: type, path: str) -> Any:
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    cfg = from_dict(cls, values)
+    validate(cfg)
+    return cfg
+
+
+__all__ = ["ConfigError", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
+           "to_dict", "validate", "save_json", "load_json", "field"]

@@ -1,0 +1,135 @@
+"""Build the DeepSpeed config (JSON file + typed run config) and the engine.
+
+The typed config is the single source of truth for batch sizes, accumulation, clipping, precision and the
+optimizer. The JSON in `ds_configs/` holds what only DeepSpeed knows about (ZeRO stage, bucket sizes, offload,
+communication). A key both define with different values is an error rather than a silent override.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from engine.config import ConfigError, OptimConfig, RunConfig
+
+
+def load_ds_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path} (pick one of ds_configs/*.json)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:
+    """Set ds[key] = value unless the JSON already holds a different value."""
+    if key in ds and ds[key] != value:
+        raise ConfigError(f"{path} sets '{key}' = {ds[key]!r} but the run config gives {value!r} ({source}); "
+                          f"remove the key from the JSON or change the run config")
+    ds[key] = value
+
+
+def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:
+    path = run.ds_config
+    ds = load_ds_json(path)
+    if "scheduler" in ds:
+        raise ConfigError(f"{path} has a 'scheduler' block; the lr schedule comes from the run config's "
+                          f"'schedule' section, remove the block")
+    _put(ds, "train_micro_batch_size_per_gpu", run.micro_batch_size, "run.micro_batch_size", path)
+    _put(ds, "gradient_accumulation_steps", run.grad_accum_steps, "run.grad_accum_steps", path)
+    _put(ds, "train_batch_size", run.micro_batch_size * run.grad_accum_steps * world_size,
+         "micro_batch_size x grad_accum_steps x world size", path)
+    _put(ds, "gradient_clipping", float(optim.grad_clip), "optim.grad_clip", path)
+
+    for name, wanted in (("bf16", run.precision == "bf16"), ("fp16", run.precision == "fp16")):
+        block = dict(ds.get(name, {}))
+        if "enabled" in block and bool(block["enabled"]) != wanted:
+            raise ConfigError(f"{path} sets '{name}.enabled' = {block['enabled']} but run.precision is "
+                              f"'{run.precision}'; remove 'enabled' from the JSON or change run.precision")
+        block["enabled"] = wanted
+        if name == "fp16" and wanted:
+            block.setdefault("loss_scale", 0)          # 0 = dynamic loss scaling
+            block.setdefault("initial_scale_power", 16)
+        ds[name] = block
+
+    # torch's AdamW (fused on CUDA) instead of DeepSpeed's FusedAdam: same update, and no JIT-compiled op.
+    optimizer = {"type": "AdamW", "params": {
+        "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+        "torch_adam": True, "adam_w_mode": True}}
+    if torch.cuda.is_available():
+        optimizer["params"]["fused"] = True
+    if "optimizer" in ds and ds["optimizer"] != optimizer:
+        raise ConfigError(f"{path} has an 'optimizer' block; the optimizer comes from the run config's 'optim' "
+                          f"section, remove the block")
+    ds["optimizer"] = optimizer
+    ds.setdefault("steps_per_print", 10 ** 9)   # our logger reports; keep DeepSpeed's own prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Iterable[str] = (),
+                 layer_id_fn=None, layer_decay: float = 1.0, num_layers: int = 0) -> list[dict]:
+    """AdamW groups: no decay for 1-d params, biases and `no_decay_names`; optional layer-wise lr scale.
+
+    Each group carries `lr_scale` and `wd_scale`, which the per-step schedule multiplies in.
+    """
+    skip = set(no_decay_names)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        layer = layer_id_fn(name) if layer_id_fn is not None else 0
+        lr_scale = layer_decay ** (num_layers + 1 - layer) if layer_id_fn is not None else 1.0
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": lr_scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str] = ()) -> nn.Module:
+    """Cast parameters and buffers to the training dtype before DeepSpeed sees the model.
+
+    DeepSpeed's bf16/fp16 paths cast parameters only; timm's attention keeps its zero key bias as an fp32
+    buffer, which then meets bf16 weights in the qkv matmul. Buffers named by prefix in `keep_fp32` (EMA
+    statistics such as a codebook) stay fp32.
+    """
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype == torch.float32:
+        return model
+    prefixes = tuple(keep_fp32)
+    saved = {n: b.detach().clone() for n, b in model.named_buffers() if prefixes and n.startswith(prefixes)}
+    model.to(dtype)
+    for name, value in saved.items():
+        module_name, _, buf_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[buf_name] = value
+    return model
+
+
+def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: OptimConfig, world_size: int,
+               keep_fp32_buffers: Iterable[str] = ()):
+    """Return a DeepSpeed engine for `model`; the engine's optimizer holds `groups`."""
+    import deepspeed
+
+    ds_config = build_ds_config(run, optim, world_size)
+    cast_for_precision(model, run.precision, keep_fp32_buffers)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine, ds_config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def env_summary() -> dict:
+    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "world_size": int(os.environ.get("WORLD_SIZE", 1))}

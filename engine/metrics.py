@@ -1,0 +1,126 @@
+"""Metrics that stay on the device until the log interval, and the rank-0 writers (tensorboardX, JSONL, tqdm)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+
+from engine import distributed as dist_utils
+
+# Dense bf16/fp16 tensor-core peak per device, for MFU. Unknown devices report no MFU rather than a guess.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+class DeviceMeter:
+    """Sums scalar tensors on the device; `read()` is the only host synchronisation, done once per interval."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._count += 1
+
+    def read(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        keys = sorted(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).div_(self._count).tolist()
+        self._sums, self._count = {}, 0
+        return dict(zip(keys, values))
+
+
+class RunLogger:
+    """Rank 0 writes tensorboard scalars and `metrics.jsonl`; other ranks stay silent."""
+
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, show_progress: bool = True):
+        self.active = dist_utils.is_main()
+        self.jsonl = os.path.join(output_dir, "metrics.jsonl")
+        self.tb = None
+        self.bar = None
+        if not self.active:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._truncate_after(start_step)
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=start_step + 1)
+        if show_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, mininterval=2.0)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their old rows so each step appears once."""
+        if not os.path.exists(self.jsonl):
+            return
+        with open(self.jsonl) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.jsonl + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+        os.replace(tmp, self.jsonl)
+
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if not self.active:
+            return
+        for k, v in scalars.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        if self.bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "images_per_s")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Images/s and MFU over the last log interval (wall clock, so it includes data loading)."""
+
+    def __init__(self, flops_per_image: float | None, world_size: int):
+        self.flops_per_image = flops_per_image
+        self.world_size = world_size
+        self.peak = device_peak_flops()
+        self._t = time.perf_counter()
+        self._images = 0
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def read(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        out = {"images_per_s": self._images / dt}
+        if self.flops_per_image and self.peak:
+            out["mfu"] = out["images_per_s"] * self.flops_per_image / (self.peak * self.world_size)
+        self._t, self._images = now, 0
+        return out

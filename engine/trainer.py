@@ -1,0 +1,110 @@
+"""The one training loop every stage runs: DeepSpeed engine, per-step schedule, checkpoints, metrics.
+
+A stage supplies the model, its parameter groups, a data source and a `step_fn(engine, batch)` that returns
+`(loss, metrics)`, where `metrics` holds detached scalar tensors that stay on the device until the log interval.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from engine import distributed as dist_utils
+from engine import schedule as sched
+from engine.checkpoint import CheckpointManager
+from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
+from engine.ds_setup import initialize
+from engine.metrics import DeviceMeter, RunLogger, Throughput, peak_memory_gib
+
+
+class DataSource(Protocol):
+    steps_per_epoch: int      # optimizer steps per epoch at the run's global batch
+
+    def micro_batches(self, start_step: int) -> Iterator[Any]:
+        """This rank's micro-batches from optimizer step `start_step` on (grad_accum_steps per step)."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    step: int
+    last_metrics: dict
+
+
+def log_main(msg: str) -> None:
+    if dist_utils.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
+        groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
+        keep_fp32_buffers: tuple[str, ...] = (), images_per_micro_batch: int | None = None) -> FitResult:
+    world = dist_utils.world_size()
+    if dist_utils.is_main():
+        save_json(cfg, f"{run.output_dir}/config.json")
+    engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers)
+    if run.compile:
+        engine.compile()
+
+    ckpt = CheckpointManager(run.output_dir, run.keep_last)
+    state = ckpt.load(engine) if run.resume else None
+    start = int(state["step"]) if state else 0
+    total, warmup = sched.total_and_warmup_steps(schedule, data.steps_per_epoch)
+    if state:
+        log_main(f"resumed from {ckpt.dir} at step {start}/{total}")
+
+    logger = RunLogger(run.output_dir, total, start, run.progress_bar)
+    meter = DeviceMeter()
+    speed = Throughput(flops_per_image, world)
+    per_micro = images_per_micro_batch or run.micro_batch_size
+    batches = data.micro_batches(start)
+    nonfinite_in_a_row, skipped_total = 0, 0
+    last: dict = {}
+    engine.train()
+    try:
+        for step in range(start, total):
+            lr = sched.lr_at(step, optim, total, warmup)
+            wd = sched.weight_decay_at(step, optim, total)
+            sched.apply(engine.optimizer.param_groups, lr, wd)
+            for _ in range(run.grad_accum_steps):
+                loss, metrics = step_fn(engine, next(batches))
+                engine.backward(loss)
+                engine.step()
+                meter.add({"loss": loss, **metrics})
+                speed.add(per_micro * world)
+            # DeepSpeed skips an update whose gradients are not finite (fp16/bf16, and ZeRO >= 1 in fp32);
+            # it already synchronised to decide, so reading the flag costs nothing extra.
+            if engine.was_step_applied():
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                skipped_total += 1
+                if run.precision != "fp16" and nonfinite_in_a_row >= run.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{nonfinite_in_a_row} steps in a row had non-finite gradients (last at step {step}); "
+                        f"stopped without saving. Resume from the last checkpoint in {ckpt.dir} with a lower "
+                        f"optim.lr or optim.grad_clip set")
+            logger.advance()
+            done = step + 1
+            if done % run.log_interval == 0 or done == total:
+                last = meter.read()
+                last.update(speed.read())
+                last.update(lr=lr, weight_decay=wd, skipped_steps=skipped_total, peak_mem_gib=peak_memory_gib())
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    last["grad_norm"] = float(grad_norm)
+                scale = getattr(engine.optimizer, "cur_scale", None) if run.precision == "fp16" else None
+                if scale is not None:
+                    last["loss_scale"] = float(scale)
+                logger.log(done, last)
+            if done % run.save_interval == 0 or done == total:
+                ckpt.save(engine, done, {})
+    finally:
+        logger.close()
+    return FitResult(step=total, last_metrics=last)

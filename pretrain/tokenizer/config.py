@@ -1,0 +1,106 @@
+"""Typed configuration and named recipes of the VQ-KD tokenizer stage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig
+from pretrain.tokenizer.model import ARCHS
+from pretrain.tokenizer.teachers import TeacherConfig
+
+
+@dataclass
+class QuantizerConfig:
+    """Codebook settings layered on the arch (defaults are the official ones)."""
+    decay: float = 0.99
+    beta: float = 1.0
+    kmeans_init: bool = True
+    dead_code_threshold: float = 0.0   # > 0 enables dead-code restart
+    restart_interval: int = 100
+
+    def validate(self, prefix: str = "quantizer") -> None:
+        if not 0 < self.decay < 1:
+            raise ConfigError(f"config key '{prefix}.decay' = {self.decay} must be in (0, 1)")
+        if self.beta < 0:
+            raise ConfigError(f"config key '{prefix}.beta' = {self.beta} must be >= 0")
+        if self.dead_code_threshold < 0 or self.restart_interval < 1:
+            raise ConfigError(f"config keys '{prefix}.dead_code_threshold' must be >= 0 and "
+                              f"'{prefix}.restart_interval' >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from.
+
+    Args:
+        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory) or `beton` (FFCV file).
+        train_path, eval_path: .beton files (source=beton).
+        limit: use only the first N training images (0 = all), e.g. for a quick demo.
+        eval_images: held-out images used by evaluation (0 = all).
+        num_workers: loader worker processes.
+        os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
+    """
+    source: str = "fashion_mnist"
+    train_path: str = ""
+    eval_path: str = ""
+    limit: int = 0
+    eval_images: int = 2000
+    num_workers: int = 2
+    os_cache: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.source not in ("fashion_mnist", "beton"):
+            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist or beton")
+        if self.source == "beton" and not self.train_path:
+            raise ConfigError(f"config key '{prefix}.train_path' is required with source=beton")
+        if self.limit < 0 or self.eval_images < 0:
+            raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
+
+
+@dataclass
+class TokenizerConfig:
+    arch: str = "vqkd_small_demo"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(ARCHS)}")
+
+
+RECIPES = {
+    # The official recipe (DESIGN.md 1.1): 100 epochs, global batch 512, CLIP ViT-B/16 teacher.
+    "vqkd_base_clip": {
+        "arch": "vqkd_encoder_base_decoder_3x768x12_clip",
+        "teacher": {"name": "clip_b16", "input_size": 224},
+        "data": {"source": "beton"},
+        "optim": {"lr": 2e-4, "min_lr": 1e-5, "betas": [0.9, 0.99], "weight_decay": 1e-4},
+        "schedule": {"epochs": 100, "warmup_epochs": 10},
+        "run": {"precision": "bf16", "micro_batch_size": 64, "ds_config": "ds_configs/zero1.json",
+                "output_dir": "runs/vqkd_base_clip", "save_interval": 2000, "log_interval": 50},
+    },
+    # Two CPU cores, real data (Fashion-MNIST) and a real ImageNet teacher (EfficientNet-Lite0), minutes.
+    "vqkd_small_demo": {
+        "arch": "vqkd_small_demo",
+        "teacher": {"name": "efficientnet_lite0", "input_size": 96},
+        "quantizer": {"dead_code_threshold": 0.5, "restart_interval": 20},
+        "data": {"source": "fashion_mnist", "limit": 12000, "eval_images": 2000},
+        "optim": {"lr": 1e-3, "min_lr": 1e-5, "betas": [0.9, 0.99], "weight_decay": 1e-4, "grad_clip": 1.0},
+        "schedule": {"epochs": 2, "warmup_epochs": 0.1},
+        "run": {"precision": "fp32", "micro_batch_size": 32, "ds_config": "ds_configs/zero2.json",
+                "output_dir": "runs/demo/tokenizer", "save_interval": 100, "log_interval": 10},
+    },
+    # Tests: a few steps of the tiny arch.
+    "vqkd_tiny_test": {
+        "arch": "vqkd_tiny_test",
+        "teacher": {"name": "efficientnet_lite0", "input_size": 64},
+        "data": {"source": "fashion_mnist", "limit": 512, "eval_images": 256, "num_workers": 0},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "grad_clip": 1.0},
+        "schedule": {"total_steps": 8, "warmup_steps": 1},
+        "run": {"precision": "fp32", "micro_batch_size": 8, "ds_config": "ds_configs/zero1.json",
+                "output_dir": "runs/tiny", "save_interval": 4, "log_interval": 1, "progress_bar": False},
+    },
+}

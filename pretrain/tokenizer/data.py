@@ -1,0 +1,100 @@
+"""Data plumbing of the tokenizer stage: the training source, held-out batches, and images for `encode`."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine import distributed as dist_utils
+
+TOKENIZER_CROP_SCALE = (0.08, 1.0)   # RandomResizedCrop scale for tokenizer training (DESIGN.md 1.1)
+
+
+def _fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from data_tools.fashion_mnist import load_fashion_mnist
+    images, labels = load_fashion_mnist(split)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def train_source(cfg, img_size: int, device: torch.device):
+    """The DataSource the engine iterates: RandomResizedCrop(0.08-1) + flip, RGB in [0, 1] on `device`."""
+    run, d = cfg.run, cfg.data
+    common = dict(micro_batch_size=run.micro_batch_size, grad_accum_steps=run.grad_accum_steps,
+                  rank=dist_utils.rank(), world_size=dist_utils.world_size(), seed=run.seed)
+    if d.source == "fashion_mnist":
+        from data_tools.ffcv_loader import ArraySource
+        images, labels = _fashion_mnist("train", d.limit)
+        return ArraySource(images, labels, img_size=img_size, scale=TOKENIZER_CROP_SCALE, device=device, **common)
+    from data_tools.ffcv_loader import tokenizer_source
+    return tokenizer_source(d.train_path, img_size=img_size, device=device, num_workers=d.num_workers,
+                            os_cache=d.os_cache, **common)
+
+
+def _resize01(images_uint8: np.ndarray, img_size: int) -> torch.Tensor:
+    """uint8 [N, H, W] or [N, H, W, C] -> float RGB [N, 3, img_size, img_size] in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8))
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return x.contiguous()
+
+
+def eval_batches(data_cfg: dict, img_size: int, batch_size: int, device: torch.device):
+    """Held-out images (test split, no augmentation) as [B, 3, S, S] batches in [0, 1]."""
+    source = data_cfg.get("source", "fashion_mnist")
+    limit = int(data_cfg.get("eval_images", 0))
+    if source == "fashion_mnist":
+        images, _ = _fashion_mnist("test", limit)
+        for i in range(0, len(images), batch_size):
+            yield _resize01(images[i:i + batch_size], img_size).to(device)
+        return
+    from data_tools.ffcv_loader import eval_image_batches
+    path = data_cfg.get("eval_path") or ""
+    if not path:
+        raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) when source=beton")
+    yield from eval_image_batches(path, img_size=img_size, batch_size=batch_size, device=device, limit=limit)
+
+
+def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> torch.Tensor:
+    """Images to encode: every image file in `folder` (sorted), or `count` Fashion-MNIST images of `split`."""
+    if not folder:
+        images, _ = _fashion_mnist(split, count)
+        return _resize01(images, img_size)
+    from PIL import Image
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    if not names:
+        raise ValueError(f"no image files (.png/.jpg/.jpeg/.bmp/.webp) in {folder}")
+    arrays = []
+    for name in names:
+        with Image.open(os.path.join(folder, name)) as im:
+            arrays.append(np.asarray(im.convert("RGB").resize((img_size, img_size), Image.BICUBIC)))
+    return _resize01(np.stack(arrays), img_size)
+
+
+def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, num_codes: int, path: str, columns: int = 8) -> None:
+    """A grid of (image | token map) pairs; each token id gets a fixed pseudo-random colour."""
+    from PIL import Image
+    palette = np.random.default_rng(0).integers(0, 256, size=(num_codes, 3), dtype=np.uint8)
+    n, side = pixels.shape[0], pixels.shape[-1]
+    tiles = []
+    for i in range(n):
+        img = (pixels[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        token_map = palette[ids[i]].repeat(side // ids.shape[1], 0).repeat(side // ids.shape[2], 1)
+        pad = np.zeros((side, side - token_map.shape[1], 3), np.uint8) if token_map.shape[1] < side else None
+        if pad is not None:
+            token_map = np.concatenate([token_map, pad], 1)
+        tiles.append(np.concatenate([img, token_map[:side, :side]], 1))
+    rows = [np.concatenate(tiles[r:r + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[r:r + columns])),
+                           1) for r in range(0, n, columns)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)

@@ -1,0 +1,264 @@
+"""VQ-KD visual tokenizer (BEiT v2): ViT encoder -> l2-normalised EMA codebook -> ViT decoder -> teacher features.
+
+The encoder and decoder are timm `Beit` models with absolute position embeddings, no relative position bias and
+no layer scale, which gives exactly the official key layout (`encoder.blocks.0.attn.q_bias`, ...).
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm
+from timm.models.beit import Beit
+from torch import nn
+
+from pretrain.tokenizer.quantizer import NormEMAQuantizer
+
+FILE_FORMAT = "beitv2-ds/tokenizer/1"
+
+
+def _vit(img_size: int, patch_size: int, in_chans: int, width: int, depth: int, heads: int, mlp_ratio: float,
+         drop_path: float) -> Beit:
+    return Beit(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="avg",
+                embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path,
+                norm_layer=partial(LayerNorm, eps=1e-6), init_values=None, use_abs_pos_emb=True,
+                use_rel_pos_bias=False)
+
+
+def _task_layer(width: int, out_dim: int) -> nn.Sequential:
+    layer = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, out_dim))
+    for m in layer:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return layer
+
+
+def _fp32_mlp(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run Linear-Tanh-Linear in fp32 whatever the weights' or autocast's dtype (the quantizer is sensitive)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        for m in layer:
+            x = F.linear(x, m.weight.float(), m.bias.float()) if isinstance(m, nn.Linear) else m(x)
+    return x
+
+
+class VQKD(nn.Module):
+    """Vector-quantized knowledge-distillation tokenizer.
+
+    Args:
+        img_size: input side in pixels.
+        patch_size: encoder patch size; the code grid is img_size / patch_size per side.
+        encoder_width, encoder_depth, encoder_heads: encoder ViT.
+        decoder_width, decoder_depth, decoder_heads: decoder ViT over the code grid (patch size 1).
+        mlp_ratio: MLP expansion in both ViTs.
+        num_codes, code_dim: codebook size (8192 x 32 officially).
+        teacher_dim: output size of the decoder head (512 CLIP, 768 DINO, 112 EfficientNet-Lite0).
+        beta: commitment loss weight.
+        decay: codebook EMA decay.
+        kmeans_init: k-means initialisation on the first training batch.
+        dead_code_threshold, restart_interval: dead-code restart (0 disables, the official behaviour).
+        drop_path: stochastic depth in the encoder.
+        seed: seed for the quantizer's rank-synchronised draws.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, encoder_width: int = 768, encoder_depth: int = 12,
+                 encoder_heads: int = 12, decoder_width: int = 768, decoder_depth: int = 3, decoder_heads: int = 12,
+                 mlp_ratio: float = 4.0, num_codes: int = 8192, code_dim: int = 32, teacher_dim: int = 512,
+                 beta: float = 1.0, decay: float = 0.99, kmeans_init: bool = True, dead_code_threshold: float = 0.0,
+                 restart_interval: int = 100, drop_path: float = 0.0, seed: int = 0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.arch_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.num_codes, self.code_dim, self.teacher_dim = num_codes, code_dim, teacher_dim
+        self.encoder = _vit(img_size, patch_size, 3, encoder_width, encoder_depth, encoder_heads, mlp_ratio,
+                            drop_path)
+        self.decoder = _vit(self.grid[0], 1, code_dim, decoder_width, decoder_depth, decoder_heads, mlp_ratio, 0.0)
+        self.quantize = NormEMAQuantizer(num_codes, code_dim, beta=beta, decay=decay, kmeans_init=kmeans_init,
+                                         dead_code_threshold=dead_code_threshold, restart_interval=restart_interval,
+                                         seed=seed)
+        self.encode_task_layer = _task_layer(encoder_width, code_dim)
+        self.decode_task_layer = _task_layer(decoder_width, teacher_dim)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.cls_token", "encoder.pos_embed", "decoder.cls_token", "decoder.pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
+    def _patch_tokens(self, vit: Beit, x: torch.Tensor) -> torch.Tensor:
+        tokens = vit.forward_features(x)
+        return vit.fc_norm(tokens[:, vit.num_prefix_tokens:])
+
+    def encode(self, images: torch.Tensor):
+        """images: RGB in [0, 1], [B, 3, H, W]. Returns (z_q [B, N, code_dim], commitment loss, codes [B, N], stats)."""
+        x = images.to(self.encoder.patch_embed.proj.weight.dtype) * 2 - 1
+        z = _fp32_mlp(self.encode_task_layer, self._patch_tokens(self.encoder, x))
+        return self.quantize(z)
+
+    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized codes [B, N, code_dim] -> predicted teacher features [B, N, teacher_dim]."""
+        b, n, c = z_q.shape
+        grid = z_q.transpose(1, 2).reshape(b, c, *self.grid).to(self.decoder.patch_embed.proj.weight.dtype)
+        return self.decode_task_layer(self._patch_tokens(self.decoder, grid))
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training step: images in [0, 1] and teacher features [B, N, teacher_dim] -> (loss, metrics)."""
+        z_q, commit_loss, _, stats = self.encode(images)
+        rec = self.decode(z_q)
+        cosine = F.cosine_similarity(rec.float(), target.float(), dim=-1).mean()
+        rec_loss = 1 - cosine
+        loss = rec_loss + commit_loss
+        return loss, {"rec_loss": rec_loss.detach(), "commit_loss": commit_loss.detach(),
+                      "teacher_cosine": cosine.detach(), **stats}
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, num_patches] for RGB images in [0, 1]; never updates the codebook."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.encode(images)[2]
+        finally:
+            self.train(was_training)
+
+    def flops_per_image(self, teacher_flops: float = 0.0) -> float:
+        """Approximate training FLOPs per image (forward + backward = 3x forward), for MFU."""
+        def vit_flops(width: int, depth: int, tokens: int, mlp_ratio: float) -> float:
+            per_block = 2 * tokens * (4 * width * width + 2 * mlp_ratio * width * width) + 4 * tokens * tokens * width
+            return depth * per_block
+        n = self.num_patches + 1
+        enc = self.encoder
+        dec = self.decoder
+        fwd = (vit_flops(enc.embed_dim, len(enc.blocks), n, self.arch_kwargs["mlp_ratio"])
+               + vit_flops(dec.embed_dim, len(dec.blocks), n, self.arch_kwargs["mlp_ratio"])
+               + 2 * self.num_patches * 3 * self.patch_size ** 2 * enc.embed_dim
+               + 2 * self.num_patches * self.num_codes * self.code_dim)
+        return 3 * fwd + teacher_flops
+
+
+_BASE = dict(img_size=224, patch_size=16, encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
+             decoder_heads=12, num_codes=8192, code_dim=32)
+ARCHS: dict[str, dict[str, Any]] = {
+    "vqkd_encoder_base_decoder_1x768x12_clip": dict(_BASE, decoder_depth=1, teacher_dim=512),
+    "vqkd_encoder_base_decoder_3x768x12_clip": dict(_BASE, decoder_depth=3, teacher_dim=512),
+    "vqkd_encoder_base_decoder_1x768x12_dino": dict(_BASE, decoder_depth=1, teacher_dim=768),
+    # Small tokenizer for the CPU demo: 48 px, 8 px patches (6 x 6 codes), EfficientNet-Lite0 teacher at 96 px.
+    "vqkd_small_demo": dict(img_size=48, patch_size=8, encoder_width=192, encoder_depth=4, encoder_heads=3,
+                            decoder_width=192, decoder_depth=1, decoder_heads=3, num_codes=512, code_dim=32,
+                            teacher_dim=112),
+    # Tiny tokenizer for tests.
+    "vqkd_tiny_test": dict(img_size=32, patch_size=8, encoder_width=64, encoder_depth=2, encoder_heads=2,
+                           decoder_width=64, decoder_depth=1, decoder_heads=2, num_codes=64, code_dim=16,
+                           teacher_dim=112),
+}
+
+
+def build_tokenizer(arch: str, **overrides) -> VQKD:
+    """Build a tokenizer from a named architecture; keyword overrides replace its settings."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tokenizer arch '{arch}'; choose one of {', '.join(ARCHS)}")
+    valid = set(VQKD.__init__.__code__.co_varnames[1:VQKD.__init__.__code__.co_argcount])
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown tokenizer setting '{unknown[0]}'; valid: {', '.join(sorted(valid))}")
+    return VQKD(**{**ARCHS[arch], **overrides})
+
+
+# Tensors in official files that our model does not keep: the teacher and its input scaling, loss modules,
+# and the EmbeddingEMA statistics the official update never reads.
+_DROP_PREFIXES = ("teacher", "scaling", "loss")
+_LEGACY_KEYS = ("quantize.embedding.cluster_size", "quantize.embedding.embed_avg")
+_OUR_EXTRA_BUFFERS = ("quantize.num_updates", "quantize.num_restarted")
+
+
+def _infer_arch(sd: dict, path: str) -> dict:
+    """Architecture of an official (or arch-less) tokenizer file, from its tensor shapes."""
+    try:
+        enc_depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+        dec_depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.blocks."))
+        width = sd["encoder.cls_token"].shape[-1]
+        dec_width = sd["decoder.cls_token"].shape[-1]
+        patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
+        num_patches = sd["encoder.pos_embed"].shape[1] - 1
+        codes, code_dim = sd["quantize.embedding.weight"].shape
+        teacher_dim = sd["decode_task_layer.2.weight"].shape[0]
+    except (KeyError, ValueError):
+        raise ValueError(f"{path} is not a VQ-KD tokenizer checkpoint (expected encoder/decoder/quantize keys)") \
+            from None
+    heads = max(1, width // 64)
+    return dict(img_size=int(math.isqrt(num_patches)) * patch, patch_size=patch, encoder_width=width,
+                encoder_depth=enc_depth, encoder_heads=heads, decoder_width=dec_width, decoder_depth=dec_depth,
+                decoder_heads=max(1, dec_width // 64), num_codes=codes, code_dim=code_dim, teacher_dim=teacher_dim)
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict | None]:
+    """(state_dict, arch kwargs or None) from an official or our tokenizer file, without unpickling objects."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path), None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
+    arch = obj.get("arch") if isinstance(obj, dict) else None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if not k.startswith(_DROP_PREFIXES) and k not in _LEGACY_KEYS}
+    return sd, arch
+
+
+def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
+    """Load a frozen tokenizer in eval mode from an official release or one of our files.
+
+    Args:
+        path: checkpoint (`{"model": ...}`, `{"state_dict": ...}`, a bare state dict, or safetensors).
+        arch: architecture name; inferred from the file when omitted.
+    """
+    sd, saved_arch = read_checkpoint(path)
+    if arch is not None:
+        model = build_tokenizer(arch, **overrides)
+    else:
+        model = VQKD(**{**(saved_arch or _infer_arch(sd, path)), **overrides})
+    for key in _OUR_EXTRA_BUFFERS:   # official files predate these counters
+        sd.setdefault(key, model.state_dict()[key])
+    sd["quantize.embedding.initted"] = sd.get("quantize.embedding.initted", torch.ones(1)).float().view(1)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not match tokenizer arch {arch or '(inferred)'}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_tokenizer(model: VQKD, path: str, state_dict: dict | None = None) -> None:
+    """Write `{"model", "arch", "format"}` atomically; loads back with `load_tokenizer` (weights only)."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in sd.items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"model": sd, "arch": dict(model.arch_kwargs), "format": FILE_FORMAT}, tmp)
+    os.replace(tmp, path)

