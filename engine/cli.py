@@ -24,6 +24,10 @@ def _print_result(result) -> None:
 
 
 def run_cli(commands: dict, argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher passes --local_rank=N ahead of the sub-command; LOCAL_RANK in the environment
+    # carries the same information, so drop it rather than let fire treat it as a command.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     try:
         result = fire.Fire(commands, command=argv, serialize=lambda r: None)
     except USER_ERRORS as e:

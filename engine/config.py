@@ -84,6 +84,35 @@ class RunConfig:
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
 
 
+@dataclass
+class DataConfig:
+    """Where images come from.
+
+    Args:
+        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory) or `beton` (FFCV file).
+        train_path, eval_path: .beton files (source=beton).
+        limit: use only the first N training images (0 = all), e.g. for a quick demo.
+        eval_images: held-out images used by evaluation (0 = all).
+        num_workers: loader worker processes.
+        os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
+    """
+    source: str = "fashion_mnist"
+    train_path: str = ""
+    eval_path: str = ""
+    limit: int = 0
+    eval_images: int = 2000
+    num_workers: int = 2
+    os_cache: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.source not in ("fashion_mnist", "beton"):
+            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist or beton")
+        if self.source == "beton" and not self.train_path:
+            raise ConfigError(f"config key '{prefix}.train_path' is required with source=beton")
+        if self.limit < 0 or self.eval_images < 0:
+            raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
+
+
 def _check(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r} {what}")
@@ -214,5 +243,5 @@ def load_json(cls: type, path: str) -> Any:
     return cfg
 
 
-__all__ = ["ConfigError", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
+__all__ = ["ConfigError", "DataConfig", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
            "to_dict", "validate", "save_json", "load_json", "field"]

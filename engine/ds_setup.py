@@ -15,6 +15,8 @@ from torch import nn
 
 from engine.config import ConfigError, OptimConfig, RunConfig
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def load_ds_json(path: str) -> dict:
     try:
@@ -101,7 +103,7 @@ def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str
     buffer, which then meets bf16 weights in the qkv matmul. Buffers named by prefix in `keep_fp32` (EMA
     statistics such as a codebook) stay fp32.
     """
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     if dtype == torch.float32:
         return model
     prefixes = tuple(keep_fp32)

@@ -5,10 +5,12 @@ A stage supplies the model, its parameter groups, a data source and a `step_fn(e
 """
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +37,13 @@ class TrainingDiverged(RuntimeError):
 class FitResult:
     step: int
     last_metrics: dict
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the engine also checkpoints their states for exact resume)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def log_main(msg: str) -> None:

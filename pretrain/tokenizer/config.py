@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig
+from engine.config import ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
 from pretrain.tokenizer.model import ARCHS
 from pretrain.tokenizer.teachers import TeacherConfig
 
@@ -25,35 +25,6 @@ class QuantizerConfig:
         if self.dead_code_threshold < 0 or self.restart_interval < 1:
             raise ConfigError(f"config keys '{prefix}.dead_code_threshold' must be >= 0 and "
                               f"'{prefix}.restart_interval' >= 1")
-
-
-@dataclass
-class DataConfig:
-    """Where images come from.
-
-    Args:
-        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory) or `beton` (FFCV file).
-        train_path, eval_path: .beton files (source=beton).
-        limit: use only the first N training images (0 = all), e.g. for a quick demo.
-        eval_images: held-out images used by evaluation (0 = all).
-        num_workers: loader worker processes.
-        os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
-    """
-    source: str = "fashion_mnist"
-    train_path: str = ""
-    eval_path: str = ""
-    limit: int = 0
-    eval_images: int = 2000
-    num_workers: int = 2
-    os_cache: bool = True
-
-    def validate(self, prefix: str = "data") -> None:
-        if self.source not in ("fashion_mnist", "beton"):
-            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist or beton")
-        if self.source == "beton" and not self.train_path:
-            raise ConfigError(f"config key '{prefix}.train_path' is required with source=beton")
-        if self.limit < 0 or self.eval_images < 0:
-            raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
 
 
 @dataclass

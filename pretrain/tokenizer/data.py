@@ -7,31 +7,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine import distributed as dist_utils
-
-TOKENIZER_CROP_SCALE = (0.08, 1.0)   # RandomResizedCrop scale for tokenizer training (DESIGN.md 1.1)
-
-
-def _fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from data_tools.fashion_mnist import load_fashion_mnist
-    images, labels = load_fashion_mnist(split)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    return images, labels
+from data_tools import sources
 
 
 def train_source(cfg, img_size: int, device: torch.device):
     """The DataSource the engine iterates: RandomResizedCrop(0.08-1) + flip, RGB in [0, 1] on `device`."""
-    run, d = cfg.run, cfg.data
-    common = dict(micro_batch_size=run.micro_batch_size, grad_accum_steps=run.grad_accum_steps,
-                  rank=dist_utils.rank(), world_size=dist_utils.world_size(), seed=run.seed)
-    if d.source == "fashion_mnist":
-        from data_tools.ffcv_loader import ArraySource
-        images, labels = _fashion_mnist("train", d.limit)
-        return ArraySource(images, labels, img_size=img_size, scale=TOKENIZER_CROP_SCALE, device=device, **common)
-    from data_tools.ffcv_loader import tokenizer_source
-    return tokenizer_source(d.train_path, img_size=img_size, device=device, num_workers=d.num_workers,
-                            os_cache=d.os_cache, **common)
+    from data_tools.gpu_augment import TokenizerTrainAug
+    return sources.train_source(cfg.data, cfg.run, TokenizerTrainAug(size=img_size), device)
 
 
 def _resize01(images_uint8: np.ndarray, img_size: int) -> torch.Tensor:
@@ -52,7 +34,7 @@ def eval_batches(data_cfg: dict, img_size: int, batch_size: int, device: torch.d
     source = data_cfg.get("source", "fashion_mnist")
     limit = int(data_cfg.get("eval_images", 0))
     if source == "fashion_mnist":
-        images, _ = _fashion_mnist("test", limit)
+        images, _ = sources.fashion_mnist("test", limit)
         for i in range(0, len(images), batch_size):
             yield _resize01(images[i:i + batch_size], img_size).to(device)
         return
@@ -66,7 +48,7 @@ def eval_batches(data_cfg: dict, img_size: int, batch_size: int, device: torch.d
 def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> torch.Tensor:
     """Images to encode: every image file in `folder` (sorted), or `count` Fashion-MNIST images of `split`."""
     if not folder:
-        images, _ = _fashion_mnist(split, count)
+        images, _ = sources.fashion_mnist(split, count)
         return _resize01(images, img_size)
     from PIL import Image
     if not os.path.isdir(folder):

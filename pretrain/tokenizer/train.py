@@ -3,29 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import numpy as np
 import torch
 
 from engine import distributed as dist_utils
 from engine.config import resolve, to_dict
-from engine.ds_setup import param_groups
+from engine.ds_setup import DTYPES, param_groups
 from engine.export import consolidated_state_dict
-from engine.trainer import fit, log_main
+from engine.trainer import fit, log_main, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 from pretrain.tokenizer.model import VQKD, build_tokenizer, load_tokenizer, save_tokenizer
 from pretrain.tokenizer.teachers import TeacherConfig, build_teacher
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 def build_model(cfg: TokenizerConfig, teacher_dim: int) -> VQKD:
     q = cfg.quantizer
@@ -39,7 +29,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
     seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
-    teacher = build_teacher(cfg.teacher).to(device=device, dtype=_DTYPES[cfg.run.precision])
+    teacher = build_teacher(cfg.teacher).to(device=device, dtype=DTYPES[cfg.run.precision])
     model = build_model(cfg, teacher.out_dim)
     if cfg.run.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -1,0 +1,111 @@
+"""Typed configuration and named recipes of the MIM pretraining stage (DESIGN.md 1.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
+from pretrain.mim.model import MIM_ARCHS
+
+
+@dataclass
+class ModelConfig:
+    """Settings layered on the arch; None keeps the arch's value.
+
+    Args:
+        drop_path: stochastic depth rate.
+        layer_scale_init: layer-scale gamma init (0.1 base, 1e-5 large).
+        early_layers: the aggregation head reads patch tokens after this many blocks.
+        head_layers: blocks in the aggregation head.
+        fused_attn: scaled_dot_product_attention (off only for debugging).
+    """
+    drop_path: float = 0.0
+    layer_scale_init: float | None = None
+    early_layers: int | None = None
+    head_layers: int | None = None
+    fused_attn: bool = True
+
+    def validate(self, prefix: str = "model") -> None:
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
+
+
+@dataclass
+class MaskingConfig:
+    """Block-wise masking; num_masked None keeps the arch's count (75 of 196 for 224 px)."""
+    num_masked: int | None = None
+    min_patches: int = 16
+    min_aspect: float = 0.3
+
+    def validate(self, prefix: str = "masking") -> None:
+        if self.num_masked is not None and self.num_masked < 1:
+            raise ConfigError(f"config key '{prefix}.num_masked' = {self.num_masked} must be >= 1")
+        if self.min_patches < 1 or not 0 < self.min_aspect <= 1:
+            raise ConfigError(f"config keys '{prefix}.min_patches' must be >= 1 and '{prefix}.min_aspect' in (0, 1]")
+
+
+@dataclass
+class MIMConfig:
+    arch: str = "beitv2_small_demo"
+    tokenizer: str = ""          # frozen tokenizer checkpoint (ours or official)
+    tokenizer_arch: str = ""     # only for arch-less files whose shapes are ambiguous
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.arch not in MIM_ARCHS:
+            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(MIM_ARCHS)}")
+        if not self.tokenizer:
+            raise ConfigError("config key 'tokenizer' is required: the path of a trained tokenizer checkpoint "
+                              "(python -m pretrain.tokenizer train ... writes <output_dir>/tokenizer.pt)")
+
+
+# DESIGN.md 1.2: global batch 2048 (16 ranks x 128 here), lr 1.5e-3 not batch-scaled, wd 0.05, clip 3.0,
+# warm-up 10 epochs, cosine to 1e-5.
+_OFFICIAL = {
+    "tokenizer_arch": "vqkd_encoder_base_decoder_3x768x12_clip",
+    "data": {"source": "beton"},
+    "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "grad_clip": 3.0, "eps": 1e-8},
+    "run": {"precision": "bf16", "micro_batch_size": 128, "ds_config": "ds_configs/zero1.json",
+            "save_interval": 2000, "log_interval": 50},
+}
+
+
+def _official(arch: str, epochs: int, betas: list[float], drop_path: float, layer_scale: float, out: str) -> dict:
+    from engine.config import merge
+    return merge(_OFFICIAL, {"arch": arch, "optim.betas": betas, "schedule": {"epochs": epochs, "warmup_epochs": 10},
+                             "model": {"drop_path": drop_path, "layer_scale_init": layer_scale},
+                             "run.output_dir": out})
+
+
+RECIPES = {
+    "beitv2_base_300e": _official("beit_base_patch16_224_8k_vocab_cls_pt", 300, [0.9, 0.98], 0.0, 0.1,
+                                  "runs/beitv2_base_300e"),
+    "beitv2_base_1600e": _official("beit_base_patch16_224_8k_vocab_cls_pt", 1600, [0.9, 0.999], 0.1, 0.1,
+                                   "runs/beitv2_base_1600e"),
+    "beitv2_large_1600e": _official("beit_large_patch16_224_8k_vocab_cls_pt", 1600, [0.9, 0.999], 0.1, 1e-5,
+                                    "runs/beitv2_large_1600e"),
+    # Two CPU cores: the small ViT on Fashion-MNIST at 48 px against the demo tokenizer (6 x 6 codes, 14 masked).
+    "beitv2_small_demo": {
+        "arch": "beitv2_small_demo",
+        "tokenizer": "runs/demo/tokenizer/tokenizer.pt",
+        "masking": {"min_patches": 4},
+        "data": {"source": "fashion_mnist", "limit": 12000},
+        "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "betas": [0.9, 0.98], "weight_decay": 0.05, "grad_clip": 3.0},
+        "schedule": {"epochs": 2, "warmup_epochs": 0.2},
+        "run": {"precision": "fp32", "micro_batch_size": 32, "ds_config": "ds_configs/zero2.json",
+                "output_dir": "runs/demo/mim", "save_interval": 100, "log_interval": 10},
+    },
+    "beitv2_tiny_test": {
+        "arch": "beitv2_tiny_test",
+        "masking": {"min_patches": 2},
+        "data": {"source": "fashion_mnist", "limit": 512, "num_workers": 0},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "grad_clip": 3.0},
+        "schedule": {"total_steps": 8, "warmup_steps": 1},
+        "run": {"precision": "fp32", "micro_batch_size": 8, "ds_config": "ds_configs/zero2.json",
+                "output_dir": "runs/mim_tiny", "save_interval": 4, "log_interval": 1, "progress_bar": False},
+    },
+}

@@ -1,0 +1,154 @@
+"""MIM pretraining stage: BEiT v2 with patch aggregation against a frozen tokenizer, on the shared engine."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from engine import distributed as dist_utils
+from engine.config import resolve
+from engine.ds_setup import DTYPES, param_groups
+from engine.export import consolidated_state_dict
+from engine.trainer import fit, log_main, seed_everything
+from pretrain.mim.config import RECIPES, MIMConfig
+from pretrain.mim.export import export_to_timm
+from pretrain.mim.masking import BlockMaskGenerator
+from pretrain.mim.model import BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, save_checkpoint
+from pretrain.tokenizer import VQKD, load_tokenizer
+
+
+class TokenizerMismatch(ValueError):
+    pass
+
+
+def check_tokenizer(tokenizer: VQKD, model: BeitV2MIM, path: str) -> None:
+    """The tokenizer must see the same crop on the same patch grid and speak the model's vocabulary."""
+    problems = []
+    if tokenizer.num_codes != model.lm_head.out_features:
+        problems.append(f"vocabulary {tokenizer.num_codes} vs the model's {model.lm_head.out_features}")
+    img_size, grid = model.patch_embed.img_size[0], tuple(model.patch_embed.grid_size)
+    if tokenizer.img_size != img_size:
+        problems.append(f"input size {tokenizer.img_size} vs {img_size}")
+    if tuple(tokenizer.grid) != grid:
+        problems.append(f"patch grid {tuple(tokenizer.grid)} vs {grid}")
+    if problems:
+        raise TokenizerMismatch(f"tokenizer {path} does not fit the MIM model: {'; '.join(problems)}; train a "
+                                f"matching tokenizer or pick another arch")
+
+
+class MaskedSource:
+    """Adds block-wise masks to each micro-batch of an image source.
+
+    Masks are drawn on the CPU for the whole batch at once, one batch ahead in a thread (torch releases the GIL),
+    from a generator seeded by (seed, step, rank, micro): a resumed run draws the same masks.
+    """
+
+    def __init__(self, images, masks: BlockMaskGenerator, micro_batch_size: int, grad_accum_steps: int, seed: int,
+                 device: torch.device):
+        self.images, self.masks = images, masks
+        self.steps_per_epoch = images.steps_per_epoch
+        self.micro, self.accum, self.seed, self.device = micro_batch_size, grad_accum_steps, seed, device
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def _mask(self, step: int, micro: int) -> torch.Tensor:
+        from data_tools.gpu_augment import generator_for
+        g = generator_for(self.seed + 7919, step, dist_utils.rank(), micro, "cpu")
+        return self.masks(self.micro, generator=g, device=torch.device("cpu"))
+
+    def micro_batches(self, start_step: int):
+        step, micro = start_step, 0
+        pending = self._pool.submit(self._mask, step, micro)
+        for batch in self.images.micro_batches(start_step):
+            mask = pending.result()
+            micro += 1
+            if micro == self.accum:
+                step, micro = step + 1, 0
+            pending = self._pool.submit(self._mask, step, micro)
+            yield {**batch, "mask": mask.to(self.device, non_blocking=True)}
+
+
+def build_model(cfg: MIMConfig) -> BeitV2MIM:
+    m = cfg.model
+    overrides = {"drop_path_rate": m.drop_path, "fused_attn": m.fused_attn}
+    for ours, theirs in (("layer_scale_init", "init_values"), ("early_layers", "early_layers"),
+                         ("head_layers", "head_layers")):
+        if getattr(m, ours) is not None:
+            overrides[theirs] = getattr(m, ours)
+    if cfg.masking.num_masked is not None:
+        overrides["num_masked_patches"] = cfg.masking.num_masked
+    return build_mim_model(cfg.arch, **overrides)
+
+
+def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> VQKD:
+    tokenizer = load_tokenizer(cfg.tokenizer, arch=cfg.tokenizer_arch or None)
+    tokenizer.decoder = tokenizer.decode_task_layer = None   # MIM only needs the codes
+    # The encoder runs in the training precision; the task layer and the codebook stay fp32 by construction.
+    tokenizer.encoder.to(DTYPES[cfg.run.precision])
+    return tokenizer.to(device)
+
+
+def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
+    """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
+    cfg = resolve(MIMConfig, RECIPES, recipe, overrides)
+    device = dist_utils.init()
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg)
+    tokenizer = frozen_tokenizer(cfg, device)
+    check_tokenizer(tokenizer, model, cfg.tokenizer)
+    if cfg.run.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    k = model.num_masked_patches
+    masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k, min_num_patches=cfg.masking.min_patches,
+                               min_aspect=cfg.masking.min_aspect)
+    from data_tools.gpu_augment import MimAug, mim_views
+    from data_tools.sources import train_source
+    images = train_source(cfg.data, cfg.run, MimAug(size=model.patch_embed.img_size[0]), device)
+    source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
+    groups = param_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
+    seed_everything(cfg.run.seed + dist_utils.rank())
+    dtype = DTYPES[cfg.run.precision]
+
+    def step_fn(engine, batch):
+        model_view, tokenizer_view = mim_views(batch["image"])
+        mask = batch["mask"]
+        with torch.inference_mode():
+            codes = tokenizer.get_codebook_indices(tokenizer_view)
+        labels = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
+        logits, agg_logits = engine(model_view.to(dtype), mask)
+        mim_loss = F.cross_entropy(logits.float(), labels)
+        agg_loss = F.cross_entropy(agg_logits.float(), labels)
+        with torch.no_grad():
+            metrics = {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach(),
+                       "mim_acc": (logits.argmax(-1) == labels).float().mean(),
+                       "agg_acc": (agg_logits.argmax(-1) == labels).float().mean()}
+        return mim_loss + agg_loss, metrics
+
+    tokenizer_flops = 2 * tokenizer.num_patches * sum(p.numel() for p in tokenizer.encoder.blocks.parameters())
+    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                 flops_per_image=model.flops_per_image() + tokenizer_flops)
+    summary = {"step": result.step, **result.last_metrics}
+    if dist_utils.is_main():
+        path = os.path.join(cfg.run.output_dir, "mim.pt")
+        save_checkpoint(model, path, consolidated_state_dict(cfg.run.output_dir))
+        summary["checkpoint"] = path
+        log_main(f"saved {path}")
+    dist_utils.barrier()
+    return summary
+
+
+def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
+    """Write the backbone of a MIM checkpoint (ours or official) in timm's `beitv2_*` layout as safetensors.
+
+    Args:
+        checkpoint: `mim.pt` of a run, an official `*_cls_pt` file, or a run's output directory.
+        out: output path ending in .safetensors.
+    """
+    if os.path.isdir(checkpoint):
+        checkpoint = os.path.join(checkpoint, "mim.pt")
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"export writes safetensors: give an output path ending in .safetensors, not {out}")
+    model = load_checkpoint(checkpoint)
+    export_to_timm(model, out, fc_norm_from_norm=fc_norm_from_norm)
+    return {"checkpoint": checkpoint, "out": out, "embed_dim": model.embed_dim, "depth": len(model.blocks)}
