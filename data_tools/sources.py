@@ -1,4 +1,4 @@
-"""Pick the image source a stage trains from: the in-memory Fashion-MNIST arrays or an FFCV .beton file.
+"""Pick the image source a stage trains from: Fashion-MNIST arrays, an FFCV .beton file, or synthetic images.
 
 Both sources follow the engine's DataSource protocol and apply the stage's augmentation (`data_tools.gpu_augment`)
 on the device with randomness drawn from (seed, step, rank, micro), so a resumed run sees the same batches.
@@ -18,13 +18,19 @@ def fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
+def synthetic(num_images: int, size: int) -> np.ndarray:
+    """Random RGB images (benchmarks and smoke tests only: nothing to learn from them)."""
+    return np.random.default_rng(0).integers(0, 256, size=(num_images, size, size, 3), dtype=np.uint8)
+
+
 def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
     """This rank's training stream: `{"image": aug(batch), "label": ...}` micro-batches from any step on."""
     common = dict(micro_batch_size=run.micro_batch_size, grad_accum_steps=run.grad_accum_steps,
-                  rank=dist_utils.rank(), world_size=dist_utils.world_size(), seed=run.seed, aug=aug, device=device)
+                  rank=dist_utils.rank(), world_size=dist_utils.world_size(), seed=run.seed, device=device)
+    from data_tools.ffcv_loader import ArraySource, FFCVSource
     if data.source == "fashion_mnist":
-        from data_tools.ffcv_loader import ArraySource
         images, labels = fashion_mnist("train", data.limit)
-        return ArraySource(images, labels, **common)
-    from data_tools.ffcv_loader import BetonSource
-    return BetonSource(data.train_path, num_workers=data.num_workers, os_cache=data.os_cache, **common)
+        return ArraySource(images, labels, aug=aug, **common)
+    if data.source == "synthetic":
+        return ArraySource(synthetic(data.limit or 2048, aug.size), aug=aug, **common)
+    return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache, **common)

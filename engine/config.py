@@ -70,11 +70,13 @@ class RunConfig:
     log_interval: int = 10                     # steps between reading metrics off the device
     save_interval: int = 500                   # steps between checkpoints (and one at the end)
     keep_last: int = 2                         # checkpoints kept on disk
+    save_final: bool = True                    # checkpoint (and export weights) when the run ends
     resume: bool = True                        # continue from the latest checkpoint in output_dir
     max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
     grad_checkpointing: bool = False
     compile: bool = False                      # torch.compile the model's forward
     progress_bar: bool = True
+    profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the first log
 
     def validate(self, prefix: str = "run") -> None:
         _check(self.precision in ("fp32", "bf16", "fp16"), f"{prefix}.precision", self.precision,
@@ -89,7 +91,8 @@ class DataConfig:
     """Where images come from.
 
     Args:
-        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory) or `beton` (FFCV file).
+        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory), `beton` (FFCV file) or
+            `synthetic` (random images, for benchmarks).
         train_path, eval_path: .beton files (source=beton).
         limit: use only the first N training images (0 = all), e.g. for a quick demo.
         eval_images: held-out images used by evaluation (0 = all).
@@ -105,8 +108,9 @@ class DataConfig:
     os_cache: bool = True
 
     def validate(self, prefix: str = "data") -> None:
-        if self.source not in ("fashion_mnist", "beton"):
-            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist or beton")
+        if self.source not in ("fashion_mnist", "beton", "synthetic"):
+            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist, beton or "
+                              f"synthetic")
         if self.source == "beton" and not self.train_path:
             raise ConfigError(f"config key '{prefix}.train_path' is required with source=beton")
         if self.limit < 0 or self.eval_images < 0:

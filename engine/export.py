@@ -1,4 +1,5 @@
-"""Turn the newest DeepSpeed checkpoint of a run into one fp32 state dict (any ZeRO stage, any precision)."""
+"""Weights in and out of a run: consolidate the newest DeepSpeed checkpoint into one fp32 state dict (any ZeRO
+stage, any precision), write the final weights file, and load a state dict strictly with a one-line error."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,9 @@ import io
 import os
 
 import torch
+from torch import nn
 
+from engine import distributed as dist_utils
 from engine.checkpoint import CheckpointManager
 
 
@@ -25,3 +28,27 @@ def consolidated_state_dict(output_dir: str) -> dict[str, torch.Tensor]:
     # ZeRO-0 in fp32: the model file holds the full weights.
     states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def save_final_weights(output_dir: str, filename: str, save_fn) -> str:
+    """Collective: rank 0 writes `save_fn(path, consolidated_state_dict)` to `<output_dir>/<filename>`."""
+    path = os.path.join(output_dir, filename)
+    if dist_utils.is_main():
+        save_fn(path, consolidated_state_dict(output_dir))
+        print(f"saved {path}", flush=True)
+    dist_utils.barrier()
+    return path
+
+
+def load_strict(model: nn.Module, state_dict: dict, source: str, what: str) -> nn.Module:
+    """`model.load_state_dict(state_dict, strict=True)`, but a mismatch is one line naming `source` and keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"wrong shapes {wrong[:3]}")
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -124,3 +124,39 @@ class Throughput:
             out["mfu"] = out["images_per_s"] * self.flops_per_image / (self.peak * self.world_size)
         self._t, self._images = now, 0
         return out
+
+
+class StepProfiler:
+    """torch.profiler over `steps` training steps; rank 0 writes the costliest operators to profile.json."""
+
+    def __init__(self, output_dir: str, steps: int, top: int = 30):
+        from torch.profiler import ProfilerActivity, profile
+        self.path = os.path.join(output_dir, "profile.json")
+        self.steps, self.top, self.seen = steps, top, 0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+
+    def step(self) -> None:
+        self.seen += 1
+        if self.seen >= self.steps:
+            self.close()
+
+    def close(self) -> None:
+        """Stop profiling and write the table (also when the run ended before `steps` steps)."""
+        if self.prof is None or self.seen == 0:
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                self.prof = None
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        events = sorted(self.prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:self.top]
+        rows = [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / self.seen, "calls_per_step": e.count / self.seen}
+                for e in events]
+        if dist_utils.is_main():
+            with open(self.path, "w") as f:
+                json.dump(rows, f, indent=1)
+        self.prof = None

@@ -19,7 +19,7 @@ from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
 from engine.ds_setup import initialize
-from engine.metrics import DeviceMeter, RunLogger, Throughput, peak_memory_gib
+from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
 
 class DataSource(Protocol):
@@ -74,6 +74,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     per_micro = images_per_micro_batch or run.micro_batch_size
     batches = data.micro_batches(start)
     nonfinite_in_a_row, skipped_total = 0, 0
+    profiler = None
     last: dict = {}
     engine.train()
     try:
@@ -81,6 +82,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             lr = sched.lr_at(step, optim, total, warmup)
             wd = sched.weight_decay_at(step, optim, total)
             sched.apply(engine.optimizer.param_groups, lr, wd)
+            if profiler is None and run.profile_steps and step == start + run.log_interval:
+                profiler = StepProfiler(run.output_dir, run.profile_steps)
             for _ in range(run.grad_accum_steps):
                 loss, metrics = step_fn(engine, next(batches))
                 engine.backward(loss)
@@ -100,6 +103,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
                         f"stopped without saving. Resume from the last checkpoint in {ckpt.dir} with a lower "
                         f"optim.lr or optim.grad_clip set")
             logger.advance()
+            if profiler is not None:
+                profiler.step()
             done = step + 1
             if done % run.log_interval == 0 or done == total:
                 last = meter.read()
@@ -112,8 +117,10 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
                 if scale is not None:
                     last["loss_scale"] = float(scale)
                 logger.log(done, last)
-            if done % run.save_interval == 0 or done == total:
+            if done % run.save_interval == 0 or (done == total and run.save_final):
                 ckpt.save(engine, done, {})
     finally:
+        if profiler is not None:
+            profiler.close()
         logger.close()
     return FitResult(step=total, last_metrics=last)

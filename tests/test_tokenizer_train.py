@@ -3,39 +3,25 @@
 Real data (Fashion-MNIST from Debian) and a real teacher (EfficientNet-Lite0 from PyPI), tiny model.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
+from tests.dist_util import kill_when, launch_stage, losses, run_stage
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist_available")
 
 
-def launch(args, nproc=2, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "pretrain.tokenizer", "train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **popen)
+def launch(args):
+    return launch_stage("pretrain.tokenizer", ["train", *args])
 
 
-def run(args, timeout=300):
-    proc = launch(args)
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+def run(args):
+    return run_stage("pretrain.tokenizer", ["train", *args])
 
 
 @pytest.mark.slow
@@ -68,14 +54,7 @@ def test_sigkill_then_resume_reproduces_the_losses(tmp_path):
     reference = losses(ref_dir)
 
     proc = launch(common + [f"--run.output_dir={killed_dir}"])
-    metrics = killed_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 11:
-            os.killpg(proc.pid, signal.SIGKILL)    # the launcher and both ranks, no chance to clean up
-            break
-        time.sleep(0.02)
-    proc.wait()
+    kill_when(proc, killed_dir / "metrics.jsonl", rows=11)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed_dir / "tokenizer.pt").exists()
 

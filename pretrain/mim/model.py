@@ -21,6 +21,8 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
+from engine.export import load_strict
+
 __all__ = ["MIM_ARCHS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint", "masked_positions",
            "read_checkpoint", "save_checkpoint"]
 
@@ -374,17 +376,8 @@ def load_checkpoint(path: str | os.PathLike, arch: str | Mapping[str, Any] | Non
     sd, saved_arch = read_checkpoint(path)
     arch = arch if arch is not None else saved_arch if saved_arch is not None else _infer_arch(sd, os.fspath(path))
     model = build_mim_model(arch, **overrides)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        name = arch if isinstance(arch, str) else "(arch from file)"
-        raise ValueError(f"{os.fspath(path)} does not match MIM arch {name}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
-    model.load_state_dict(sd, strict=True)
-    return model
+    name = arch if isinstance(arch, str) else "(arch from file)"
+    return load_strict(model, sd, os.fspath(path), f"MIM arch {name}")
 
 
 def save_checkpoint(model: BeitV2MIM, path: str | os.PathLike,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from engine import distributed as dist_utils
 from engine.config import resolve
 from engine.ds_setup import DTYPES, param_groups
-from engine.export import consolidated_state_dict
-from engine.trainer import fit, log_main, seed_everything
+from engine.export import save_final_weights
+from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
 from pretrain.mim.masking import BlockMaskGenerator
@@ -86,6 +86,8 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> VQKD:
     tokenizer.decoder = tokenizer.decode_task_layer = None   # MIM only needs the codes
     # The encoder runs in the training precision; the task layer and the codebook stay fp32 by construction.
     tokenizer.encoder.to(DTYPES[cfg.run.precision])
+    if cfg.run.compile:   # it runs every step: about a seventh of a ViT-B step in eager mode on an H200
+        tokenizer.encoder.forward_features = torch.compile(tokenizer.encoder.forward_features)
     return tokenizer.to(device)
 
 
@@ -129,12 +131,9 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
                  flops_per_image=model.flops_per_image() + tokenizer_flops)
     summary = {"step": result.step, **result.last_metrics}
-    if dist_utils.is_main():
-        path = os.path.join(cfg.run.output_dir, "mim.pt")
-        save_checkpoint(model, path, consolidated_state_dict(cfg.run.output_dir))
-        summary["checkpoint"] = path
-        log_main(f"saved {path}")
-    dist_utils.barrier()
+    if cfg.run.save_final:
+        summary["checkpoint"] = save_final_weights(cfg.run.output_dir, "mim.pt",
+                                                   lambda path, sd: save_checkpoint(model, path, sd))
     return summary
 
 

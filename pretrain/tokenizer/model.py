@@ -16,6 +16,7 @@ from timm.layers import LayerNorm
 from timm.models.beit import Beit
 from torch import nn
 
+from engine.export import load_strict
 from pretrain.tokenizer.quantizer import NormEMAQuantizer
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"
@@ -239,15 +240,7 @@ def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
     for key in _OUR_EXTRA_BUFFERS:   # official files predate these counters
         sd.setdefault(key, model.state_dict()[key])
     sd["quantize.embedding.initted"] = sd.get("quantize.embedding.initted", torch.ones(1)).float().view(1)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not match tokenizer arch {arch or '(inferred)'}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, path, f"tokenizer arch {arch or '(inferred)'}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

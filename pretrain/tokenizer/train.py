@@ -10,8 +10,8 @@ import torch
 from engine import distributed as dist_utils
 from engine.config import resolve, to_dict
 from engine.ds_setup import DTYPES, param_groups
-from engine.export import consolidated_state_dict
-from engine.trainer import fit, log_main, seed_everything
+from engine.export import save_final_weights
+from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 from pretrain.tokenizer.model import VQKD, build_tokenizer, load_tokenizer, save_tokenizer
@@ -46,12 +46,9 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
                  flops_per_image=model.flops_per_image(), keep_fp32_buffers=("quantize.",))
     summary = {"step": result.step, **result.last_metrics}
-    if dist_utils.is_main():
-        path = os.path.join(cfg.run.output_dir, "tokenizer.pt")
-        save_tokenizer(model, path, consolidated_state_dict(cfg.run.output_dir))
-        summary["checkpoint"] = path
-        log_main(f"saved {path}")
-    dist_utils.barrier()
+    if cfg.run.save_final:
+        summary["checkpoint"] = save_final_weights(cfg.run.output_dir, "tokenizer.pt",
+                                                   lambda path, sd: save_tokenizer(model, path, sd))
     return summary
 
 

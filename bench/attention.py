@@ -1,0 +1,48 @@
+"""Attention with a learned relative-position bias (BEiT v2's shape): fused backends against the explicit
+softmax baseline, forward + backward, same run. Writes JSON.
+
+    python -m bench.attention --batch=128 --tokens=197 --heads=12 --head_dim=64
+"""
+from __future__ import annotations
+
+import fire
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.common import device_info, time_it, write_json
+
+
+def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 64, dtype: str = "bf16",
+         out: str = "bench_attention.json"):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dt, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(1, heads, tokens, tokens, device=device, dtype=dt, requires_grad=True)
+    grad = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dt)
+
+    def explicit():
+        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1) + bias
+        (attn.softmax(-1) @ v).backward(grad)
+
+    def fused(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(batch, -1, -1, -1)).backward(grad)
+        return run
+
+    results = {"explicit_ms": 1e3 * time_it(explicit, device)}
+    for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        try:
+            results[f"{name}_ms"] = 1e3 * time_it(fused(backend), device)
+        except RuntimeError as e:   # a backend that does not support this case
+            results[f"{name}_ms"] = None
+            results[f"{name}_error"] = str(e).splitlines()[0][:200]
+    return write_json({"batch": batch, "tokens": tokens, "heads": heads, "head_dim": head_dim, "dtype": dtype,
+                       **device_info(device), **results}, out)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

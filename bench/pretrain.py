@@ -1,0 +1,99 @@
+"""MIM pretraining step speed through the real training loop: images/s, MFU and peak memory per variant.
+
+Each variant runs `pretrain.mim.train` (DeepSpeed engine, frozen tokenizer, masks, logging) for 2 x `warmup`
+steps on synthetic images and reports the second half; `--profile` adds a torch.profiler table of the last
+variant (one profiler per process: a second one crashes torch on CPU). The baseline is the official formulation's attention
+(explicit softmax, no fused kernel, eager); the tokenizer's share is timed on its own. Writes JSON.
+
+    python -m bench.pretrain --arch=beit_base_patch16_224_8k_vocab_cls_pt --batch=128 --precision=bf16
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+
+import fire
+import torch
+
+from bench.common import device_info, time_it, write_json
+from engine.ds_setup import DTYPES
+from pretrain.tokenizer import build_tokenizer, save_tokenizer
+
+TOKENIZER_FOR = {"beit_base_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_decoder_3x768x12_clip",
+                 "beit_large_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_decoder_3x768x12_clip",
+                 "beitv2_small_demo": "vqkd_small_demo", "beitv2_tiny_test": "vqkd_tiny_test"}
+VARIANTS = {
+    "baseline": {"model.fused_attn": False},
+    "fused": {},
+    "fused_ckpt": {"run.grad_checkpointing": True},
+    "fused_compile": {"run.compile": True},
+}
+
+
+def _tokenizer_ms(path: str, batch: int, precision: str, device: torch.device) -> float:
+    from pretrain.tokenizer import load_tokenizer
+    tok = load_tokenizer(path).to(device)
+    tok.decoder = tok.decode_task_layer = None
+    tok.encoder.to(DTYPES[precision])
+    images = torch.rand(batch, 3, tok.img_size, tok.img_size, device=device)
+
+    def encode():
+        with torch.inference_mode():
+            tok.get_codebook_indices(images)
+    return 1e3 * time_it(encode, device)
+
+
+def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, warmup: int = 10,
+         variants: str = "baseline,fused,fused_ckpt,fused_compile", profile: bool = False,
+         out: str = "bench_pretrain.json"):
+    from engine import distributed as dist_utils
+    from pretrain.mim.train import train
+    device = dist_utils.init()
+    cuda = device.type == "cuda"
+    arch = arch or ("beit_base_patch16_224_8k_vocab_cls_pt" if cuda else "beitv2_tiny_test")
+    batch = batch or (128 if cuda else 16)
+    precision = precision or ("bf16" if cuda else "fp32")
+    work = tempfile.mkdtemp(prefix="bench_pretrain_")
+    tok_path = os.path.join(work, "tokenizer.pt")
+    torch.manual_seed(0)
+    save_tokenizer(build_tokenizer(TOKENIZER_FOR[arch], kmeans_init=False), tok_path)
+
+    results = {}
+    names = variants.split(",") if isinstance(variants, str) else list(variants)   # fire turns a,b into a tuple
+    for name in names:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        overrides = {"tokenizer": tok_path, "data.source": "synthetic", "data.limit": batch * 4,
+                     "run.output_dir": os.path.join(work, name), "run.micro_batch_size": batch,
+                     "run.precision": precision, "run.ds_config": f"ds_configs/zero{zero}.json",
+                     "run.log_interval": warmup, "run.save_interval": 10 ** 9, "run.save_final": False, "run.progress_bar": False,
+                     "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1, "run.profile_steps": 3 if profile and name == names[-1] else 0,
+                     **VARIANTS[name]}
+        train("beitv2_base_300e" if cuda else "beitv2_tiny_test", arch=arch, **overrides)
+        with open(os.path.join(work, name, "metrics.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+        results[name] = {k: last.get(k) for k in ("images_per_s", "mfu", "peak_mem_gib", "loss")}
+        prof = os.path.join(work, name, "profile.json")
+        if os.path.exists(prof):
+            with open(prof) as f:
+                results[name]["profile_top_ops"] = json.load(f)[:12]
+        gc.collect()
+    base = results.get("baseline", {}).get("images_per_s")
+    for r in results.values():
+        r["speedup_vs_baseline"] = r["images_per_s"] / base if base else None
+    tok_ms = _tokenizer_ms(tok_path, batch, precision, device)
+    best = max(r["images_per_s"] for r in results.values())
+    result = {"arch": arch, "batch_per_rank": batch, "precision": precision, "zero": zero,
+              "world_size": dist_utils.world_size(), **device_info(device), "variants": results,
+              "tokenizer_ms_per_batch": tok_ms,
+              "tokenizer_share_of_best_step": tok_ms / 1e3 / (batch / best)}
+    if dist_utils.is_main():
+        write_json(result, out)
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

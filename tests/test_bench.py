@@ -1,0 +1,34 @@
+"""The benchmarks still run and report what they promise (tiny sizes on CPU; the numbers are not asserted)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_tokenizer_bench_reports_speed_memory_and_quantizer_share(tmp_path):
+    from bench.tokenizer import main
+    out = tmp_path / "tok.json"
+    result = main(arch="vqkd_tiny_test", batch=4, iters=1, out=str(out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for key in ("train_images_per_s", "inference_images_per_s", "train_peak_mem_gib", "quantizer_share_of_train_step",
+                "quantizer_speedup_vs_one_hot"):
+        assert result[key] > 0, key
+    assert result["quantizer_share_of_train_step"] < 1
+
+
+@pytest.mark.slow
+def test_pretrain_bench_runs_the_real_loop_per_variant(tmp_path):
+    out = tmp_path / "pre.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.pretrain", "--variants=baseline,fused", "--warmup=4",
+                           "--profile=True", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"baseline", "fused"}
+    fused = result["variants"]["fused"]
+    assert fused["images_per_s"] > 0 and fused["speedup_vs_baseline"] > 0
+    assert fused["profile_top_ops"] and fused["profile_top_ops"][0]["ms_per_step"] > 0   # the last variant only
+    assert "profile_top_ops" not in result["variants"]["baseline"]
+    assert result["tokenizer_ms_per_batch"] > 0
