@@ -31,6 +31,8 @@ def run_cli(commands: dict, argv: list[str] | None = None) -> int:
     try:
         result = fire.Fire(commands, command=argv, serialize=lambda r: None)
     except USER_ERRORS as e:
+        if os.environ.get("BEITV2_TRACEBACK"):   # for debugging: the whole stack instead of the one line
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_result(result)

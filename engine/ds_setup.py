@@ -74,11 +74,12 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Iterable[str] = (),
-                 layer_id_fn=None, layer_decay: float = 1.0, num_layers: int = 0) -> list[dict]:
+def param_groups(model: nn.Module, no_decay_names: Iterable[str] = (), layer_id_fn=None, layer_decay: float = 1.0,
+                 num_layers: int = 0) -> list[dict]:
     """AdamW groups: no decay for 1-d params, biases and `no_decay_names`; optional layer-wise lr scale.
 
-    Each group carries `lr_scale` and `wd_scale`, which the per-step schedule multiplies in.
+    Each group carries `wd_scale` (0 or 1) and `lr_scale`; the per-step schedule writes
+    `lr * lr_scale` and `weight_decay * wd_scale` into it before every step.
     """
     skip = set(no_decay_names)
     groups: dict[tuple, dict] = {}
@@ -90,8 +91,9 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Iterable
         lr_scale = layer_decay ** (num_layers + 1 - layer) if layer_id_fn is not None else 1.0
         key = (layer, no_decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": lr_scale}
+            groups[key] = {"params": [], "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": lr_scale}
+            if no_decay:
+                groups[key]["weight_decay"] = 0.0
         groups[key]["params"].append(p)
     return list(groups.values())
 

@@ -18,7 +18,7 @@ from engine import distributed as dist_utils
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
-from engine.ds_setup import initialize
+from engine.ds_setup import initialize, zero_stage
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
 
@@ -46,6 +46,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def grads_finite(model: nn.Module) -> bool:
+    """One host sync: are all gradients finite?"""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+
+
 def log_main(msg: str) -> None:
     if dist_utils.is_main():
         print(msg, file=sys.stderr, flush=True)
@@ -53,11 +59,14 @@ def log_main(msg: str) -> None:
 
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
-        keep_fp32_buffers: tuple[str, ...] = (), images_per_micro_batch: int | None = None) -> FitResult:
+        keep_fp32_buffers: tuple[str, ...] = ()) -> FitResult:
     world = dist_utils.world_size()
     if dist_utils.is_main():
         save_json(cfg, f"{run.output_dir}/config.json")
     engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers)
+    # DeepSpeed skips an update whose gradients are not finite in fp16/bf16 and, in fp32, from ZeRO-1 on; with
+    # ZeRO-0 in fp32 it steps regardless, so the loop checks the gradients itself there.
+    check_grads = zero_stage(ds_config) == 0 and run.precision == "fp32"
     if run.compile:
         engine.compile()
 
@@ -71,7 +80,6 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     logger = RunLogger(run.output_dir, total, start, run.progress_bar)
     meter = DeviceMeter()
     speed = Throughput(flops_per_image, world)
-    per_micro = images_per_micro_batch or run.micro_batch_size
     batches = data.micro_batches(start)
     nonfinite_in_a_row, skipped_total = 0, 0
     profiler = None
@@ -84,15 +92,18 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             sched.apply(engine.optimizer.param_groups, lr, wd)
             if profiler is None and run.profile_steps and step == start + run.log_interval:
                 profiler = StepProfiler(run.output_dir, run.profile_steps)
-            for _ in range(run.grad_accum_steps):
+            skipped_here = False
+            for micro in range(run.grad_accum_steps):
                 loss, metrics = step_fn(engine, next(batches))
                 engine.backward(loss)
+                if check_grads and micro == run.grad_accum_steps - 1 and not grads_finite(engine.module):
+                    engine.zero_grad()   # grads become None: AdamW leaves those parameters and their state alone
+                    skipped_here = True
                 engine.step()
                 meter.add({"loss": loss, **metrics})
-                speed.add(per_micro * world)
-            # DeepSpeed skips an update whose gradients are not finite (fp16/bf16, and ZeRO >= 1 in fp32);
-            # it already synchronised to decide, so reading the flag costs nothing extra.
-            if engine.was_step_applied():
+                speed.add(run.micro_batch_size * world)
+            # Where DeepSpeed decides, it has already synchronised: reading its flag costs nothing extra.
+            if engine.was_step_applied() and not skipped_here:
                 nonfinite_in_a_row = 0
             else:
                 nonfinite_in_a_row += 1

@@ -91,9 +91,10 @@ def test_schedule_warmup_then_cosine():
 def test_no_weight_decay_groups():
     from pretrain.tokenizer import build_tokenizer
     model = build_tokenizer("vqkd_tiny_test")
-    groups = param_groups(model, 0.05, model.no_weight_decay())
+    groups = param_groups(model, model.no_weight_decay())
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    decayed = {names[id(p)] for g in groups if g["wd_scale"] > 0 for p in g["params"]}
+    assert all(g["weight_decay"] == 0 for g in groups if g["wd_scale"] == 0)
     assert "encoder.blocks.0.attn.qkv.weight" in decayed
     assert not any(n.endswith(("bias", "cls_token", "pos_embed")) or "norm" in n for n in decayed)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -108,7 +108,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     from data_tools.sources import train_source
     images = train_source(cfg.data, cfg.run, MimAug(size=model.patch_embed.img_size[0]), device)
     source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
-    groups = param_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
+    groups = param_groups(model, model.no_weight_decay())
     seed_everything(cfg.run.seed + dist_utils.rank())
     dtype = DTYPES[cfg.run.precision]
 

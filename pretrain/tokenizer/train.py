@@ -34,7 +34,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     if cfg.run.grad_checkpointing:
         model.set_grad_checkpointing(True)
     source = data.train_source(cfg, model.img_size, device)
-    groups = param_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
+    groups = param_groups(model, model.no_weight_decay())
     seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank randomness (dropout, drop path) from here on
 
     def step_fn(engine, batch):

@@ -1,0 +1,83 @@
+"""The shared loop on its own: a linear model fed by a DataSource written here (synthetic numbers), one process.
+
+Non-finite losses: a step whose gradients are not finite is skipped and counted, and `max_nonfinite_steps` in a row
+stop the run with a one-line error that leaves the last good checkpoint in place.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = textwrap.dedent('''
+    import json, math, sys
+    import torch
+    from engine import distributed as dist_utils
+    from engine.config import OptimConfig, RunConfig, ScheduleConfig
+    from engine.ds_setup import param_groups
+    from engine.trainer import TrainingDiverged, fit
+
+    zero, bad_steps, out = int(sys.argv[1]), set(json.loads(sys.argv[2])), sys.argv[3]
+    dist_utils.init()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+
+    class Numbers:
+        steps_per_epoch = 100
+        def micro_batches(self, start):
+            step = start
+            while True:
+                g = torch.Generator().manual_seed(step)
+                yield step, torch.randn(8, 4, generator=g)
+                step += 1
+
+    def step_fn(engine, batch):
+        step, x = batch
+        loss = engine(x).pow(2).mean()
+        if step in bad_steps:
+            loss = loss * math.inf
+        return loss, {}
+
+    run = RunConfig(output_dir=out, ds_config=f"ds_configs/zero{zero}.json", micro_batch_size=8, log_interval=1,
+                    save_interval=2, max_nonfinite_steps=3, progress_bar=False)
+    optim = OptimConfig(lr=0.05, min_lr=0.05, weight_decay=0.0, grad_clip=1.0 if zero else 0.0)
+    weights = []
+    try:
+        fit(run, run, optim, ScheduleConfig(total_steps=8), model, param_groups(model), Numbers(), step_fn)
+    except TrainingDiverged as e:
+        print("DIVERGED", e)
+    print("WEIGHT", json.dumps(model.weight.detach().flatten().tolist()))
+''')
+
+
+def run_fit(tmp_path, zero, bad_steps):
+    out = tmp_path / f"z{zero}"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(zero), json.dumps(bad_steps), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    weight = json.loads(proc.stdout.split("WEIGHT ")[1])
+    return proc.stdout, rows, weight, out
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, zero):
+    _, clean, clean_weight, _ = run_fit(tmp_path / "clean", zero, [])
+    out, rows, weight, _ = run_fit(tmp_path / "bad", zero, [3])
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 1, 1, 1, 1]
+    # Every weight stayed finite and the run went on to the end.
+    assert len(rows) == 8 and all(abs(w) < 10 for w in weight)
+    assert weight != clean_weight   # the skipped step's update is missing
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path, zero):
+    out, rows, _, run_dir = run_fit(tmp_path, zero, [5, 6, 7])
+    message = out.split("DIVERGED ")[1].splitlines()[0]
+    assert message.startswith("3 steps in a row had non-finite gradients (last at step 7)")
+    # The checkpoint at step 6 came after two skipped steps: skipped steps leave the weights as they were.
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
