@@ -23,3 +23,15 @@ def free_port() -> int:
 def fashion_mnist_available():
     if not os.path.exists(FASHION_MNIST):
         pytest.fail("Debian's dataset-fashion-mnist is not installed; run `make setup`")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_file(tmp_path_factory):
+    """A randomly initialised `vqkd_tiny_test` tokenizer on disk: its codes are a fixed function of the image."""
+    import torch
+
+    from pretrain.tokenizer import build_tokenizer, save_tokenizer
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
+    save_tokenizer(build_tokenizer("vqkd_tiny_test", kmeans_init=False), str(path))
+    return path

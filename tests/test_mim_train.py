@@ -18,23 +18,15 @@ from tests.dist_util import kill_when, launch_stage, losses, run_stage
 pytestmark = pytest.mark.usefixtures("fashion_mnist_available")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
-    save_tokenizer(build_tokenizer("vqkd_tiny_test", kmeans_init=False), str(path))
-    return str(path)
-
-
 def train_args(tokenizer, out, *extra):
     return ["train", "beitv2_tiny_test", f"--tokenizer={tokenizer}", f"--run.output_dir={out}", *extra]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")])
-def test_two_rank_pretraining_loss_falls(tmp_path, tokenizer_file, zero, precision):
+def test_two_rank_pretraining_loss_falls(tmp_path, tiny_tokenizer_file, zero, precision):
     out = tmp_path / "run"
-    run_stage("pretrain.mim", train_args(tokenizer_file, out, f"--run.ds_config=ds_configs/zero{zero}.json",
+    run_stage("pretrain.mim", train_args(tiny_tokenizer_file, out, f"--run.ds_config=ds_configs/zero{zero}.json",
                                          f"--run.precision={precision}", "--schedule.total_steps=16"))
     curve = losses(out)
     assert sorted(curve) == list(range(1, 17))
@@ -47,14 +39,14 @@ def test_two_rank_pretraining_loss_falls(tmp_path, tokenizer_file, zero, precisi
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_the_losses(tmp_path, tokenizer_file):
+def test_sigkill_then_resume_reproduces_the_losses(tmp_path, tiny_tokenizer_file):
     common = ["--schedule.total_steps=24", "--run.save_interval=4"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    run_stage("pretrain.mim", train_args(tokenizer_file, ref, *common))
-    proc = launch_stage("pretrain.mim", train_args(tokenizer_file, killed, *common))
+    run_stage("pretrain.mim", train_args(tiny_tokenizer_file, ref, *common))
+    proc = launch_stage("pretrain.mim", train_args(tiny_tokenizer_file, killed, *common))
     kill_when(proc, killed / "metrics.jsonl", rows=9)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    out = run_stage("pretrain.mim", train_args(tokenizer_file, killed, *common))
+    out = run_stage("pretrain.mim", train_args(tiny_tokenizer_file, killed, *common))
     assert "resumed from" in out
     assert losses(killed) == losses(ref)
 

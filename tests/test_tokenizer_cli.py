@@ -5,20 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from pretrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from pretrain.tokenizer import load_tokenizer
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist_available")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
-    save_tokenizer(build_tokenizer("vqkd_tiny_test", kmeans_init=False), str(path))
-    return path
 
 
 def cli(*args):
@@ -28,9 +19,9 @@ def cli(*args):
     return proc
 
 
-def test_evaluate_reports_usage_perplexity_and_teacher_cosine(tokenizer_file, tmp_path):
+def test_evaluate_reports_usage_perplexity_and_teacher_cosine(tiny_tokenizer_file, tmp_path):
     out = tmp_path / "eval.json"
-    cli("evaluate", tokenizer_file, '--teacher={"name": "efficientnet_lite0", "input_size": 64}',
+    cli("evaluate", tiny_tokenizer_file, '--teacher={"name": "efficientnet_lite0", "input_size": 64}',
         '--data_cfg={"eval_images": 96}', f"--out={out}")
     result = json.loads(out.read_text())
     assert result["images"] == 96 and result["num_codes"] == 64
@@ -39,28 +30,28 @@ def test_evaluate_reports_usage_perplexity_and_teacher_cosine(tokenizer_file, tm
     assert -1 <= result["teacher_cosine"] <= 1
 
 
-def test_encode_writes_the_token_ids_of_the_test_images_and_a_png(tokenizer_file, tmp_path):
+def test_encode_writes_the_token_ids_of_the_test_images_and_a_png(tiny_tokenizer_file, tmp_path):
     from PIL import Image
     ids_path, png = tmp_path / "ids.npy", tmp_path / "ids.png"
-    cli("encode", tokenizer_file, f"--out={ids_path}", "--count=10", f"--png={png}")
+    cli("encode", tiny_tokenizer_file, f"--out={ids_path}", "--count=10", f"--png={png}")
     ids = np.load(ids_path)
     assert ids.shape == (10, 4, 4) and ids.min() >= 0 and ids.max() < 64
     from pretrain.tokenizer.data import images_for_encoding
-    expected = load_tokenizer(str(tokenizer_file)).get_codebook_indices(images_for_encoding("", "test", 10, 32))
+    expected = load_tokenizer(str(tiny_tokenizer_file)).get_codebook_indices(images_for_encoding("", "test", 10, 32))
     assert np.array_equal(ids.reshape(10, -1), expected.numpy())
     with Image.open(png) as im:
         assert im.size == (8 * 2 * 32, 2 * 32)   # 8 pairs per row, 2 rows; each pair is image | token map
 
 
-def test_encode_a_folder_and_bad_input(tmp_path, tokenizer_file):
+def test_encode_a_folder_and_bad_input(tmp_path, tiny_tokenizer_file):
     from PIL import Image
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, mode in enumerate(["RGB", "L", "RGBA"]):   # synthetic images of different modes and sizes
         Image.new(mode, (40 + i, 30)).save(folder / f"{i}.png")
-    cli("encode", tokenizer_file, f"--out={tmp_path / 'f.npy'}", f"--images={folder}")
+    cli("encode", tiny_tokenizer_file, f"--out={tmp_path / 'f.npy'}", f"--images={folder}")
     assert np.load(tmp_path / "f.npy").shape == (3, 4, 4)
-    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "encode", str(tokenizer_file),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "encode", str(tiny_tokenizer_file),
                            f"--out={tmp_path / 'x.npy'}", f"--images={tmp_path / 'nope'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
