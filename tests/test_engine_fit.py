@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     from engine.ds_setup import param_groups
     from engine.trainer import TrainingDiverged, fit
 
-    zero, bad_steps, out = int(sys.argv[1]), set(json.loads(sys.argv[2])), sys.argv[3]
+    zero, bad_steps, out, accum = int(sys.argv[1]), set(json.loads(sys.argv[2])), sys.argv[3], int(sys.argv[4])
     dist_utils.init()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent('''
             step = start
             while True:
                 g = torch.Generator().manual_seed(step)
-                yield step, torch.randn(8, 4, generator=g)
+                for part in torch.randn(8, 4, generator=g).chunk(accum):   # the same 8 numbers, in accum parts
+                    yield step, part
                 step += 1
 
     def step_fn(engine, batch):
@@ -41,7 +42,8 @@ SCRIPT = textwrap.dedent('''
             loss = loss * math.inf
         return loss, {}
 
-    run = RunConfig(output_dir=out, ds_config=f"ds_configs/zero{zero}.json", micro_batch_size=8, log_interval=1,
+    run = RunConfig(output_dir=out, ds_config=f"ds_configs/zero{zero}.json", micro_batch_size=8 // accum,
+                    grad_accum_steps=accum, log_interval=1,
                     save_interval=2, max_nonfinite_steps=3, progress_bar=False)
     optim = OptimConfig(lr=0.05, min_lr=0.05, weight_decay=0.0, grad_clip=1.0 if zero else 0.0)
     weights = []
@@ -53,9 +55,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_fit(tmp_path, zero, bad_steps):
+def run_fit(tmp_path, zero, bad_steps, accum=1):
     out = tmp_path / f"z{zero}"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(zero), json.dumps(bad_steps), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(zero), json.dumps(bad_steps), str(out), str(accum)],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -81,3 +84,12 @@ def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_
     # The checkpoint at step 6 came after two skipped steps: skipped steps leave the weights as they were.
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    _, full, full_weight, _ = run_fit(tmp_path / "full", 1, [], accum=1)
+    _, accumulated, acc_weight, _ = run_fit(tmp_path / "acc", 1, [], accum=2)
+    assert [r["step"] for r in accumulated] == list(range(1, 9))
+    for a, b in zip(full, accumulated):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert max(abs(a - b) for a, b in zip(full_weight, acc_weight)) < 1e-6

@@ -119,3 +119,73 @@ def test_dino_teacher_loads_a_local_timm_layout_file(tmp_path):
     with torch.no_grad():
         ref = net.forward_features((x - mean) / std)[:, 1:]
     torch.testing.assert_close(feats, ref)
+
+
+def _openai_clip_visual(width=768, layers=12, patch=16, out_dim=512, grid=14) -> dict:
+    """A CLIP ViT-B/16 image tower in OpenAI's key layout with random weights (plus a text-tower key)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+    sd = {"visual.class_embedding": r(width), "visual.positional_embedding": r(grid * grid + 1, width),
+          "visual.conv1.weight": r(width, 3, patch, patch), "visual.proj": r(width, out_dim, std=0.05),
+          "token_embedding.weight": r(10, 4)}
+    for name in ("ln_pre", "ln_post"):
+        sd[f"visual.{name}.weight"], sd[f"visual.{name}.bias"] = 1 + r(width, std=0.1), r(width, std=0.1)
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + r(width, std=0.1), r(width, std=0.1)
+        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * width, width), r(3 * width)
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(width, width), r(width)
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * width, width), r(4 * width)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(width, 4 * width), r(width)
+    return sd
+
+
+def _openai_clip_patch_tokens(sd: dict, x: torch.Tensor, heads: int = 12) -> torch.Tensor:
+    """OpenAI's VisionTransformer forward, written out: ln_post on all tokens, then `@ proj`; patch tokens."""
+    import torch.nn.functional as F
+    v = {k[len("visual."):]: t for k, t in sd.items() if k.startswith("visual.")}
+    x = F.conv2d(x, v["conv1.weight"], stride=16).flatten(2).transpose(1, 2)
+    x = torch.cat([v["class_embedding"].expand(x.shape[0], 1, -1), x], 1) + v["positional_embedding"]
+    ln = lambda t, n: F.layer_norm(t, t.shape[-1:], v[n + ".weight"], v[n + ".bias"], 1e-5)  # noqa: E731
+    x = ln(x, "ln_pre")
+    b, n, d = x.shape
+    for i in range(12):
+        p = f"transformer.resblocks.{i}."
+        q, k, val = F.linear(ln(x, p + "ln_1"), v[p + "attn.in_proj_weight"], v[p + "attn.in_proj_bias"]).chunk(3, -1)
+        q, k, val = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, val))
+        attn = ((q @ k.transpose(-2, -1)) / (d // heads) ** 0.5).softmax(-1) @ val
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, n, d), v[p + "attn.out_proj.weight"], v[p + "attn.out_proj.bias"])
+        h = F.linear(ln(x, p + "ln_2"), v[p + "mlp.c_fc.weight"], v[p + "mlp.c_fc.bias"])
+        x = x + F.linear(h * torch.sigmoid(1.702 * h), v[p + "mlp.c_proj.weight"], v[p + "mlp.c_proj.bias"])
+    return (ln(x, "ln_post") @ v["proj"])[:, 1:]
+
+
+def test_clip_teacher_reads_openai_layout_and_matches_the_openai_forward(tmp_path):
+    sd = _openai_clip_visual()
+    torch.save(sd, tmp_path / "ViT-B-16.pt")
+    teacher = build_teacher(TeacherConfig(name="clip_b16", weights=str(tmp_path / "ViT-B-16.pt")))
+    images = torch.rand(1, 3, 224, 224)
+    feats = teacher(images, (14, 14))
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = _openai_clip_patch_tokens(sd, (images - mean) / std)
+    assert feats.shape == (1, 196, 512)
+    torch.testing.assert_close(feats, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_timm_teacher_reads_the_named_layer(tmp_path):
+    import timm
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    teacher = build_teacher(TeacherConfig(name="timm", timm_model="resnet18", weights=str(tmp_path / "r18.pth"),
+                                          layer="layer3", input_size=64))
+    assert teacher.out_dim == 256
+    feats = teacher(torch.rand(2, 3, 64, 64), (4, 4))     # layer3 is stride 16: 64 px -> 4 x 4, no resampling
+    assert feats.shape == (2, 16, 256)
+    with pytest.raises(TeacherError, match="has no module 'layer9'"):
+        build_teacher(TeacherConfig(name="timm", timm_model="resnet18", weights=str(tmp_path / "r18.pth"),
+                                    layer="layer9"))

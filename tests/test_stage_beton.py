@@ -1,0 +1,47 @@
+"""Both pretraining stages stream from FFCV .beton files written by `data_tools.convert` (Fashion-MNIST from
+Debian), on 2 ranks, and resume mid-run with the same losses."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.dist_util import kill_when, launch_stage, losses, run_stage
+
+pytestmark = [pytest.mark.usefixtures("fashion_mnist_available"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmnist")
+    proc = subprocess.run([sys.executable, "-m", "data_tools.convert", "fashion_mnist", str(out), "--progress=False"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "train.beton", out / "test.beton"
+
+
+def test_tokenizer_trains_from_a_beton_and_evaluates_on_one(tmp_path, betons):
+    train, test = betons
+    out = tmp_path / "tok"
+    run_stage("pretrain.tokenizer", ["train", "vqkd_tiny_test", "--data.source=beton", f"--data.train_path={train}",
+                                     f"--data.eval_path={test}", "--data.num_workers=1", f"--run.output_dir={out}",
+                                     "--schedule.total_steps=10"])
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 11)) and curve[10] < curve[1] - 0.2
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "evaluate", str(out / "tokenizer.pt"),
+                           '--data_cfg={"eval_images": 64}', f"--out={tmp_path / 'eval.json'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"images": 64' in (tmp_path / "eval.json").read_text()
+
+
+def test_mim_resumes_inside_an_epoch_of_a_beton(tmp_path, betons, tiny_tokenizer_file):
+    train, _ = betons
+    args = ["train", "beitv2_tiny_test", f"--tokenizer={tiny_tokenizer_file}", "--data.source=beton",
+            f"--data.train_path={train}", "--data.num_workers=1", "--schedule.total_steps=16",
+            "--run.save_interval=4"]
+    run_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'ref'}"])
+    proc = launch_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'killed'}"])
+    kill_when(proc, tmp_path / "killed" / "metrics.jsonl", rows=7)
+    run_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'killed'}"])
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")
