@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,12 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def log_main(msg: str) -> None:
+    """A progress message from rank 0 only, on stderr (stdout carries the command's result)."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

@@ -35,7 +35,7 @@ def save_final_weights(output_dir: str, filename: str, save_fn) -> str:
     path = os.path.join(output_dir, filename)
     if dist_utils.is_main():
         save_fn(path, consolidated_state_dict(output_dir))
-        print(f"saved {path}", flush=True)
+        dist_utils.log_main(f"saved {path}")
     dist_utils.barrier()
     return path
 

@@ -6,7 +6,6 @@ A stage supplies the model, its parameter groups, a data source and a `step_fn(e
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -52,11 +51,6 @@ def grads_finite(model: nn.Module) -> bool:
     return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
 
 
-def log_main(msg: str) -> None:
-    if dist_utils.is_main():
-        print(msg, file=sys.stderr, flush=True)
-
-
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
         keep_fp32_buffers: tuple[str, ...] = ()) -> FitResult:
@@ -75,7 +69,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     start = int(state["step"]) if state else 0
     total, warmup = sched.total_and_warmup_steps(schedule, data.steps_per_epoch)
     if state:
-        log_main(f"resumed from {ckpt.dir} at step {start}/{total}")
+        dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}")
 
     logger = RunLogger(run.output_dir, total, start, run.progress_bar)
     meter = DeviceMeter()
