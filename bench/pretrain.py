@@ -29,6 +29,7 @@ VARIANTS = {
     "fused": {},
     "fused_ckpt": {"run.grad_checkpointing": True},
     "fused_compile": {"run.compile": True},
+    "explicit_compile": {"model.fused_attn": False, "run.compile": True},   # inductor fuses the softmax instead
 }
 
 
