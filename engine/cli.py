@@ -28,6 +28,9 @@ def run_cli(commands: dict, argv: list[str] | None = None) -> int:
     # The deepspeed launcher passes --local_rank=N ahead of the sub-command; LOCAL_RANK in the environment
     # carries the same information, so drop it rather than let fire treat it as a command.
     argv = [a for a in argv if not a.startswith("--local_rank")]
+    if any(a in ("--help", "-h") for a in argv) and "--" not in argv:
+        # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
+        argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
         result = fire.Fire(commands, command=argv, serialize=lambda r: None)
     except USER_ERRORS as e:

@@ -225,6 +225,21 @@ def validate(cfg: Any, prefix: str = "") -> None:
         cfg.validate(prefix) if prefix else cfg.validate()
 
 
+def describe(cls: type, recipes: Mapping[str, Any]) -> str:
+    """Recipes and every config key with its default, for a command's --help."""
+    lines = [f"Recipes: {', '.join(recipes)}.", "", "Config keys (defaults before the recipe):"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  --{prefix}{f.name}={value!r}")
+    walk(cls(), "")
+    return "\n".join(lines)
+
+
 def save_json(cfg: Any, path: str) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -247,5 +262,5 @@ def load_json(cls: type, path: str) -> Any:
     return cfg
 
 
-__all__ = ["ConfigError", "DataConfig", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
+__all__ = ["ConfigError", "DataConfig", "describe", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
            "to_dict", "validate", "save_json", "load_json", "field"]

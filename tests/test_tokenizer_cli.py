@@ -56,3 +56,11 @@ def test_encode_a_folder_and_bad_input(tmp_path, tiny_tokenizer_file):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: image folder not found: {tmp_path / 'nope'}")
+
+
+@pytest.mark.parametrize("module", ["pretrain.tokenizer", "pretrain.mim"])
+def test_train_help_lists_recipes_and_keys(module):
+    proc = subprocess.run([sys.executable, "-m", module, "train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Recipes:" in proc.stdout and "--run.micro_batch_size=8" in proc.stdout and "--optim.lr=" in proc.stdout

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import distributed as dist_utils
-from engine.config import resolve
+from engine.config import describe, resolve
 from engine.ds_setup import DTYPES, param_groups
 from engine.export import save_final_weights
 from engine.trainer import fit, seed_everything
@@ -136,6 +136,8 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
                                                    lambda path, sd: save_checkpoint(model, path, sd))
     return summary
 
+
+train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES)
 
 def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
     """Write the backbone of a MIM checkpoint (ours or official) in timm's `beitv2_*` layout as safetensors.

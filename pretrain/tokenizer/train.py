@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from engine import distributed as dist_utils
-from engine.config import resolve, to_dict
+from engine.config import describe, resolve, to_dict
 from engine.ds_setup import DTYPES, param_groups
 from engine.export import save_final_weights
 from engine.trainer import fit, seed_everything
@@ -51,6 +51,8 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
                                                    lambda path, sd: save_tokenizer(model, path, sd))
     return summary
 
+
+train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES)
 
 @torch.no_grad()
 def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None = None, batch_size: int = 64,
