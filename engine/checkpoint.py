@@ -62,8 +62,8 @@ class CheckpointManager:
         with open(path) as f:
             tag = f.read().strip()
         if not os.path.isdir(os.path.join(self.dir, tag)):
-            raise RuntimeError(f"{path} names checkpoint '{tag}', which is missing; delete {path} to start over "
-                               f"or restore the folder")
+            raise FileNotFoundError(f"{path} names checkpoint '{tag}', which is missing; delete {path} to start "
+                                    f"over or restore the folder")
         return tag
 
     def save(self, engine, step: int, client_state: dict) -> str:
@@ -100,8 +100,8 @@ class CheckpointManager:
         _, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
         if client_state is None:
-            raise RuntimeError(f"could not load checkpoint {os.path.join(self.dir, tag)}; it may be from another "
-                               f"model or ZeRO layout: start a new output_dir or pass --run.resume=false")
+            raise ValueError(f"could not load checkpoint {os.path.join(self.dir, tag)}; it may be from another "
+                             f"model or ZeRO layout: start a new output_dir or pass --run.resume=false")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{dist_utils.rank()}.pt")
         if os.path.exists(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))

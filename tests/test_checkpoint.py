@@ -1,0 +1,35 @@
+"""Checkpoint bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointManager, rng_state, set_rng_state
+
+
+def test_rng_state_round_trip_is_exact_and_loads_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_latest_pointing_to_a_missing_folder_is_a_clear_error(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    assert manager.latest_tag() is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
+    with pytest.raises(FileNotFoundError, match="names checkpoint 'step_00000010', which is missing"):
+        manager.latest_tag()
+
+
+def test_prune_keeps_the_last_k_and_drops_leftovers_of_a_killed_save(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    for step in (2, 4, 6, 8):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    manager._prune(keep="step_00000006")   # step 8 was being written when the run died
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
