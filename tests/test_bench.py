@@ -32,3 +32,14 @@ def test_pretrain_bench_runs_the_real_loop_per_variant(tmp_path):
     assert fused["profile_top_ops"] and fused["profile_top_ops"][0]["ms_per_step"] > 0   # the last variant only
     assert "profile_top_ops" not in result["variants"]["baseline"]
     assert result["tokenizer_ms_per_batch"] > 0
+
+
+@pytest.mark.slow
+def test_loader_bench_compares_against_the_official_style_loader(tmp_path):
+    out = tmp_path / "loader.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.loader", "--images=64", "--epochs=1", "--repeats=1",
+                           "--batch=16", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["synthetic"] is True
+    assert result["ours_host"]["images_per_s"] > 0 and result["ours_host"]["speedup_per_cpu_s"] > 0
