@@ -8,7 +8,7 @@ import sys
 import fire
 
 from engine.config import ConfigError
-from engine.trainer import TrainingDiverged
+from engine.trainer import Preempted, TrainingDiverged
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
 USER_ERRORS = (ConfigError, FileNotFoundError, TrainingDiverged, ValueError)
@@ -33,6 +33,9 @@ def run_cli(commands: dict, argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
         result = fire.Fire(commands, command=argv, serialize=lambda r: None)
+    except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143
     except USER_ERRORS as e:
         if os.environ.get("BEITV2_TRACEBACK"):   # for debugging: the whole stack instead of the one line
             raise

@@ -39,6 +39,13 @@ def init() -> torch.device:
     return torch.device("cpu")
 
 
+def current_device() -> torch.device:
+    """Where collectives expect tensors: the local GPU under nccl, the CPU under gloo."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

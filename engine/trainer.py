@@ -6,6 +6,7 @@ A stage supplies the model, its parameter groups, a data source and a `step_fn(e
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -30,6 +31,32 @@ class DataSource(Protocol):
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+class PreemptionFlag:
+    """SIGTERM (what schedulers send before they kill a job) asks the loop to checkpoint and stop.
+
+    Ranks may see the signal at different steps, so they agree at the log interval, where the loop reads the
+    device anyway: one all-reduce of a flag, then every rank saves the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)], device=dist_utils.current_device())
+        return bool(dist_utils.all_reduce_sum_(flag).item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -77,6 +104,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     batches = data.micro_batches(start)
     nonfinite_in_a_row, skipped_total = 0, 0
     profiler = None
+    preemption = PreemptionFlag()
     last: dict = {}
     engine.train()
     try:
@@ -122,9 +150,14 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
                 if scale is not None:
                     last["loss_scale"] = float(scale)
                 logger.log(done, last)
-            if done % run.save_interval == 0 or (done == total and run.save_final):
+            stop = done % run.log_interval == 0 and preemption.agreed()
+            if done % run.save_interval == 0 or (done == total and run.save_final) or stop:
                 ckpt.save(engine, done, {})
+            if stop:
+                raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint saved in {ckpt.dir}, run the same "
+                                f"command again to resume")
     finally:
+        preemption.restore()
         if profiler is not None:
             profiler.close()
         logger.close()

@@ -78,3 +78,27 @@ def test_bad_config_is_a_one_line_error_before_any_compute(tmp_path):
                            f"--run.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "/nope/ViT-B-16.pt" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path):
+    import time
+
+    import psutil
+    common = ["vqkd_tiny_test", "--run.ds_config=ds_configs/zero1.json", "--schedule.total_steps=40",
+              "--run.save_interval=1000", "--run.save_final=true"]
+    ref_dir, stopped_dir = tmp_path / "ref", tmp_path / "stopped"
+    run(common + [f"--run.output_dir={ref_dir}"])
+    proc = launch(common + [f"--run.output_dir={stopped_dir}"])
+    metrics = stopped_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, "the run ended before it was signalled"
+        time.sleep(0.02)
+    for worker in psutil.Process(proc.pid).children(recursive=True):   # as a scheduler signals every task
+        worker.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped: stopped by SIGTERM after step" in out
+    saved = int((stopped_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 5 <= saved < 40 and max(losses(stopped_dir)) == saved   # nothing after the checkpoint was logged
+    run(common + [f"--run.output_dir={stopped_dir}"])
+    assert losses(stopped_dir) == losses(ref_dir)
