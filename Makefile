@@ -9,8 +9,8 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONPATH := $(CURDIR)
 
 # System packages: Fashion-MNIST (demo data), OpenCV + libjpeg-turbo + pkg-config (FFCV builds against them),
-# numactl (DeepSpeed's --bind_cores_to_rank).
-APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl
+# numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test).
+APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh
 
 .PHONY: setup test test-fast demo clean
 setup: $(VENV)/.done
