@@ -19,6 +19,7 @@ from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
 from engine.ds_setup import initialize, zero_stage
+from engine.export import save_final_weights
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
 
@@ -63,6 +64,11 @@ class PreemptionFlag:
 class FitResult:
     step: int
     last_metrics: dict
+    weights: str | None = None   # the consolidated weights file, when the run wrote one
+
+    def summary(self) -> dict:
+        """What a stage command prints: the final step, the last logged metrics and the weights file."""
+        return {"step": self.step, **self.last_metrics, **({"checkpoint": self.weights} if self.weights else {})}
 
 
 def seed_everything(seed: int) -> None:
@@ -80,7 +86,13 @@ def grads_finite(model: nn.Module) -> bool:
 
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
-        keep_fp32_buffers: tuple[str, ...] = ()) -> FitResult:
+        keep_fp32_buffers: tuple[str, ...] = (),
+        final_weights: tuple[str, Callable[[str, dict], None]] | None = None) -> FitResult:
+    """Train `model` to the end of `schedule` (resuming from `run.output_dir` when it holds a checkpoint).
+
+    `final_weights=(filename, save_fn)`: after the last checkpoint, rank 0 consolidates it into one fp32 state
+    dict and calls `save_fn(<output_dir>/<filename>, state_dict)`.
+    """
     world = dist_utils.world_size()
     if dist_utils.is_main():
         save_json(cfg, f"{run.output_dir}/config.json")
@@ -161,4 +173,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
         if profiler is not None:
             profiler.close()
         logger.close()
-    return FitResult(step=total, last_metrics=last)
+    weights = None
+    if final_weights is not None and run.save_final:
+        weights = save_final_weights(run.output_dir, *final_weights)
+    return FitResult(step=total, last_metrics=last, weights=weights)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from engine import distributed as dist_utils
 from engine.config import describe, resolve
 from engine.ds_setup import DTYPES, param_groups
-from engine.export import save_final_weights
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
@@ -129,15 +128,13 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
 
     tokenizer_flops = 2 * tokenizer.num_patches * sum(p.numel() for p in tokenizer.encoder.blocks.parameters())
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image() + tokenizer_flops)
-    summary = {"step": result.step, **result.last_metrics}
-    if cfg.run.save_final:
-        summary["checkpoint"] = save_final_weights(cfg.run.output_dir, "mim.pt",
-                                                   lambda path, sd: save_checkpoint(model, path, sd))
-    return summary
+                 flops_per_image=model.flops_per_image() + tokenizer_flops,
+                 final_weights=("mim.pt", lambda path, sd: save_checkpoint(model, path, sd)))
+    return result.summary()
 
 
 train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES)
+
 
 def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
     """Write the backbone of a MIM checkpoint (ours or official) in timm's `beitv2_*` layout as safetensors.

@@ -10,7 +10,6 @@ import torch
 from engine import distributed as dist_utils
 from engine.config import describe, resolve, to_dict
 from engine.ds_setup import DTYPES, param_groups
-from engine.export import save_final_weights
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
@@ -44,15 +43,13 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
         return engine(images, target)
 
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(), keep_fp32_buffers=("quantize.",))
-    summary = {"step": result.step, **result.last_metrics}
-    if cfg.run.save_final:
-        summary["checkpoint"] = save_final_weights(cfg.run.output_dir, "tokenizer.pt",
-                                                   lambda path, sd: save_tokenizer(model, path, sd))
-    return summary
+                 flops_per_image=model.flops_per_image(), keep_fp32_buffers=("quantize.",),
+                 final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
+    return result.summary()
 
 
 train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES)
+
 
 @torch.no_grad()
 def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None = None, batch_size: int = 64,
