@@ -117,6 +117,15 @@ class DataConfig:
             raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
 
 
+@dataclass
+class StageConfig:
+    """The sections every stage shares; a stage's config subclasses it and adds its model's sections."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 def _check(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r} {what}")
@@ -262,5 +271,5 @@ def load_json(cls: type, path: str) -> Any:
     return cfg
 
 
-__all__ = ["ConfigError", "DataConfig", "describe", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
+__all__ = ["ConfigError", "DataConfig", "StageConfig", "describe", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
            "to_dict", "validate", "save_json", "load_json", "field"]

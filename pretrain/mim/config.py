@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
+from engine.config import ConfigError, StageConfig
 from pretrain.mim.model import MIM_ARCHS
 
 
@@ -44,16 +44,12 @@ class MaskingConfig:
 
 
 @dataclass
-class MIMConfig:
+class MIMConfig(StageConfig):
     arch: str = "beitv2_small_demo"
     tokenizer: str = ""          # frozen tokenizer checkpoint (ours or official)
     tokenizer_arch: str = ""     # only for arch-less files whose shapes are ambiguous
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         if self.arch not in MIM_ARCHS:

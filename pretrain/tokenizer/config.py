@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
+from engine.config import ConfigError, StageConfig
 from pretrain.tokenizer.model import ARCHS
 from pretrain.tokenizer.teachers import TeacherConfig
 
@@ -28,14 +28,10 @@ class QuantizerConfig:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(StageConfig):
     arch: str = "vqkd_small_demo"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
