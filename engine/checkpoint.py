@@ -97,8 +97,13 @@ class CheckpointManager:
         tag = self.latest_tag()
         if tag is None:
             return None
-        _, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+        try:
+            _, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, AssertionError, ValueError) as e:   # another model, ZeRO layout or optimizer
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {os.path.join(self.dir, tag)} does not fit this run ({first[:200]}); "
+                             f"use a new --run.output_dir, or --run.resume=false to start over") from None
         if client_state is None:
             raise ValueError(f"could not load checkpoint {os.path.join(self.dir, tag)}; it may be from another "
                              f"model or ZeRO layout: start a new output_dir or pass --run.resume=false")

@@ -6,9 +6,11 @@ The resolved config is written as JSON beside the run so that the run can be rep
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -27,7 +29,6 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     weight_decay_end: float | None = None   # cosine weight-decay schedule to this value; None keeps it constant
-    layer_decay: float = 1.0                # layer-wise lr decay (fine-tuning); 1.0 is off
     grad_clip: float = 0.0                  # global grad-norm clip; 0 is off
 
     def validate(self, prefix: str = "optim") -> None:
@@ -37,7 +38,6 @@ class OptimConfig:
                "must be two numbers in [0, 1)")
         _check(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", self.layer_decay, "must be in (0, 1]")
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
 
@@ -141,7 +141,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}' must be a mapping of {hint.__name__} fields, got {value!r}")
         return from_dict(hint, value, prefix=key)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
@@ -189,7 +189,7 @@ def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
 
 def merge(base: dict, overrides: Mapping[str, Any]) -> dict:
     """Deep-merge `overrides` into a copy of `base`. Dotted keys ('optim.lr') address nested fields."""
-    out = json.loads(json.dumps(base))
+    out = copy.deepcopy(base)
     for key, value in overrides.items():
         parts = key.split(".")
         node = out

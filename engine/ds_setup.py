@@ -7,7 +7,6 @@ communication). A key both define with different values is an error rather than 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable
 
 import torch
@@ -74,28 +73,14 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict
     return ds
 
 
-def param_groups(model: nn.Module, no_decay_names: Iterable[str] = (), layer_id_fn=None, layer_decay: float = 1.0,
-                 num_layers: int = 0) -> list[dict]:
-    """AdamW groups: no decay for 1-d params, biases and `no_decay_names`; optional layer-wise lr scale.
-
-    Each group carries `wd_scale` (0 or 1) and `lr_scale`; the per-step schedule writes
-    `lr * lr_scale` and `weight_decay * wd_scale` into it before every step.
-    """
-    skip = set(no_decay_names)
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
-        layer = layer_id_fn(name) if layer_id_fn is not None else 0
-        lr_scale = layer_decay ** (num_layers + 1 - layer) if layer_id_fn is not None else 1.0
-        key = (layer, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "wd_scale": 0.0 if no_decay else 1.0, "lr_scale": lr_scale}
-            if no_decay:
-                groups[key]["weight_decay"] = 0.0
-        groups[key]["params"].append(p)
-    return list(groups.values())
+def param_groups(model: nn.Module, no_decay_names: Iterable[str] = ()) -> list[dict]:
+    """AdamW groups from timm (no decay for 1-d params, biases and `no_decay_names`), each tagged with
+    `wd_scale` (0 or 1): the per-step schedule writes `weight_decay * wd_scale` into every group."""
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=list(no_decay_names))
+    for g in groups:
+        g["wd_scale"] = g["weight_decay"]
+    return groups
 
 
 def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str] = ()) -> nn.Module:
@@ -131,9 +116,3 @@ def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: Opti
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def env_summary() -> dict:
-    return {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "world_size": int(os.environ.get("WORLD_SIZE", 1))}

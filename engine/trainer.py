@@ -94,8 +94,6 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     dict and calls `save_fn(<output_dir>/<filename>, state_dict)`.
     """
     world = dist_utils.world_size()
-    if dist_utils.is_main():
-        save_json(cfg, f"{run.output_dir}/config.json")
     engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers)
     # DeepSpeed skips an update whose gradients are not finite in fp16/bf16 and, in fp32, from ZeRO-1 on; with
     # ZeRO-0 in fp32 it steps regardless, so the loop checks the gradients itself there.
@@ -109,6 +107,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     total, warmup = sched.total_and_warmup_steps(schedule, data.steps_per_epoch)
     if state:
         dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}")
+    if dist_utils.is_main():   # only now: a run that cannot resume must not overwrite the config it was made with
+        save_json(cfg, f"{run.output_dir}/config.json")
 
     logger = RunLogger(run.output_dir, total, start, run.progress_bar)
     meter = DeviceMeter()

@@ -1,3 +1,3 @@
 """Transfer (BEiT v2 stage 3): classification fine-tuning with layer-wise lr decay, linear probing, k-NN and
 UperNet segmentation. Not built yet; `pretrain.mim export` already writes the backbone in timm's `beitv2_*` layout,
-and `engine.ds_setup.param_groups(..., layer_id_fn, layer_decay)` provides the layer-decay groups."""
+and timm's `param_groups_layer_decay` gives the layer-decay groups."""

@@ -71,8 +71,8 @@ def test_bad_config_is_a_one_line_error_before_any_compute(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: unknown config key 'optim.lrr'; valid keys here: betas, eps, grad_clip, layer_decay, lr, min_lr, "
-        "weight_decay, weight_decay_end")
+        "error: unknown config key 'optim.lrr'; valid keys here: betas, eps, grad_clip, lr, min_lr, weight_decay, "
+        "weight_decay_end")
     proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test",
                            "--teacher.name=clip_b16", "--teacher.weights=/nope/ViT-B-16.pt",
                            f"--run.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -102,3 +102,16 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     assert 5 <= saved < 40 and max(losses(stopped_dir)) == saved   # nothing after the checkpoint was logged
     run(common + [f"--run.output_dir={stopped_dir}"])
     assert losses(stopped_dir) == losses(ref_dir)
+
+
+def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its_config(tmp_path):
+    base = [sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test", f"--run.output_dir={tmp_path}",
+            "--schedule.total_steps=2"]
+    proc = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(base + ["--arch=vqkd_small_demo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {tmp_path}/checkpoints/step_00000002 does not fit this run")
+    assert "--run.resume=false" in last and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == "vqkd_tiny_test"
