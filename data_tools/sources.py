@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from engine import distributed as dist_utils
-from engine.config import DataConfig, RunConfig
+from engine.config import ConfigError, DataConfig, RunConfig
 
 
 def fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,4 +33,32 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
         return ArraySource(images, labels, aug=aug, **common)
     if data.source == "synthetic":
         return ArraySource(synthetic(data.limit or 2048, aug.size), aug=aug, **common)
+    if not data.train_path:
+        raise ConfigError("config key 'data.train_path' is required with data.source=beton (a .beton from "
+                          "python -m data_tools.convert)")
     return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache, **common)
+
+
+def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device):
+    """uint8 images [N, H, W(, C)] in order, whole image resized to img_size, RGB in [0, 1], in batches."""
+    from data_tools.ffcv_loader import ArraySource
+    from data_tools.gpu_augment import EvalAug
+    source = ArraySource(images, aug=EvalAug(img_size, crop_fraction=1.0, normalized=False),
+                         micro_batch_size=min(batch_size, len(images)), device=device)   # the plan wants one batch
+    for batch in source.eval_batches(batch_size):
+        yield batch["image"]
+
+
+def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch.device):
+    """Held-out images (Fashion-MNIST's test split or `data.eval_path`), un-augmented, RGB in [0, 1]."""
+    if data.source == "beton":
+        if not data.eval_path:
+            raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) with source=beton")
+        from data_tools.ffcv_loader import eval_image_batches
+        yield from eval_image_batches(data.eval_path, img_size=img_size, batch_size=batch_size, device=device,
+                                      limit=data.eval_images)
+    elif data.source == "synthetic":
+        yield from array_eval_batches(synthetic(data.eval_images or 256, img_size), img_size, batch_size, device)
+    else:
+        images, _ = fashion_mnist("test", data.eval_images)
+        yield from array_eval_batches(images, img_size, batch_size, device)

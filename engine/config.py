@@ -111,8 +111,6 @@ class DataConfig:
         if self.source not in ("fashion_mnist", "beton", "synthetic"):
             raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist, beton or "
                               f"synthetic")
-        if self.source == "beton" and not self.train_path:
-            raise ConfigError(f"config key '{prefix}.train_path' is required with source=beton")
         if self.limit < 0 or self.eval_images < 0:
             raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
 

@@ -65,3 +65,25 @@ def test_train_help_lists_recipes_and_keys(module):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout + proc.stderr   # fire writes help to stderr when there is no terminal
     assert "Recipes:" in text and "--run.micro_batch_size=8" in text and "--optim.lr=" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (['--teacher={"nme": "clip_b16"}'], "error: unknown config key 'teacher.nme'; valid keys here:"),
+    (['--data_cfg={"eval_image": 5}'], "error: unknown config key 'data_cfg.eval_image'; valid keys here:"),
+    (["--data_cfg=5"], "error: --data_cfg must be a JSON object"),
+    (['--data_cfg={"source": "beton"}'], "error: evaluation needs data.eval_path"),
+])
+def test_evaluate_rejects_bad_settings_in_one_line(tiny_tokenizer_file, args, message):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "evaluate", str(tiny_tokenizer_file), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_encode_needs_a_positive_count(tiny_tokenizer_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "encode", str(tiny_tokenizer_file),
+                           f"--out={tmp_path / 'x.npy'}", "--count=0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --count=0: give the number of images to encode (>= 1)"
+    assert not (tmp_path / "x.npy").exists()

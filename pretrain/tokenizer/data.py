@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data_tools import sources
 
@@ -16,40 +15,14 @@ def train_source(cfg, img_size: int, device: torch.device):
     return sources.train_source(cfg.data, cfg.run, TokenizerTrainAug(size=img_size), device)
 
 
-def _resize01(images_uint8: np.ndarray, img_size: int) -> torch.Tensor:
-    """uint8 [N, H, W] or [N, H, W, C] -> float RGB [N, 3, img_size, img_size] in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8))
-    if x.ndim == 3:
-        x = x.unsqueeze(-1)
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
-        x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", align_corners=False).clamp_(0, 1)
-    return x.contiguous()
-
-
-def eval_batches(data_cfg: dict, img_size: int, batch_size: int, device: torch.device):
-    """Held-out images (test split, no augmentation) as [B, 3, S, S] batches in [0, 1]."""
-    source = data_cfg.get("source", "fashion_mnist")
-    limit = int(data_cfg.get("eval_images", 0))
-    if source == "fashion_mnist":
-        images, _ = sources.fashion_mnist("test", limit)
-        for i in range(0, len(images), batch_size):
-            yield _resize01(images[i:i + batch_size], img_size).to(device)
-        return
-    from data_tools.ffcv_loader import eval_image_batches
-    path = data_cfg.get("eval_path") or ""
-    if not path:
-        raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) when source=beton")
-    yield from eval_image_batches(path, img_size=img_size, batch_size=batch_size, device=device, limit=limit)
-
-
 def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> torch.Tensor:
-    """Images to encode: every image file in `folder` (sorted), or `count` Fashion-MNIST images of `split`."""
+    """Images to encode, RGB in [0, 1] on the CPU: every image file in `folder` (sorted), or the first `count`
+    Fashion-MNIST images of `split`."""
+    if count < 1:
+        raise ValueError(f"--count={count}: give the number of images to encode (>= 1)")
     if not folder:
         images, _ = sources.fashion_mnist(split, count)
-        return _resize01(images, img_size)
+        return _to_float(images, img_size)
     from PIL import Image
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
@@ -60,7 +33,11 @@ def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> t
     for name in names:
         with Image.open(os.path.join(folder, name)) as im:
             arrays.append(np.asarray(im.convert("RGB").resize((img_size, img_size), Image.BICUBIC)))
-    return _resize01(np.stack(arrays), img_size)
+    return _to_float(np.stack(arrays), img_size)
+
+
+def _to_float(images: np.ndarray, img_size: int) -> torch.Tensor:
+    return torch.cat(list(sources.array_eval_batches(images, img_size, 256, torch.device("cpu"))))
 
 
 def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, num_codes: int, path: str, columns: int = 8) -> None:

@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from data_tools import sources
 from engine import distributed as dist_utils
-from engine.config import describe, resolve, to_dict
+from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
 from engine.ds_setup import DTYPES, param_groups
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
@@ -62,26 +64,25 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
         data_cfg: data settings; defaults likewise.
         out: optional JSON path for the result.
     """
-    run_cfg = _saved_config(checkpoint)
-    tcfg = TeacherConfig(**(teacher or run_cfg.get("teacher", {})))
-    tcfg.validate()
-    dcfg = dict(run_cfg.get("data", {}), **(data_cfg or {}))
+    saved = _saved_config(checkpoint)
+    tcfg = _section(TeacherConfig, saved.get("teacher", {}), teacher, "teacher")
+    dcfg = _section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_tokenizer(checkpoint).to(device)
     teach = build_teacher(tcfg).to(device)
     counts = torch.zeros(model.num_codes, dtype=torch.long, device=device)
-    cos_sum, n = 0.0, 0
-    for images in data.eval_batches(dcfg, model.img_size, batch_size, device):
+    cos_sum, n = torch.zeros((), device=device), 0
+    for images in sources.eval_batches(dcfg, model.img_size, batch_size, device):
         z_q, _, codes, _ = model.encode(images)
         rec = model.decode(z_q)
         target = teach(images, model.grid)
-        cos_sum += torch.nn.functional.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum().item()
+        cos_sum += F.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum()
         counts += torch.bincount(codes.flatten(), minlength=model.num_codes)
         n += images.shape[0]
     p = counts.float() / counts.sum()
     result = {"images": n, "codebook_usage": (counts > 0).float().mean().item(),
               "perplexity": torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item(),
-              "teacher_cosine": cos_sum / max(n, 1), "num_codes": model.num_codes}
+              "teacher_cosine": cos_sum.item() / max(n, 1), "num_codes": model.num_codes}
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
@@ -113,8 +114,18 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
 
 
 def _saved_config(checkpoint: str) -> dict:
+    """The config.json of the run that wrote `checkpoint`, when it sits in that run's output directory."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    return to_dict(TokenizerConfig())
+    return {}
+
+
+def _section(cls, saved: dict, overrides, flag: str):
+    """A config section: its defaults, then what the run saved, then this command's flag (unknown keys fail)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"--{flag} must be a JSON object, e.g. --{flag}='{{\"key\": value}}', got {overrides!r}")
+    cfg = from_dict(cls, merge(merge(to_dict(cls()), saved), overrides or {}), prefix=flag)
+    cfg.validate(flag)
+    return cfg
