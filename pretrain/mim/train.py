@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from data_tools.gpu_augment import MimAug, generator_for, mim_views
+from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import describe, resolve
 from engine.ds_setup import DTYPES, param_groups
@@ -52,9 +54,10 @@ class MaskedSource:
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def _mask(self, step: int, micro: int) -> torch.Tensor:
-        from data_tools.gpu_augment import generator_for
         g = generator_for(self.seed + 7919, step, dist_utils.rank(), micro, "cpu")
-        return self.masks(self.micro, generator=g, device=torch.device("cpu"))
+        mask = self.masks(self.micro, generator=g, device=torch.device("cpu"))
+        # Pinned, so the copy to the GPU really is asynchronous (from pageable memory it would block the step).
+        return mask.pin_memory() if self.device.type == "cuda" else mask
 
     def micro_batches(self, start_step: int):
         step, micro = start_step, 0
@@ -103,8 +106,6 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     k = model.num_masked_patches
     masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k, min_num_patches=cfg.masking.min_patches,
                                min_aspect=cfg.masking.min_aspect)
-    from data_tools.gpu_augment import MimAug, mim_views
-    from data_tools.sources import train_source
     images = train_source(cfg.data, cfg.run, MimAug(size=model.patch_embed.img_size[0]), device)
     source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
     groups = param_groups(model, model.no_weight_decay())

@@ -164,7 +164,7 @@ class TimmTeacher(Teacher):
     """Any timm model from a local checkpoint; features are read from module `layer` (or forward_features).
 
     Token outputs [B, N, C] drop the model's prefix tokens and become a square grid; maps [B, C, h, w] are
-    used as they are; channels-last maps [B, h, w, C] are permuted.
+    used as they are; maps of models whose `output_fmt` is NHWC are permuted.
     """
 
     def __init__(self, model_name: str, weights: str, layer: str = "", input_size: int = 224):
@@ -198,8 +198,8 @@ class TimmTeacher(Teacher):
             out = self._captured
         if out.ndim == 3:
             return _tokens_to_map(out, getattr(self.net, "num_prefix_tokens", 0))
-        if out.ndim == 4 and out.shape[1] == out.shape[2] and out.shape[3] != out.shape[1]:
-            return out.permute(0, 3, 1, 2)    # NHWC (e.g. some hybrid models)
+        if out.ndim == 4 and getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            return out.permute(0, 3, 1, 2)    # timm's channels-last families (Swin and kin) say so
         return out
 
     def feature_map(self, x):
