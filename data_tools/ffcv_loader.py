@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_tools.gpu_augment import EvalAug, FinetuneTrainAug, MimAug, TokenizerTrainAug, generator_for
-from data_tools.gpu_segment import SegTrainAug
+from data_tools.gpu_augment import EvalAug, TokenizerTrainAug, generator_for
 
 Aug = Callable[..., Any]   # (images, sizes, g) -> images, or for label maps (images, labels, sizes, g) -> (images, labels)
 IMAGE, LABEL, ANNOTATION = "image", "label", "annotation"   # .beton field names written by data_tools.convert
@@ -309,32 +308,7 @@ def _next(it: Any, poll_s: float = 1.0) -> tuple:
     return result
 
 
-# --------------------------------------------------------------------------------------- builders used by the stages
-def tokenizer_source(path: str, *, img_size: int = 224, num_workers: int = 2, os_cache: bool = True,
-                     **common: Any) -> FFCVSource:
-    """VQ-KD training: RandomResizedCrop(img_size, 0.08-1) + flip, float [0, 1] (DESIGN 1.1)."""
-    return FFCVSource(path, TokenizerTrainAug(img_size), num_workers=num_workers, os_cache=os_cache, **common)
-
-
-def mim_source(path: str, *, img_size: int = 224, num_workers: int = 2, os_cache: bool = True,
-               **common: Any) -> FFCVSource:
-    """MIM pretraining: one RRC(0.2-1) + flip + jitter crop in [0, 1]; split it with gpu_augment.mim_views."""
-    return FFCVSource(path, MimAug(img_size), num_workers=num_workers, os_cache=os_cache, **common)
-
-
-def finetune_source(path: str, *, train: bool = True, img_size: int = 224, num_workers: int = 2,
-                    os_cache: bool = True, **common: Any) -> FFCVSource:
-    """Fine-tuning: train (RRC, flip, RandAugment, erasing) or eval (resize + center crop), ImageNet-normalised."""
-    aug = FinetuneTrainAug(img_size) if train else EvalAug(img_size)
-    return FFCVSource(path, aug, num_workers=num_workers, os_cache=os_cache, **common)
-
-
-def segmentation_source(path: str, *, crop: int = 512, num_workers: int = 2, os_cache: bool = True,
-                        **common: Any) -> FFCVSource:
-    """ADE20K-style training: random scale, crop (cat_max_ratio), flip, photometric distortion, aligned labels."""
-    return FFCVSource(path, SegTrainAug(crop), num_workers=num_workers, os_cache=os_cache, **common)
-
-
+# ------------------------------------------------------------------------------------------- held-out images
 def eval_image_batches(path: str, *, img_size: int = 224, batch_size: int = 64, device: torch.device | str = "cpu",
                        limit: int = 0, num_workers: int = 2) -> Iterator[Tensor]:
     """Held-out images of a .beton, un-augmented (short side resized to img_size, center crop), float [0, 1]."""
@@ -344,6 +318,5 @@ def eval_image_batches(path: str, *, img_size: int = 224, batch_size: int = 64, 
         yield batch["image"]
 
 
-__all__ = ["ArraySource", "FFCVSource", "RawAug", "ShardPlan", "eval_image_batches", "finetune_source",
-           "mim_source", "page_blocked_permutation", "segmentation_source", "tokenizer_source",
+__all__ = ["ArraySource", "FFCVSource", "RawAug", "ShardPlan", "eval_image_batches", "page_blocked_permutation",
            "uniform_permutation"]
