@@ -18,7 +18,7 @@ import fire
 import torch
 
 from bench.common import device_info, time_it, write_json
-from engine.ds_setup import DTYPES
+from engine.ds_setup import COMPUTE_DTYPES
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
 
 TOKENIZER_FOR = {"beit_base_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_decoder_3x768x12_clip",
@@ -37,7 +37,7 @@ def _tokenizer_ms(path: str, batch: int, precision: str, device: torch.device) -
     from pretrain.tokenizer import load_tokenizer
     tok = load_tokenizer(path).to(device)
     tok.decoder = tok.decode_task_layer = None
-    tok.encoder.to(DTYPES[precision])
+    tok.encoder.to(COMPUTE_DTYPES[precision])
     images = torch.rand(batch, 3, tok.img_size, tok.img_size, device=device)
 
     def encode():

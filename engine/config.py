@@ -63,7 +63,7 @@ class RunConfig:
     """Engine settings shared by every stage."""
     output_dir: str = "runs/default"
     ds_config: str = "ds_configs/zero1.json"   # ZeRO and communication settings; batch/optim/precision come from here
-    precision: str = "fp32"                    # fp32 | bf16 | fp16
+    precision: str = "fp32"                    # fp32 | bf16 | bf16_autocast | fp16 (see engine.ds_setup)
     micro_batch_size: int = 8                  # per rank, per forward
     grad_accum_steps: int = 1
     seed: int = 0
@@ -79,8 +79,8 @@ class RunConfig:
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the first log
 
     def validate(self, prefix: str = "run") -> None:
-        _check(self.precision in ("fp32", "bf16", "fp16"), f"{prefix}.precision", self.precision,
-               "must be one of fp32, bf16, fp16")
+        _check(self.precision in ("fp32", "bf16", "bf16_autocast", "fp16"), f"{prefix}.precision",
+               self.precision, "must be one of fp32, bf16, bf16_autocast, fp16")
         for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
                     "max_nonfinite_steps"):
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")

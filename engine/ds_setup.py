@@ -14,7 +14,23 @@ from torch import nn
 
 from engine.config import ConfigError, OptimConfig, RunConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `bf16` and `fp16` are DeepSpeed's modes: 16-bit weights and gradients, fp32 master weights in the optimizer.
+# `bf16_autocast` keeps fp32 weights and gradients and runs the forward under torch.autocast (bf16 matmuls); at
+# ZeRO-0 it is the lean path: no master-weight copies, no per-parameter overflow checks with host syncs.
+PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16")
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_autocast": torch.float32,
+                "fp16": torch.float16}
+COMPUTE_DTYPES = {**PARAM_DTYPES, "bf16_autocast": torch.bfloat16}   # what frozen helpers (teacher, tokenizer) run in
+
+
+def loop_owns_step(precision: str, stage: int) -> bool:
+    """Whether the training loop clips and skips non-finite updates itself (see `engine.trainer`).
+
+    DeepSpeed does both inside its own optimizers (16-bit modes, ZeRO >= 1), with a host sync per parameter
+    check. At ZeRO-0 with fp32 gradients the optimizer is torch's fused AdamW, which skips an update on device
+    when told `found_inf`: the loop clips with one foreach norm and never waits for the device.
+    """
+    return stage == 0 and precision in ("fp32", "bf16_autocast")
 
 
 def load_ds_json(path: str) -> dict:
@@ -45,8 +61,15 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict
     _put(ds, "gradient_accumulation_steps", run.grad_accum_steps, "run.grad_accum_steps", path)
     _put(ds, "train_batch_size", run.micro_batch_size * run.grad_accum_steps * world_size,
          "micro_batch_size x grad_accum_steps x world size", path)
-    _put(ds, "gradient_clipping", float(optim.grad_clip), "optim.grad_clip", path)
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    clip = 0.0 if loop_owns_step(run.precision, stage) else float(optim.grad_clip)   # 0: the loop clips
+    _put(ds, "gradient_clipping", clip, "optim.grad_clip", path)
 
+    autocast = run.precision == "bf16_autocast"
+    if "torch_autocast" in ds:
+        raise ConfigError(f"{path} has a 'torch_autocast' block; set run.precision=bf16_autocast instead")
+    if autocast:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     for name, wanted in (("bf16", run.precision == "bf16"), ("fp16", run.precision == "fp16")):
         block = dict(ds.get(name, {}))
         if "enabled" in block and bool(block["enabled"]) != wanted:
@@ -58,12 +81,11 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict
             block.setdefault("initial_scale_power", 16)
         ds[name] = block
 
-    # torch's AdamW (fused on CUDA) instead of DeepSpeed's FusedAdam: same update, and no JIT-compiled op.
+    # torch's fused AdamW instead of DeepSpeed's FusedAdam: the same update in one kernel per step (CUDA and CPU),
+    # no JIT-compiled op, and an on-device `found_inf` skip that the lean path relies on.
     optimizer = {"type": "AdamW", "params": {
         "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-        "torch_adam": True, "adam_w_mode": True}}
-    if torch.cuda.is_available():
-        optimizer["params"]["fused"] = True
+        "torch_adam": True, "adam_w_mode": True, "fused": True}}
     if "optimizer" in ds and ds["optimizer"] != optimizer:
         raise ConfigError(f"{path} has an 'optimizer' block; the optimizer comes from the run config's 'optim' "
                           f"section, remove the block")
@@ -90,7 +112,7 @@ def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str
     buffer, which then meets bf16 weights in the qkv matmul. Buffers named by prefix in `keep_fp32` (EMA
     statistics such as a codebook) stay fp32.
     """
-    dtype = DTYPES[precision]
+    dtype = PARAM_DTYPES[precision]
     if dtype == torch.float32:
         return model
     prefixes = tuple(keep_fp32)

@@ -18,7 +18,7 @@ from engine import distributed as dist_utils
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
-from engine.ds_setup import initialize, zero_stage
+from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.export import save_final_weights
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
@@ -78,10 +78,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def grads_finite(model: nn.Module) -> bool:
-    """One host sync: are all gradients finite?"""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+class NonFiniteSteps:
+    """Counts skipped updates and the longest run of them, on the device: read at the log interval, no sync.
+
+    `add(flag)` takes a 0-d float tensor, 1.0 for a skipped update. `read()` returns `(skipped so far, longest run
+    since the last read)`; a run that is still going carries into the next interval.
+    """
+
+    def __init__(self, device: torch.device):
+        self.total = 0
+        self._skipped, self._run, self._longest = (torch.zeros((), device=device) for _ in range(3))
+        self.flags = (torch.zeros((), device=device), torch.ones((), device=device))   # for host-known outcomes
+
+    def add(self, flag: torch.Tensor) -> None:
+        self._skipped += flag
+        self._run = (self._run + 1) * flag
+        self._longest = torch.maximum(self._longest, self._run)
+
+    def read(self) -> tuple[int, int]:
+        self.total += int(self._skipped.item())
+        longest = int(self._longest.item())
+        self._skipped.zero_()
+        self._longest = self._run.clone()
+        return self.total, longest
+
+
+def clip_and_flag(engine, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the (all-reduced) gradients to `max_norm` (0: only measure) and arm the fused optimizer's skip.
+
+    Returns `(grad_norm, found_inf)` as device tensors. torch's fused AdamW reads `found_inf` and leaves weights,
+    moments and step count untouched when it is 1, so a non-finite step is skipped without a host sync.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    found_inf = (~norm.isfinite()).float()
+    engine.optimizer.found_inf = found_inf
+    return norm, found_inf
 
 
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
@@ -95,9 +130,9 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     """
     world = dist_utils.world_size()
     engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers)
-    # DeepSpeed skips an update whose gradients are not finite in fp16/bf16 and, in fp32, from ZeRO-1 on; with
-    # ZeRO-0 in fp32 it steps regardless, so the loop checks the gradients itself there.
-    check_grads = zero_stage(ds_config) == 0 and run.precision == "fp32"
+    # DeepSpeed clips and skips non-finite updates in its 16-bit and ZeRO optimizers; at ZeRO-0 with fp32
+    # gradients the loop does both itself, on the device (`clip_and_flag`).
+    own_step = loop_owns_step(run.precision, zero_stage(ds_config))
     if run.compile:
         engine.compile()
 
@@ -114,7 +149,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     meter = DeviceMeter()
     speed = Throughput(flops_per_image, world)
     batches = data.micro_batches(start)
-    nonfinite_in_a_row, skipped_total = 0, 0
+    nonfinite = NonFiniteSteps(dist_utils.current_device())
+    grad_norm = None
     profiler = None
     preemption = PreemptionFlag()
     last: dict = {}
@@ -126,38 +162,34 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             sched.apply(engine.optimizer.param_groups, lr, wd)
             if profiler is None and run.profile_steps and step == start + run.log_interval:
                 profiler = StepProfiler(run.output_dir, run.profile_steps)
-            skipped_here = False
             for micro in range(run.grad_accum_steps):
                 loss, metrics = step_fn(engine, next(batches))
                 engine.backward(loss)
-                if check_grads and micro == run.grad_accum_steps - 1 and not grads_finite(engine.module):
-                    engine.zero_grad()   # grads become None: AdamW leaves those parameters and their state alone
-                    skipped_here = True
+                if own_step and micro == run.grad_accum_steps - 1:
+                    grad_norm, found_inf = clip_and_flag(engine, optim.grad_clip)
                 engine.step()
                 meter.add({"loss": loss, **metrics})
                 speed.add(run.micro_batch_size * world)
-            # Where DeepSpeed decides, it has already synchronised: reading its flag costs nothing extra.
-            if engine.was_step_applied() and not skipped_here:
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                skipped_total += 1
-                if run.precision != "fp16" and nonfinite_in_a_row >= run.max_nonfinite_steps:
-                    raise TrainingDiverged(
-                        f"{nonfinite_in_a_row} steps in a row had non-finite gradients (last at step {step}); "
-                        f"stopped without saving. Resume from the last checkpoint in {ckpt.dir} with a lower "
-                        f"optim.lr or optim.grad_clip set")
+            if not own_step:   # DeepSpeed decided, and has synchronised to do so: its flag costs nothing extra
+                found_inf = nonfinite.flags[int(not engine.was_step_applied())]
+            nonfinite.add(found_inf)
             logger.advance()
             if profiler is not None:
                 profiler.step()
             done = step + 1
             if done % run.log_interval == 0 or done == total:
+                skipped, longest_run = nonfinite.read()
+                if run.precision != "fp16" and longest_run >= run.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{longest_run} steps in a row had non-finite gradients (by step {done}); stopped without "
+                        f"saving. Resume from the last checkpoint in {ckpt.dir} with a lower optim.lr or "
+                        f"optim.grad_clip set")
                 last = meter.read()
                 last.update(speed.read())
-                last.update(lr=lr, weight_decay=wd, skipped_steps=skipped_total, peak_mem_gib=peak_memory_gib())
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    last["grad_norm"] = float(grad_norm)
+                last.update(lr=lr, weight_decay=wd, skipped_steps=skipped, peak_mem_gib=peak_memory_gib())
+                norm = grad_norm if own_step else engine.get_global_grad_norm()
+                if norm is not None:
+                    last["grad_norm"] = float(norm)
                 scale = getattr(engine.optimizer, "cur_scale", None) if run.precision == "fp16" else None
                 if scale is not None:
                     last["loss_scale"] = float(scale)

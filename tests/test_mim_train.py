@@ -23,7 +23,8 @@ def train_args(tokenizer, out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")])
+@pytest.mark.parametrize("zero,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16"),
+                                            (0, "bf16_autocast")])
 def test_two_rank_pretraining_loss_falls(tmp_path, tiny_tokenizer_file, zero, precision):
     out = tmp_path / "run"
     run_stage("pretrain.mim", train_args(tiny_tokenizer_file, out, f"--run.ds_config=ds_configs/zero{zero}.json",

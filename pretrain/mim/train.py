@@ -11,7 +11,7 @@ from data_tools.gpu_augment import MimAug, generator_for, mim_views
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import describe, resolve
-from engine.ds_setup import DTYPES, param_groups
+from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
@@ -87,7 +87,7 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> VQKD:
     tokenizer = load_tokenizer(cfg.tokenizer, arch=cfg.tokenizer_arch or None)
     tokenizer.decoder = tokenizer.decode_task_layer = None   # MIM only needs the codes
     # The encoder runs in the training precision; the task layer and the codebook stay fp32 by construction.
-    tokenizer.encoder.to(DTYPES[cfg.run.precision])
+    tokenizer.encoder.to(COMPUTE_DTYPES[cfg.run.precision])
     if cfg.run.compile:   # it runs every step: about a seventh of a ViT-B step in eager mode on an H200
         tokenizer.encoder.forward_features = torch.compile(tokenizer.encoder.forward_features)
     return tokenizer.to(device)
@@ -110,7 +110,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
     groups = param_groups(model, model.no_weight_decay())
     seed_everything(cfg.run.seed + dist_utils.rank())
-    dtype = DTYPES[cfg.run.precision]
+    dtype = PARAM_DTYPES[cfg.run.precision]
 
     def step_fn(engine, batch):
         model_view, tokenizer_view = mim_views(batch["image"])

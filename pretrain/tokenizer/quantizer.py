@@ -73,7 +73,10 @@ class NormEMAQuantizer(nn.Module):
         `z`. In training mode the codebook is updated by EMA after the codes are chosen (the loss and `z_q`
         use the codebook as it was before the update, as in the official code).
         """
-        z = l2norm(z.float())
+        with torch.autocast(device_type=z.device.type, enabled=False):   # distances and EMA stay fp32
+            return self._quantize(l2norm(z.float()))
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         flat = z.reshape(-1, self.code_dim)
         update = self.training and torch.is_grad_enabled()
         if update and not self._initted():

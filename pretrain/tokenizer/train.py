@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from data_tools import sources
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
-from engine.ds_setup import DTYPES, param_groups
+from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
@@ -30,7 +30,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
     seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
-    teacher = build_teacher(cfg.teacher).to(device=device, dtype=DTYPES[cfg.run.precision])
+    teacher = build_teacher(cfg.teacher).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
     model = build_model(cfg, teacher.out_dim)
     if cfg.run.grad_checkpointing:
         model.set_grad_checkpointing(True)
