@@ -50,3 +50,35 @@ def write_json(result: dict, out: str) -> dict:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+class DispatchCounter:
+    """Counts the aten ops a block of code dispatches, and the host syncs among them.
+
+    Seen from Python's dispatch mode, which sits below autograd: each op counted is at least one kernel launch
+    on a GPU (a foreach op counts once), and each `_local_scalar_dense` (what `.item()`, `bool(t)` and
+    `if t:` run) makes the host wait for the device. Counting needs no GPU.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                counter.by_name[func.__name__] = counter.by_name.get(func.__name__, 0) + 1
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.syncs += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops = self.syncs = 0
+        self.by_name: dict[str, int] = {}
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -25,11 +25,11 @@ TOKENIZER_FOR = {"beit_base_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_dec
                  "beit_large_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_decoder_3x768x12_clip",
                  "beitv2_small_demo": "vqkd_small_demo", "beitv2_tiny_test": "vqkd_tiny_test"}
 VARIANTS = {
-    "baseline": {"model.fused_attn": False},
+    "baseline": {"model.attention": "explicit"},
     "fused": {},
     "fused_ckpt": {"run.grad_checkpointing": True},
     "fused_compile": {"run.compile": True},
-    "explicit_compile": {"model.fused_attn": False, "run.compile": True},   # inductor fuses the softmax instead
+    "explicit_compile": {"model.attention": "explicit", "run.compile": True},   # inductor fuses the softmax instead
 }
 
 

@@ -133,6 +133,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     # DeepSpeed clips and skips non-finite updates in its 16-bit and ZeRO optimizers; at ZeRO-0 with fp32
     # gradients the loop does both itself, on the device (`clip_and_flag`).
     own_step = loop_owns_step(run.precision, zero_stage(ds_config))
+    if world == 1 and zero_stage(ds_config) == 0:
+        engine.enable_backward_allreduce = False   # one rank: DeepSpeed would still flatten and copy every grad
     if run.compile:
         engine.compile()
 

@@ -43,3 +43,13 @@ def test_loader_bench_compares_against_the_official_style_loader(tmp_path):
     result = json.loads(out.read_text())
     assert result["synthetic"] is True
     assert result["ours_host"]["images_per_s"] > 0 and result["ours_host"]["speedup_per_cpu_s"] > 0
+
+
+@pytest.mark.slow
+def test_engine_step_bench_counts_ops_and_syncs_per_step(tmp_path):
+    from bench.engine_step import main
+    result = main(arch="beitv2_tiny_test", img_size=32, steps=(1, 3), modes="ds_bf16_zero1,lean",
+                  out=str(tmp_path / "step.json"))
+    lean, base = result["modes"]["lean"], result["modes"]["ds_bf16_zero1"]
+    assert lean["syncs_per_step"] == 0 and base["syncs_per_step"] > 0   # DeepSpeed's bf16 checks read the device
+    assert 0 < lean["ops_vs_baseline"] < 1 and lean["top_ops_per_step"]

@@ -20,18 +20,10 @@ SCRIPT = textwrap.dedent('''
     from engine.ds_setup import param_groups
     from engine.trainer import TrainingDiverged, fit
 
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from bench.common import DispatchCounter
 
     opts = json.loads(sys.argv[1])
     zero, bad_steps, out, accum = opts["zero"], set(opts["bad_steps"]), opts["out"], opts["accum"]
-
-    class HostSyncs(TorchDispatchMode):   # `.item()`, `bool(t)`, `if t:` all end in _local_scalar_dense
-        count = 0
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                HostSyncs.count += 1
-            return func(*args, **(kwargs or {}))
-
     dist_utils.init()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -60,12 +52,12 @@ SCRIPT = textwrap.dedent('''
         run.save_interval = opts["save_interval"]
     optim = OptimConfig(lr=0.05, min_lr=0.05, weight_decay=0.0, grad_clip=opts["clip"])
     try:
-        with HostSyncs():
+        with DispatchCounter() as counter:
             fit(run, run, optim, ScheduleConfig(total_steps=opts["steps"]), model, param_groups(model), Numbers(),
                 step_fn)
     except TrainingDiverged as e:
         print("DIVERGED", e)
-    print("SYNCS", HostSyncs.count)
+    print("SYNCS", counter.syncs)
     print("WEIGHT", json.dumps(model.weight.detach().float().flatten().tolist()))
 ''')
 

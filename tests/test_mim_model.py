@@ -111,16 +111,29 @@ def test_masked_patches_are_replaced_by_mask_token():
     assert model.mask_token.grad.abs().sum() > 0
 
 
-def test_fused_attention_matches_unfused():
-    model = tiny().eval()
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_attention_kernels_compute_the_same_function():
+    model = tiny().eval()   # tiny() gives the relative position bias non-zero values
     images, mask = batch()
+    outputs = {}
     with torch.no_grad():
-        fused = model(images, mask)
-        model.set_fused_attn(False)
-        unfused = model(images, mask)
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+        for kernel in ("sdpa", "explicit", "flex"):   # flex runs eagerly here: CPU forward only
+            model.set_attention(kernel)
+            outputs[kernel] = model(images, mask)
+    torch.testing.assert_close(outputs["sdpa"], outputs["explicit"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["flex"], outputs["explicit"], rtol=1e-5, atol=1e-5)
+    # Files written when the kernel was an on/off switch still build.
     built = build_mim_model(TINY, fused_attn=False)
-    assert not any(b.attn.fused_attn for b in (*built.blocks, *built.cls_pt_layers))
+    assert {b.attn.kernel for b in (*built.blocks, *built.cls_pt_layers)} == {"explicit"}
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        build_mim_model(TINY, attention="flash")
+
+
+def test_flex_attention_training_on_cpu_is_a_clear_error():
+    model = tiny(attention="flex").train()
+    images, mask = batch()
+    with pytest.raises(RuntimeError, match="attention='flex' trains on CUDA only"):
+        model(images, mask)
 
 
 def test_grad_checkpointing_same_grads():

@@ -78,3 +78,11 @@ def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.mim", "train", "beitv2_tiny_test"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config key 'tokenizer' is required" in proc.stderr
+
+
+def test_flex_attention_on_a_cpu_run_is_a_one_line_error(tmp_path, tiny_tokenizer_file):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.mim",
+                           *train_args(tiny_tokenizer_file, tmp_path / "out", "--model.attention=flex")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.attention=flex trains on CUDA only")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import ConfigError, StageConfig
+from pretrain.mim.attention import ATTENTION_KERNELS
 from pretrain.mim.model import MIM_ARCHS
 
 
@@ -16,17 +17,20 @@ class ModelConfig:
         layer_scale_init: layer-scale gamma init (0.1 base, 1e-5 large).
         early_layers: the aggregation head reads patch tokens after this many blocks.
         head_layers: blocks in the aggregation head.
-        fused_attn: scaled_dot_product_attention (off only for debugging).
+        attention: attention kernel, `sdpa`, `flex` (CUDA; fused bias, fastest when compiled) or `explicit`.
     """
     drop_path: float = 0.0
     layer_scale_init: float | None = None
     early_layers: int | None = None
     head_layers: int | None = None
-    fused_attn: bool = True
+    attention: str = "sdpa"
 
     def validate(self, prefix: str = "model") -> None:
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be one of "
+                              f"{', '.join(ATTENTION_KERNELS)}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
 from engine.export import load_strict
+from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint", "masked_positions",
            "read_checkpoint", "save_checkpoint"]
@@ -84,7 +85,7 @@ class BeitV2MIM(nn.Module):
             num_masked_patches: int = 75,
             drop_path_rate: float = 0.0,
             init_std: float = 0.02,
-            fused_attn: bool = True,
+            attention: str = "sdpa",
     ):
         """
         Args:
@@ -104,8 +105,9 @@ class BeitV2MIM(nn.Module):
             drop_path_rate: Stochastic depth rate; linear over `max(depth, early_layers + head_layers)` slots,
                 the head taking slots `early_layers ...` as in the official code.
             init_std: Std of the truncated-normal init (truncated at +-std).
-            fused_attn: Use `F.scaled_dot_product_attention` with the bias as mask; False uses the explicit
-                softmax path (numerically equivalent, for debugging and attention maps).
+            attention: Attention kernel: `sdpa` (`F.scaled_dot_product_attention`, the bias as mask), `flex`
+                (FlexAttention adding the bias in the kernel; CUDA for training) or `explicit` (softmax in
+                Python, for debugging and attention maps). All three compute the same function.
         """
         super().__init__()
         self.arch_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -140,7 +142,7 @@ class BeitV2MIM(nn.Module):
         # Linear init and only get the depth rescale below.
         self.cls_pt_layers = nn.ModuleList([block(drop_path=dpr[early_layers + i]) for i in range(head_layers)])
         self._rescale(self.cls_pt_layers, first_layer_id=early_layers + 1)
-        self.set_fused_attn(fused_attn)
+        self.set_attention(attention)
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:
@@ -167,10 +169,10 @@ class BeitV2MIM(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
-    def set_fused_attn(self, enable: bool = True) -> None:
-        """Switch every block between SDPA (fused) and the explicit softmax attention."""
-        for blk in (*self.blocks, *self.cls_pt_layers):
-            blk.attn.fused_attn = enable
+    def set_attention(self, kernel: str) -> None:
+        """Switch every block's attention kernel (`sdpa`, `flex` or `explicit`); weights are untouched."""
+        set_attention_kernel((*self.blocks, *self.cls_pt_layers), kernel)
+        self.arch_kwargs["attention"] = kernel
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -284,7 +286,7 @@ def build_mim_model(arch: str | Mapping[str, Any] = "beit_base_patch16_224_8k_vo
     Args:
         arch: A key of `MIM_ARCHS`, or the `arch_kwargs` of a saved model.
         **overrides: `BeitV2MIM` arguments replacing the architecture's, e.g. `vocab_size=1024`,
-            `drop_path_rate=0.1`, `fused_attn=False`.
+            `drop_path_rate=0.1`, `attention="explicit"`.
 
     Raises:
         ValueError: unknown architecture name or override key.
@@ -294,6 +296,8 @@ def build_mim_model(arch: str | Mapping[str, Any] = "beit_base_patch16_224_8k_vo
             raise ValueError(f"unknown MIM arch '{arch}'; choose one of {', '.join(MIM_ARCHS)}")
         arch = MIM_ARCHS[arch]
     kwargs = {**arch, **overrides}
+    if "fused_attn" in kwargs:   # files written when the kernel was an on/off switch
+        kwargs["attention"] = "sdpa" if kwargs.pop("fused_attn") else "explicit"
     unknown = [k for k in kwargs if k not in _ARG_NAMES]
     if unknown:
         raise ValueError(f"unknown MIM model setting '{unknown[0]}'; valid: {', '.join(_ARG_NAMES)}")
@@ -367,7 +371,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | Mapping[str, Any] | Non
     Args:
         path: Checkpoint file (`.pth`/`.pt` via `torch.load(weights_only=True)`, or `.safetensors`).
         arch: Architecture name or kwargs; by default the file's own `arch` entry, else inferred from shapes.
-        **overrides: Non-shape settings to change, e.g. `drop_path_rate`, `fused_attn`, `num_masked_patches`.
+        **overrides: Non-shape settings to change, e.g. `drop_path_rate`, `attention`, `num_masked_patches`.
 
     Raises:
         ValueError: unreadable file, or weights that do not match the architecture (one line: the file and
@@ -394,5 +398,7 @@ def save_checkpoint(model: BeitV2MIM, path: str | os.PathLike,
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": sd, "arch": dict(model.arch_kwargs), "format": FILE_FORMAT}, tmp)
+    # The kernel is a run-time choice (flex trains on CUDA only), not part of the architecture.
+    arch = {k: v for k, v in model.arch_kwargs.items() if k != "attention"}
+    torch.save({"model": sd, "arch": arch, "format": FILE_FORMAT}, tmp)
     os.replace(tmp, path)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from data_tools.gpu_augment import MimAug, generator_for, mim_views
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
-from engine.config import describe, resolve
+from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
@@ -73,7 +73,7 @@ class MaskedSource:
 
 def build_model(cfg: MIMConfig) -> BeitV2MIM:
     m = cfg.model
-    overrides = {"drop_path_rate": m.drop_path, "fused_attn": m.fused_attn}
+    overrides = {"drop_path_rate": m.drop_path, "attention": m.attention}
     for ours, theirs in (("layer_scale_init", "init_values"), ("early_layers", "early_layers"),
                          ("head_layers", "head_layers")):
         if getattr(m, ours) is not None:
@@ -97,6 +97,9 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
     cfg = resolve(MIMConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError("model.attention=flex trains on CUDA only (FlexAttention has no CPU backward); use "
+                          "--model.attention=sdpa here")
     seed_everything(cfg.run.seed)
     model = build_model(cfg)
     tokenizer = frozen_tokenizer(cfg, device)
