@@ -1,5 +1,5 @@
-"""Attention with a learned relative-position bias (BEiT v2's shape): fused backends against the explicit
-softmax baseline, forward + backward, same run. Writes JSON.
+"""Attention with a learned relative-position bias (BEiT v2's shape): SDPA backends and FlexAttention against
+the explicit softmax baseline, forward + backward, same run. Writes JSON.
 
     python -m bench.attention --batch=128 --tokens=197 --heads=12 --head_dim=64
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import fire
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend, flex_attention as flex, sdpa_kernel
 
 from bench.common import device_info, time_it, write_json
 
@@ -32,7 +32,21 @@ def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 6
                 F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(batch, -1, -1, -1)).backward(grad)
         return run
 
+    flex_attention = torch.compile(flex.flex_attention, dynamic=False)
+
+    def flex_bias():   # the bias added inside the fused kernel, its gradient computed there too
+        table = bias[0]
+
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx, kv_idx]
+        flex_attention(q, k, v, score_mod=add_bias).backward(grad)
+
     results = {"explicit_ms": 1e3 * time_it(explicit, device)}
+    try:
+        results["flex_ms"] = 1e3 * time_it(flex_bias, device)
+    except Exception as e:  # noqa: BLE001 - e.g. no FlexAttention backward on this device
+        results["flex_ms"] = None
+        results["flex_error"] = str(e).strip().splitlines()[-1][:200]
     for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("math", SDPBackend.MATH)):
         try:

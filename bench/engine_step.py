@@ -42,16 +42,16 @@ def measure(mode: str, steps: int, arch: str, img_size: int, batch: int) -> dict
     from pretrain.mim import MIM_ARCHS, build_mim_model
 
     precision, zero = MODES[mode]
-    dist_utils.init()
+    device = dist_utils.init()
     torch.manual_seed(0)
     grid = img_size // MIM_ARCHS[arch].get("patch_size", 16)
     k = max(1, grid * grid * 75 // 196)   # the recipes' masking ratio on the smaller grid
     model = build_mim_model(arch, img_size=img_size, num_masked_patches=k)
     n = model.num_patches
-    images = torch.rand(batch, 3, img_size, img_size, dtype=PARAM_DTYPES[precision])
-    mask = torch.zeros(batch, n, dtype=torch.bool)
+    images = torch.rand(batch, 3, img_size, img_size, dtype=PARAM_DTYPES[precision], device=device)
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     mask[:, :k] = True
-    labels = torch.randint(0, model.lm_head.out_features, (batch * k,))
+    labels = torch.randint(0, model.lm_head.out_features, (batch * k,), device=device)
 
     class Batches:
         steps_per_epoch = 10 ** 6

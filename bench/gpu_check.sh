@@ -1,16 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check (device tool or any CUDA host): throughput/MFU of ViT-B/16 MIM pretraining and of the
 # tokenizer, and the CUDA fp16 (dynamic loss scale) + ZeRO-3 paths of both stages on synthetic images.
-# Results go to ${OUT:-gpu_out}/. Wheels in .whl/ (if any) are installed to /tmp/site first.
+# Results go to ${OUT:-gpu_out}/ (see bench/gpu_env.sh). Run from the repository root.
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+source bench/gpu_env.sh
 
 echo "== fp16 + ZeRO-3 on CUDA: tokenizer (timm teacher from a local file) and MIM, tiny, synthetic images =="
 python3 - <<'PY'

@@ -30,6 +30,12 @@ VARIANTS = {
     "fused_ckpt": {"run.grad_checkpointing": True},
     "fused_compile": {"run.compile": True},
     "explicit_compile": {"model.attention": "explicit", "run.compile": True},   # inductor fuses the softmax instead
+    "flex_compile": {"model.attention": "flex", "run.compile": True},
+    # The lean step: fp32 weights under bf16 autocast at ZeRO-0, no host sync between log points.
+    "lean": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json"},
+    "lean_compile": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json", "run.compile": True},
+    "lean_flex_compile": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json",
+                          "run.compile": True, "model.attention": "flex"},
 }
 
 
@@ -77,6 +83,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
         with open(os.path.join(work, name, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
         results[name] = {k: last.get(k) for k in ("images_per_s", "mfu", "peak_mem_gib", "loss")}
+        results[name].update(precision=overrides["run.precision"], ds_config=overrides["run.ds_config"])
         prof = os.path.join(work, name, "profile.json")
         if os.path.exists(prof):
             with open(prof) as f:

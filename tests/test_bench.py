@@ -48,8 +48,16 @@ def test_loader_bench_compares_against_the_official_style_loader(tmp_path):
 @pytest.mark.slow
 def test_engine_step_bench_counts_ops_and_syncs_per_step(tmp_path):
     from bench.engine_step import main
-    result = main(arch="beitv2_tiny_test", img_size=32, steps=(1, 3), modes="ds_bf16_zero1,lean",
+    result = main(arch="beitv2_tiny_test", img_size=32, steps=(1, 2), modes="ds_bf16_zero1,lean",
                   out=str(tmp_path / "step.json"))
     lean, base = result["modes"]["lean"], result["modes"]["ds_bf16_zero1"]
     assert lean["syncs_per_step"] == 0 and base["syncs_per_step"] > 0   # DeepSpeed's bf16 checks read the device
     assert 0 < lean["ops_vs_baseline"] < 1 and lean["top_ops_per_step"]
+
+
+def test_the_gpu_kernel_check_compares_outputs_and_every_gradient():
+    # On CUDA it compares flex with SDPA; here the same check runs on the two CPU-trainable kernels.
+    from bench.gpu_checks import flex_matches_sdpa
+    result = flex_matches_sdpa("beitv2_tiny_test", batch=2, kernels=("sdpa", "explicit"), device="cpu")
+    assert result["ok"] and result["check"] == "explicit_matches_sdpa"
+    assert result["bias_grad_rel_err"] < 1e-4 and result["max_grad_rel_err"] < 1e-3

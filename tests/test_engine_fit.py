@@ -109,25 +109,23 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert max(abs(a - b) for a, b in zip(full_weight, acc_weight)) < 1e-6
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
-def test_the_loops_clipping_at_zero0_equals_deepspeeds(tmp_path, precision):
+def test_the_loops_clipping_at_zero0_equals_deepspeeds(tmp_path):
     # ZeRO-0 (fp32 gradients): the loop clips with one foreach norm; ZeRO-1: DeepSpeed's optimizer clips.
-    _, ours, our_weight, _ = run_fit(tmp_path / "ours", 0, [], clip=0.5, precision=precision)
-    _, theirs, their_weight, _ = run_fit(tmp_path / "ds", 1, [], clip=0.5, precision=precision)
+    _, ours, our_weight, _ = run_fit(tmp_path / "ours", 0, [], clip=0.5, precision="bf16_autocast")
+    _, theirs, their_weight, _ = run_fit(tmp_path / "ds", 1, [], clip=0.5, precision="bf16_autocast")
     assert sum(r["grad_norm"] > 0.5 for r in ours) >= 4   # clipping was active on most steps
     for a, b in zip(ours, theirs):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * max(1.0, b["grad_norm"])
     assert max(abs(a - b) for a, b in zip(our_weight, their_weight)) < 1e-6
 
 
-@pytest.mark.parametrize("zero,precision,per_step", [(0, "fp32", False), (0, "bf16_autocast", False),
-                                                     (1, "bf16", True)])
+@pytest.mark.parametrize("zero,precision,per_step", [(0, "bf16_autocast", False), (1, "bf16", True)])
 def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per_step):
-    """Counting every `.item()`-like read: 4 or 12 steps between two log points cost the same on the lean path;
+    """Counting every `.item()`-like read: 2 or 6 steps between two log points cost the same on the lean path;
     DeepSpeed's own bf16 optimizer (the contrast) reads the device on every step."""
     syncs = {}
-    for steps in (4, 12):
+    for steps in (2, 6):
         out, *_ = run_fit(tmp_path / str(steps), zero, [], clip=1.0, precision=precision, steps=steps,
                           log_interval=steps, save_interval=0)
         syncs[steps] = host_syncs(out)
-    assert (syncs[12] > syncs[4]) == per_step, syncs
+    assert (syncs[6] > syncs[2]) == per_step, syncs
