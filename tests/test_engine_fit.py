@@ -73,7 +73,7 @@ def run_fit(tmp_path, zero, bad_steps, accum=1, clip=None, precision="fp32", ste
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     weight = json.loads(proc.stdout.split("WEIGHT ")[1])
-    return proc.stdout, rows, weight, out
+    return proc.stdout + proc.stderr, rows, weight, out
 
 
 def host_syncs(stdout):
@@ -100,9 +100,10 @@ def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_gradient_accumulation_equals_the_full_batch(tmp_path):
-    _, full, full_weight, _ = run_fit(tmp_path / "full", 1, [], accum=1)
-    _, accumulated, acc_weight, _ = run_fit(tmp_path / "acc", 1, [], accum=2)
+@pytest.mark.parametrize("zero", [0, 1])
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, zero):
+    _, full, full_weight, _ = run_fit(tmp_path / "full", zero, [], accum=1)
+    _, accumulated, acc_weight, _ = run_fit(tmp_path / "acc", zero, [], accum=2)
     assert [r["step"] for r in accumulated] == list(range(1, 9))
     for a, b in zip(full, accumulated):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
@@ -129,3 +130,13 @@ def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per
                           log_interval=steps, save_interval=0)
         syncs[steps] = host_syncs(out)
     assert (syncs[6] > syncs[2]) == per_step, syncs
+
+
+def test_the_lean_step_resumes_exactly(tmp_path):
+    # bf16_autocast at ZeRO-0: the fused optimizer's on-device state (moments, step counts) round-trips.
+    _, ref, ref_weight, _ = run_fit(tmp_path / "ref", 0, [], clip=0.5, precision="bf16_autocast")
+    run_fit(tmp_path / "split", 0, [], clip=0.5, precision="bf16_autocast", steps=4)
+    out, rows, weight, _ = run_fit(tmp_path / "split", 0, [], clip=0.5, precision="bf16_autocast")
+    assert "resumed from" in out and "at step 4/8" in out
+    assert [r["loss"] for r in rows[-4:]] == [r["loss"] for r in ref[-4:]]
+    assert weight == ref_weight
