@@ -25,8 +25,9 @@ def run(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,precision", [(1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"),
-                                            (3, "bf16"), (0, "bf16_autocast")])
+# ZeRO-1 and 2 share DeepSpeed's optimizer class: one precision each is enough there.
+@pytest.mark.parametrize("zero,precision", [(1, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16"),
+                                            (0, "bf16_autocast")])
 def test_two_rank_training_loss_falls(tmp_path, zero, precision):
     out = tmp_path / "run"
     run(["vqkd_tiny_test", f"--run.output_dir={out}", f"--run.ds_config=ds_configs/zero{zero}.json",
