@@ -86,3 +86,30 @@ def test_flex_attention_on_a_cpu_run_is_a_one_line_error(tmp_path, tiny_tokenize
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.attention=flex trains on CUDA only")
+
+
+SYNC_COUNT = """
+import sys
+from bench.common import DispatchCounter
+from pretrain.mim.train import train
+tokenizer, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with DispatchCounter() as counter:
+    train("beitv2_tiny_test", tokenizer=tokenizer, **{
+        "data.source": "synthetic", "data.limit": 64, "run.output_dir": out, "run.precision": "bf16_autocast",
+        "run.ds_config": "ds_configs/zero0.json", "run.log_interval": steps, "run.save_interval": 1000,
+        "run.save_final": False, "run.progress_bar": False, "schedule.total_steps": steps})
+print("SYNCS", counter.syncs)
+"""
+
+
+@pytest.mark.slow
+def test_the_pretraining_step_never_waits_for_the_device(tmp_path, tiny_tokenizer_file):
+    # Masks, device augmentation, tokenizer targets, model, losses and the lean engine step: 2 or 6 steps
+    # between two log points read the device the same number of times.
+    syncs = []
+    for steps in (2, 6):
+        proc = subprocess.run([sys.executable, "-c", SYNC_COUNT, str(tiny_tokenizer_file), str(tmp_path / str(steps)),
+                               str(steps)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        syncs.append(int(proc.stdout.split("SYNCS ")[1].split()[0]))
+    assert syncs[0] == syncs[1], syncs
