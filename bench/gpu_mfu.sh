@@ -14,5 +14,5 @@ timeout 90 python3 -m bench.engine_step --out="$OUT/bench_engine_step.json" 2>&1
 
 echo "== MIM pretraining, ViT-B/16, 224 px, batch 256 =="
 timeout 420 python3 -m bench.pretrain --batch=256 --warmup=10 \
-  --variants=fused_compile,lean_compile,flex_compile,lean_flex_compile \
+  --variants=fused_compile,flex_compile,lean_compile,lean_flex_compile \
   --out="$OUT/bench_pretrain_b256.json" 2>&1 | grep -v -i warn | tail -n 20

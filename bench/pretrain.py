@@ -2,7 +2,9 @@
 
 Each variant runs `pretrain.mim.train` (DeepSpeed engine, frozen tokenizer, masks, logging) for 2 x `warmup`
 steps on synthetic images and reports the second half; `--profile` adds a torch.profiler table of the last
-variant (one profiler per process: a second one crashes torch on CPU). The baseline is the official formulation's attention
+variant (one profiler per process: a second one crashes torch on CPU). A variant that fails is recorded with its
+error and the others still run; the JSON is rewritten after every variant. DeepSpeed's autocast mode sets
+process-wide state, so list the `lean*` variants after the DeepSpeed-bf16 ones. The baseline is the official formulation's attention
 (explicit softmax, no fused kernel, eager); the tokenizer's share is timed on its own. Writes JSON.
 
     python -m bench.pretrain --arch=beit_base_patch16_224_8k_vocab_cls_pt --batch=128 --precision=bf16
@@ -79,7 +81,12 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
                      "run.log_interval": warmup, "run.save_interval": 10 ** 9, "run.save_final": False, "run.progress_bar": False,
                      "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1, "run.profile_steps": 3 if profile and name == names[-1] else 0,
                      **VARIANTS[name]}
-        train("beitv2_base_300e" if cuda else "beitv2_tiny_test", arch=arch, **overrides)
+        try:
+            train("beitv2_base_300e" if cuda else "beitv2_tiny_test", arch=arch, **overrides)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not cost the others' numbers
+            results[name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+            write_json({"partial": True, "variants": results}, out if dist_utils.is_main() else "")
+            continue
         with open(os.path.join(work, name, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
         results[name] = {k: last.get(k) for k in ("images_per_s", "mfu", "peak_mem_gib", "loss")}
@@ -88,12 +95,15 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
         if os.path.exists(prof):
             with open(prof) as f:
                 results[name]["profile_top_ops"] = json.load(f)[:12]
+        # Written after every variant, so that a run cut short (a lease ending) keeps what it measured.
+        write_json({"partial": True, "variants": results}, out if dist_utils.is_main() else "")
         gc.collect()
-    base = results.get("baseline", {}).get("images_per_s")
-    for r in results.values():
+    measured = {k: r for k, r in results.items() if "error" not in r}
+    base = measured.get("baseline", {}).get("images_per_s")
+    for r in measured.values():
         r["speedup_vs_baseline"] = r["images_per_s"] / base if base else None
     tok_ms = _tokenizer_ms(tok_path, batch, precision, device)
-    best = max(r["images_per_s"] for r in results.values())
+    best = max((r["images_per_s"] for r in measured.values()), default=float("nan"))
     result = {"arch": arch, "batch_per_rank": batch, "precision": precision, "zero": zero,
               "world_size": dist_utils.world_size(), **device_info(device), "variants": results,
               "tokenizer_ms_per_batch": tok_ms,
