@@ -58,6 +58,10 @@ class ScheduleConfig:
                "must be >= 0")
 
 
+# `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward (engine.ds_setup).
+PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16")
+
+
 @dataclass
 class RunConfig:
     """Engine settings shared by every stage."""
@@ -79,8 +83,8 @@ class RunConfig:
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the first log
 
     def validate(self, prefix: str = "run") -> None:
-        _check(self.precision in ("fp32", "bf16", "bf16_autocast", "fp16"), f"{prefix}.precision",
-               self.precision, "must be one of fp32, bf16, bf16_autocast, fp16")
+        _check(self.precision in PRECISIONS, f"{prefix}.precision", self.precision,
+               f"must be one of {', '.join(PRECISIONS)}")
         for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
                     "max_nonfinite_steps"):
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")

@@ -17,7 +17,6 @@ from engine.config import ConfigError, OptimConfig, RunConfig
 # `bf16` and `fp16` are DeepSpeed's modes: 16-bit weights and gradients, fp32 master weights in the optimizer.
 # `bf16_autocast` keeps fp32 weights and gradients and runs the forward under torch.autocast (bf16 matmuls); at
 # ZeRO-0 it is the lean path: no master-weight copies, no per-parameter overflow checks with host syncs.
-PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16")
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_autocast": torch.float32,
                 "fp16": torch.float16}
 COMPUTE_DTYPES = {**PARAM_DTYPES, "bf16_autocast": torch.bfloat16}   # what frozen helpers (teacher, tokenizer) run in
@@ -61,8 +60,7 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict
     _put(ds, "gradient_accumulation_steps", run.grad_accum_steps, "run.grad_accum_steps", path)
     _put(ds, "train_batch_size", run.micro_batch_size * run.grad_accum_steps * world_size,
          "micro_batch_size x grad_accum_steps x world size", path)
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    clip = 0.0 if loop_owns_step(run.precision, stage) else float(optim.grad_clip)   # 0: the loop clips
+    clip = 0.0 if loop_owns_step(run.precision, zero_stage(ds)) else float(optim.grad_clip)   # 0: the loop clips
     _put(ds, "gradient_clipping", clip, "optim.grad_clip", path)
 
     autocast = run.precision == "bf16_autocast"

@@ -103,17 +103,17 @@ class NonFiniteSteps:
         return self.total, longest
 
 
-def clip_and_flag(engine, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip the (all-reduced) gradients to `max_norm` (0: only measure) and arm the fused optimizer's skip.
+def clip_and_flag(engine, params: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the (all-reduced) gradients of `params` to `max_norm` (0: only measure) and arm the fused optimizer's
+    skip.
 
     Returns `(grad_norm, found_inf)` as device tensors. torch's fused AdamW reads `found_inf` and leaves weights,
     moments and step count untouched when it is 1, so a non-finite step is skipped without a host sync.
     """
-    params = [p for p in engine.module.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     found_inf = (~norm.isfinite()).float()
     engine.optimizer.found_inf = found_inf
     return norm, found_inf
@@ -133,6 +133,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     # DeepSpeed clips and skips non-finite updates in its 16-bit and ZeRO optimizers; at ZeRO-0 with fp32
     # gradients the loop does both itself, on the device (`clip_and_flag`).
     own_step = loop_owns_step(run.precision, zero_stage(ds_config))
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     if world == 1 and zero_stage(ds_config) == 0:
         engine.enable_backward_allreduce = False   # one rank: DeepSpeed would still flatten and copy every grad
     if run.compile:
@@ -168,7 +169,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
                 loss, metrics = step_fn(engine, next(batches))
                 engine.backward(loss)
                 if own_step and micro == run.grad_accum_steps - 1:
-                    grad_norm, found_inf = clip_and_flag(engine, optim.grad_clip)
+                    grad_norm, found_inf = clip_and_flag(engine, trainable, optim.grad_clip)
                 engine.step()
                 meter.add({"loss": loss, **metrics})
                 speed.add(run.micro_batch_size * world)
