@@ -189,3 +189,26 @@ def test_timm_teacher_reads_the_named_layer(tmp_path):
     with pytest.raises(TeacherError, match="has no module 'layer9'"):
         build_teacher(TeacherConfig(name="timm", timm_model="resnet18", weights=str(tmp_path / "r18.pth"),
                                     layer="layer9"))
+
+
+def test_codebook_indices_are_the_codes_of_encode_without_touching_the_codebook():
+    torch.manual_seed(0)
+    tok = build_tokenizer("vqkd_tiny_test", kmeans_init=False).train()
+    before = tok.quantize.embedding.weight.clone()
+    images = torch.rand(4, 3, 32, 32)
+    codes = tok.get_codebook_indices(images)
+    assert tok.training and torch.equal(tok.quantize.embedding.weight, before)
+    with torch.no_grad():
+        assert torch.equal(codes, tok.eval().encode(images)[2])
+
+
+def test_a_file_that_is_not_a_tokenizer_is_a_one_line_error(tmp_path):
+    from pretrain.mim import build_mim_model, save_checkpoint
+    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    (tmp_path / "junk.safetensors").write_text("junk")
+    for name, message in (("mim.pt", "is a 'beitv2-ds/mim/1' file, not a VQ-KD tokenizer"),
+                          ("tensor.pt", "does not hold a state dict"),
+                          ("junk.safetensors", "cannot read")):
+        with pytest.raises(ValueError, match=message):
+            load_tokenizer(str(tmp_path / name))

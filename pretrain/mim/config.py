@@ -66,7 +66,6 @@ class MIMConfig(StageConfig):
 # DESIGN.md 1.2: global batch 2048 (16 ranks x 128 here), lr 1.5e-3 not batch-scaled, wd 0.05, clip 3.0,
 # warm-up 10 epochs, cosine to 1e-5.
 _OFFICIAL = {
-    "tokenizer_arch": "vqkd_encoder_base_decoder_3x768x12_clip",
     "data": {"source": "beton"},
     "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "weight_decay": 0.05, "grad_clip": 3.0, "eps": 1e-8},
     "run": {"precision": "bf16", "micro_batch_size": 128, "ds_config": "ds_configs/zero1.json",

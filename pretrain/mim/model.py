@@ -317,9 +317,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], A
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        obj: Any = load_file(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            obj: Any = load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not a ValueError
+            raise ValueError(f"cannot read {path} as safetensors ({e})") from None
         arch = json.loads(meta["arch"]) if "arch" in meta else None
     else:
         try:

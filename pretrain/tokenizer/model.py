@@ -17,7 +17,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from engine.export import load_strict
-from pretrain.tokenizer.quantizer import NormEMAQuantizer
+from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"
 
@@ -127,13 +127,22 @@ class VQKD(nn.Module):
 
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, num_patches] for RGB images in [0, 1]; never updates the codebook."""
+        """Token ids [B, num_patches] for RGB images in [0, 1]; never updates the codebook.
+
+        Only the nearest-code search: no straight-through output, loss or statistics (this runs every MIM step).
+        """
         was_training = self.training
-        self.eval()
+        if was_training:   # drop path off; a frozen tokenizer is already in eval mode
+            self.eval()
         try:
-            return self.encode(images)[2]
+            x = images.to(self.encoder.patch_embed.proj.weight.dtype) * 2 - 1
+            z = _fp32_mlp(self.encode_task_layer, self._patch_tokens(self.encoder, x))
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                flat = l2norm(z.float()).reshape(-1, self.quantize.code_dim)
+                return self.quantize.nearest(flat).view(z.shape[:-1])
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     def flops_per_image(self, teacher_flops: float = 0.0) -> float:
         """Approximate training FLOPs per image (forward + backward = 3x forward), for MFU."""
@@ -209,14 +218,18 @@ def read_checkpoint(path: str) -> tuple[dict, dict | None]:
     """(state_dict, arch kwargs or None) from an official or our tokenizer file, without unpickling objects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path), None
     try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path), None
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
         raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
-    arch = obj.get("arch") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    if obj.get("format", FILE_FORMAT) != FILE_FORMAT:
+        raise ValueError(f"{path} is a '{obj['format']}' file, not a VQ-KD tokenizer; pass a tokenizer checkpoint")
+    arch = obj.get("arch")
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -230,13 +243,16 @@ def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
 
     Args:
         path: checkpoint (`{"model": ...}`, `{"state_dict": ...}`, a bare state dict, or safetensors).
-        arch: architecture name; inferred from the file when omitted.
+        arch: architecture name; by default the file's own, else inferred from the shapes (official releases).
     """
     sd, saved_arch = read_checkpoint(path)
     if arch is not None:
         model = build_tokenizer(arch, **overrides)
     else:
-        model = VQKD(**{**(saved_arch or _infer_arch(sd, path)), **overrides})
+        try:
+            model = VQKD(**{**(saved_arch or _infer_arch(sd, path)), **overrides})
+        except TypeError as e:
+            raise ValueError(f"{path}: its saved arch does not build a VQ-KD tokenizer ({e})") from None
     for key in _OUR_EXTRA_BUFFERS:   # official files predate these counters
         sd.setdefault(key, model.state_dict()[key])
     sd["quantize.embedding.initted"] = sd.get("quantize.embedding.initted", torch.ones(1)).float().view(1)

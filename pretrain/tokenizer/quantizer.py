@@ -93,8 +93,7 @@ class NormEMAQuantizer(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """argmin of squared L2 distance; ||z||^2 is constant per row and omitted."""
         w = self.embedding.weight
-        dist = w.pow(2).sum(dim=1) - 2 * flat @ w.t()
-        return dist.argmin(dim=1)
+        return torch.addmm(w.pow(2).sum(dim=1), flat, w.t(), alpha=-2).argmin(dim=1)   # one [N, K] tensor
 
     # ---- training-time updates --------------------------------------------------------------------------
     def _initted(self) -> bool:
@@ -109,8 +108,8 @@ class NormEMAQuantizer(nn.Module):
     def _counts_and_sums(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-code counts and vector sums over every rank, in a single all-reduce."""
         stats = torch.zeros(self.num_codes, self.code_dim + 1, device=flat.device, dtype=torch.float32)
-        stats[:, :-1].index_add_(0, indices, flat)
-        stats[:, -1] = torch.bincount(indices, minlength=self.num_codes).float()
+        # Counts ride along as a column of ones: on CUDA `bincount` reads min/max back to the host every call.
+        stats.index_add_(0, indices, torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1))
         dist_utils.all_reduce_sum_(stats)
         return stats[:, -1], stats[:, :-1]
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.export import load_strict
+
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. roughly [-1, 1].
@@ -61,11 +63,23 @@ def _require_file(path: str, what: str) -> None:
                            f"(nothing is downloaded)")
 
 
+def _load_into(net: nn.Module, weights: str, what: str, convert=lambda sd: sd) -> None:
+    """Load `weights` strictly into `net`; a file of another model is one line naming it, not a traceback."""
+    try:
+        sd = convert(load_state_dict(weights))
+    except (KeyError, RuntimeError, IndexError) as e:   # key conversion of a file with another layout
+        raise TeacherError(f"'{weights}' is not a {what} checkpoint ({type(e).__name__}: {e})") from None
+    load_strict(net, sd, weights, f"the {what} teacher")
+
+
 def load_state_dict(path: str) -> dict:
     """Tensors from a safetensors file, a plain torch file (weights only), or a TorchScript archive."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not a ValueError
+            raise TeacherError(f"cannot read '{path}' as safetensors ({e})") from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") for n in z.namelist()):   # TorchScript (OpenAI's CLIP release)
@@ -135,8 +149,8 @@ class ClipB16Teacher(Teacher):
         _require_file(weights, "CLIP ViT-B/16")
         self.net = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, num_classes=512,
                                      img_size=input_size)
-        sd = checkpoint_filter_fn(load_state_dict(weights), self.net)   # converts OpenAI's key layout
-        self.net.load_state_dict(sd, strict=True)
+        # checkpoint_filter_fn converts OpenAI's key layout.
+        _load_into(self.net, weights, "CLIP ViT-B/16", lambda sd: checkpoint_filter_fn(sd, self.net))
 
     def feature_map(self, x):
         tokens = self.net.forward_features(x)          # ends with ln_post
@@ -153,8 +167,8 @@ class DinoB16Teacher(Teacher):
         from timm.models.vision_transformer import checkpoint_filter_fn
         _require_file(weights, "DINO ViT-B/16")
         self.net = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=input_size)
-        sd = {k: v for k, v in load_state_dict(weights).items() if not k.startswith("head")}
-        self.net.load_state_dict(checkpoint_filter_fn(sd, self.net), strict=True)
+        _load_into(self.net, weights, "DINO ViT-B/16", lambda sd: checkpoint_filter_fn(
+            {k: v for k, v in sd.items() if not k.startswith("head")}, self.net))
 
     def feature_map(self, x):
         return _tokens_to_map(self.net.forward_features(x), self.net.num_prefix_tokens)
@@ -224,8 +238,7 @@ class EfficientNetLite0Teacher(Teacher):
         _require_file(weights, "EfficientNet-Lite0")
         # Static 'same' padding is computed for the input size, so the net is built for the size it will see.
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(sd, strict=True)
+        _load_into(self.net, weights, "EfficientNet-Lite0")
         last_112 = max(i for i, b in enumerate(self.net._blocks) if b._block_args.output_filters == 112)
         self.stop = last_112 + 1
 
