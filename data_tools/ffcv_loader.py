@@ -221,6 +221,9 @@ class FFCVSource(_PlannedSource):
             self.reader = Reader(path, custom_handlers={ANNOTATION: LabelMapField})
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such .beton; write one with `python -m data_tools.convert`") from None
+        except (OSError, IndexError, AssertionError, ValueError) as e:   # empty, a folder, or another format
+            raise ValueError(f"{path}: not a readable .beton ({type(e).__name__}: {e}); rewrite it with "
+                             f"`python -m data_tools.convert`") from None
         if IMAGE not in self.reader.field_names:
             raise ValueError(f"{path} has fields {self.reader.field_names}, no '{IMAGE}'; "
                              f"write it with `python -m data_tools.convert`")

@@ -6,6 +6,7 @@ same (seed, step, rank, micro) gives the same batch after a resume, and shapes s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,13 @@ from torchvision.ops import roi_align
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values: tuple, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant made once per device and dtype: `torch.tensor(..., device=cuda)` on every step would be a
+    blocking host-to-device copy, i.e. a sync in the hot path."""
+    return torch.tensor(values, dtype=dtype).view(shape).to(device)
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -130,8 +138,8 @@ def color_jitter(x: Tensor, g: torch.Generator, brightness: float = 0.4, contras
 
 
 def normalize(x01: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
-    m = torch.tensor(mean, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
+    m = device_constant(tuple(mean), (1, -1, 1, 1), x01.device, x01.dtype)
+    s = device_constant(tuple(std), (1, -1, 1, 1), x01.device, x01.dtype)
     return (x01 - m) / s
 
 

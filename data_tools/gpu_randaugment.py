@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from data_tools.gpu_augment import grayscale
+from data_tools.gpu_augment import device_constant, grayscale
 
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
        "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
@@ -44,14 +44,16 @@ def _sharp_degenerate(x: Tensor) -> Tensor:
 def _affine(x: Tensor, m: Tensor) -> Tensor:
     """Apply per-image output->input pixel maps m [B, 2, 3] (PIL's AFFINE convention), filling with FILL."""
     b, _, h, w = x.shape
-    to_norm = torch.tensor([[2.0 / w, 0, -1], [0, 2.0 / h, -1], [0, 0, 1]], device=x.device, dtype=x.dtype)
-    from_norm = torch.linalg.inv(to_norm)
-    m3 = torch.cat([m, torch.tensor([0, 0, 1.0], device=x.device, dtype=x.dtype).expand(b, 1, 3)], dim=1)
+    # pixel -> [-1, 1] and back, in closed form (no inverse on the device, no per-call host copies)
+    to_norm = device_constant((2.0 / w, 0.0, -1.0, 0.0, 2.0 / h, -1.0, 0.0, 0.0, 1.0), (3, 3), x.device, x.dtype)
+    from_norm = device_constant((w / 2.0, 0.0, w / 2.0, 0.0, h / 2.0, h / 2.0, 0.0, 0.0, 1.0), (3, 3), x.device,
+                                x.dtype)
+    m3 = torch.cat([m, device_constant((0.0, 0.0, 1.0), (1, 1, 3), x.device, x.dtype).expand(b, 1, 3)], dim=1)
     theta = (to_norm @ m3 @ from_norm)[:, :2]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     ones = torch.ones(b, 1, h, w, device=x.device, dtype=x.dtype)
     out = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    fill = torch.tensor(FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = device_constant(FILL, (1, 3, 1, 1), x.device, x.dtype)
     valid = out[:, 3:]
     return out[:, :3] + (1 - valid) * fill
 

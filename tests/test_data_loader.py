@@ -313,3 +313,14 @@ def test_generator_for_depends_on_every_key():
     assert torch.equal(draw(0, 5, 1, 0), draw(0, 5, 1, 0))
     others = [draw(1, 5, 1, 0), draw(0, 6, 1, 0), draw(0, 5, 0, 0), draw(0, 5, 1, 1)]
     assert all(not torch.equal(draw(0, 5, 1, 0), o) for o in others)
+
+
+def test_a_file_that_is_not_a_beton_is_a_one_line_error(tmp_path):
+    from data_tools.ffcv_loader import FFCVSource
+    from data_tools.gpu_augment import EvalAug
+    (tmp_path / "empty.beton").write_bytes(b"")
+    (tmp_path / "text.beton").write_text("not a beton at all, just some text that is long enough" * 20)
+    for path in (tmp_path / "empty.beton", tmp_path / "text.beton", tmp_path):
+        with pytest.raises(ValueError, match="not a readable .beton") as err:
+            FFCVSource(str(path), EvalAug(size=32), micro_batch_size=2)
+        assert "\n" not in str(err.value)
