@@ -46,14 +46,14 @@ def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 6
         results["flex_ms"] = 1e3 * time_it(flex_bias, device)
     except Exception as e:  # noqa: BLE001 - e.g. no FlexAttention backward on this device
         results["flex_ms"] = None
-        results["flex_error"] = str(e).strip().splitlines()[-1][:200]
+        results["flex_error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     for name, backend in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("math", SDPBackend.MATH)):
         try:
             results[f"{name}_ms"] = 1e3 * time_it(fused(backend), device)
         except RuntimeError as e:   # a backend that does not support this case
             results[f"{name}_ms"] = None
-            results[f"{name}_error"] = str(e).splitlines()[0][:200]
+            results[f"{name}_error"] = (str(e).splitlines() or [type(e).__name__])[0][:200]
     return write_json({"batch": batch, "tokens": tokens, "heads": heads, "head_dim": head_dim, "dtype": dtype,
                        **device_info(device), **results}, out)
 

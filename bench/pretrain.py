@@ -2,7 +2,7 @@
 
 Each variant runs `pretrain.mim.train` (DeepSpeed engine, frozen tokenizer, masks, logging) for 2 x `warmup`
 steps on synthetic images and reports the second half; `--profile` adds a torch.profiler table of the last
-variant (one profiler per process: a second one crashes torch on CPU). A variant that fails is recorded with its
+variant, over 3 steps after its measured interval (one profiler per process: a second one crashes torch on CPU). A variant that fails is recorded with its
 error and the others still run; the JSON is rewritten after every variant. DeepSpeed's autocast mode sets
 process-wide state, so list the `lean*` variants after the DeepSpeed-bf16 ones. The baseline is the official formulation's attention
 (explicit softmax, no fused kernel, eager); the tokenizer's share is timed on its own. Writes JSON.
@@ -20,7 +20,8 @@ import fire
 import torch
 
 from bench.common import device_info, time_it, write_json
-from engine.ds_setup import COMPUTE_DTYPES
+from engine.config import resolve
+from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
 
 TOKENIZER_FOR = {"beit_base_patch16_224_8k_vocab_cls_pt": "vqkd_encoder_base_decoder_3x768x12_clip",
@@ -41,11 +42,10 @@ VARIANTS = {
 }
 
 
-def _tokenizer_ms(path: str, batch: int, precision: str, device: torch.device) -> float:
-    from pretrain.tokenizer import load_tokenizer
-    tok = load_tokenizer(path).to(device)
-    tok.decoder = tok.decode_task_layer = None
-    tok.encoder.to(COMPUTE_DTYPES[precision])
+def _tokenizer_ms(cfg, batch: int, device: torch.device) -> float:
+    """The frozen tokenizer exactly as the stage builds it for `cfg` (precision, compile), one batch."""
+    from pretrain.mim.train import frozen_tokenizer
+    tok = frozen_tokenizer(cfg, device)
     images = torch.rand(batch, 3, tok.img_size, tok.img_size, device=device)
 
     def encode():
@@ -69,8 +69,14 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     torch.manual_seed(0)
     save_tokenizer(build_tokenizer(TOKENIZER_FOR[arch], kmeans_init=False), tok_path)
 
-    results = {}
+    results, configs = {}, {}
     names = variants.split(",") if isinstance(variants, str) else list(variants)   # fire turns a,b into a tuple
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}")
+    if arch not in TOKENIZER_FOR:
+        raise SystemExit(f"error: no benchmark tokenizer for arch '{arch}'; choose from {', '.join(TOKENIZER_FOR)}")
+    recipe = "beitv2_base_300e" if cuda else "beitv2_tiny_test"
     for name in names:
         if cuda:
             torch.cuda.empty_cache()
@@ -79,16 +85,18 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
                      "run.output_dir": os.path.join(work, name), "run.micro_batch_size": batch,
                      "run.precision": precision, "run.ds_config": f"ds_configs/zero{zero}.json",
                      "run.log_interval": warmup, "run.save_interval": 10 ** 9, "run.save_final": False, "run.progress_bar": False,
-                     "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1, "run.profile_steps": 3 if profile and name == names[-1] else 0,
-                     **VARIANTS[name]}
+                     "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1, **VARIANTS[name]}
+        if profile and name == names[-1]:   # profiled after the measured interval, so the numbers stay clean
+            overrides.update({"run.profile_steps": 3, "schedule.total_steps": 2 * warmup + 3})
+        configs[name] = resolve(MIMConfig, RECIPES, recipe, {**overrides, "arch": arch})
         try:
-            train("beitv2_base_300e" if cuda else "beitv2_tiny_test", arch=arch, **overrides)
+            train(recipe, arch=arch, **overrides)
         except Exception as e:  # noqa: BLE001 - one failing variant must not cost the others' numbers
-            results[name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+            results[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
             write_json({"partial": True, "variants": results}, out if dist_utils.is_main() else "")
             continue
         with open(os.path.join(work, name, "metrics.jsonl")) as f:
-            last = [json.loads(line) for line in f][-1]
+            last = next(row for row in map(json.loads, f) if row["step"] == 2 * warmup)
         results[name] = {k: last.get(k) for k in ("images_per_s", "mfu", "peak_mem_gib", "loss")}
         results[name].update(precision=overrides["run.precision"], ds_config=overrides["run.ds_config"])
         prof = os.path.join(work, name, "profile.json")
@@ -99,15 +107,18 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
         write_json({"partial": True, "variants": results}, out if dist_utils.is_main() else "")
         gc.collect()
     measured = {k: r for k, r in results.items() if "error" not in r}
-    base = measured.get("baseline", {}).get("images_per_s")
+    if not measured:
+        raise SystemExit(f"error: every variant failed: {json.dumps(results)}")
+    # The ratio's reference: `baseline` when it ran, else the first variant that did (e.g. the previous best).
+    base_name = "baseline" if "baseline" in measured else next(iter(measured))
     for r in measured.values():
-        r["speedup_vs_baseline"] = r["images_per_s"] / base if base else None
-    tok_ms = _tokenizer_ms(tok_path, batch, precision, device)
-    best = max((r["images_per_s"] for r in measured.values()), default=float("nan"))
+        r["speedup_vs_baseline"] = r["images_per_s"] / measured[base_name]["images_per_s"]
+    best = max(measured, key=lambda k: measured[k]["images_per_s"])
+    tok_ms = _tokenizer_ms(configs[best], batch, device)
     result = {"arch": arch, "batch_per_rank": batch, "precision": precision, "zero": zero,
-              "world_size": dist_utils.world_size(), **device_info(device), "variants": results,
-              "tokenizer_ms_per_batch": tok_ms,
-              "tokenizer_share_of_best_step": tok_ms / 1e3 / (batch / best)}
+              "world_size": dist_utils.world_size(), **device_info(device), "baseline_variant": base_name,
+              "variants": results, "tokenizer_ms_per_batch": tok_ms,
+              "tokenizer_share_of_best_step": tok_ms / 1e3 / (batch / measured[best]["images_per_s"])}
     if dist_utils.is_main():
         write_json(result, out)
     return result

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_info, peak_gib, reset_peak, time_it, write_json
+from engine.ds_setup import COMPUTE_DTYPES
 from pretrain.tokenizer import build_tokenizer
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def one_hot_quantizer_step(weight: torch.Tensor, cluster: torch.Tensor, z: torch.Tensor, decay: float = 0.99):
@@ -38,7 +38,9 @@ def main(arch: str = "", batch: int = 0, precision: str = "", iters: int = 5, ou
     arch = arch or ("vqkd_encoder_base_decoder_3x768x12_clip" if device.type == "cuda" else "vqkd_small_demo")
     batch = batch or (64 if device.type == "cuda" else 32)
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = _DTYPES[precision]
+    if precision not in COMPUTE_DTYPES:
+        raise SystemExit(f"error: --precision must be one of {', '.join(COMPUTE_DTYPES)}")
+    dtype = COMPUTE_DTYPES[precision]
     model = build_tokenizer(arch, kmeans_init=False).to(device)
     images = torch.rand(batch, 3, model.img_size, model.img_size, device=device)
     target = torch.randn(batch, model.num_patches, model.teacher_dim, device=device)

@@ -80,7 +80,7 @@ class RunConfig:
     grad_checkpointing: bool = False
     compile: bool = False                      # torch.compile the model's forward
     progress_bar: bool = True
-    profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the first log
+    profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
 
     def validate(self, prefix: str = "run") -> None:
         _check(self.precision in PRECISIONS, f"{prefix}.precision", self.precision,
