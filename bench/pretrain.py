@@ -45,7 +45,7 @@ VARIANTS = {
 def _tokenizer_ms(cfg, batch: int, device: torch.device) -> float:
     """The frozen tokenizer exactly as the stage builds it for `cfg` (precision, compile), one batch."""
     from pretrain.mim.train import frozen_tokenizer
-    tok = frozen_tokenizer(cfg, device)
+    tok, _ = frozen_tokenizer(cfg, device)
     images = torch.rand(batch, 3, tok.img_size, tok.img_size, device=device)
 
     def encode():

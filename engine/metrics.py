@@ -103,6 +103,16 @@ class RunLogger:
             self.tb.close()
 
 
+@torch.no_grad()
+def forward_flops_per_image(fn, image: torch.Tensor) -> float:
+    """FLOPs of `fn(image[None])` counted by torch's FlopCounterMode (matmuls, convolutions, attention), for the
+    MFU of frozen helpers (teacher, tokenizer) that run forward only. One image, once, at startup."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn(image.unsqueeze(0))
+    return float(counter.get_total_flops())
+
+
 class Throughput:
     """Images/s and MFU over the last log interval (wall clock, so it includes data loading)."""
 

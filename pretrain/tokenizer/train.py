@@ -12,6 +12,7 @@ from data_tools import sources
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
+from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
@@ -38,6 +39,9 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     groups = param_groups(model, model.no_weight_decay())
     seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank randomness (dropout, drop path) from here on
 
+    probe = torch.rand(3, model.img_size, model.img_size, device=device)
+    teacher_flops = forward_flops_per_image(lambda x: teacher(x, model.grid), probe)   # it runs every step
+
     def step_fn(engine, batch):
         images = batch["image"]
         with torch.no_grad():   # frozen teacher: no graph; its output is a plain (non-inference) tensor
@@ -45,7 +49,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
         return engine(images, target)
 
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(), keep_fp32_buffers=("quantize.",),
+                 flops_per_image=model.flops_per_image(teacher_flops), keep_fp32_buffers=("quantize.",),
                  final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
     return result.summary()
 
