@@ -213,7 +213,7 @@ class FFCVSource(_PlannedSource):
     def __init__(self, path: str, aug: Aug, *, micro_batch_size: int, grad_accum_steps: int = 1,
                  world_size: int = 1, rank: int = 0, seed: int = 0, device: torch.device | str = "cpu",
                  num_workers: int = 2, os_cache: bool = True, pages_per_block: int = 32,
-                 batches_ahead: int = 3) -> None:
+                 batches_ahead: int = 3, limit: int = 0) -> None:
         from ffcv.reader import Reader
 
         from data_tools.ffcv_ops import LabelMapField
@@ -227,7 +227,9 @@ class FFCVSource(_PlannedSource):
         if IMAGE not in self.reader.field_names:
             raise ValueError(f"{path} has fields {self.reader.field_names}, no '{IMAGE}'; "
                              f"write it with `python -m data_tools.convert`")
-        super().__init__(int(self.reader.num_samples), aug, micro_batch_size=micro_batch_size,
+        num_samples = int(self.reader.num_samples)
+        num_samples = min(num_samples, limit) if limit else num_samples   # the file's first `limit` samples
+        super().__init__(num_samples, aug, micro_batch_size=micro_batch_size,
                          grad_accum_steps=grad_accum_steps, world_size=world_size, rank=rank, seed=seed,
                          device=device)
         self.path = path
@@ -242,6 +244,7 @@ class FFCVSource(_PlannedSource):
         if self.os_cache:
             return super()._permutation(epoch)
         table = self.reader.alloc_table
+        table = table[table["sample_id"] < self.plan.num_samples]
         first_page = np.full(self.plan.num_samples, np.iinfo(np.int64).max, np.int64)
         np.minimum.at(first_page, table["sample_id"].astype(np.int64),
                       (table["ptr"] // int(self.reader.page_size)).astype(np.int64))

@@ -36,7 +36,8 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
     if not data.train_path:
         raise ConfigError("config key 'data.train_path' is required with data.source=beton (a .beton from "
                           "python -m data_tools.convert)")
-    return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache, **common)
+    return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
+                      limit=data.limit, **common)
 
 
 def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device):

@@ -117,9 +117,6 @@ class DataConfig:
                               f"synthetic")
         if self.limit < 0 or self.eval_images < 0:
             raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
-        if self.limit and self.source == "beton":
-            raise ConfigError(f"config key '{prefix}.limit' applies to fashion_mnist and synthetic images; for a "
-                              f"smaller .beton, convert fewer images")
 
 
 @dataclass

@@ -324,3 +324,14 @@ def test_a_file_that_is_not_a_beton_is_a_one_line_error(tmp_path):
         with pytest.raises(ValueError, match="not a readable .beton") as err:
             FFCVSource(str(path), EvalAug(size=32), micro_batch_size=2)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("os_cache", [True, False])
+def test_ffcv_limit_reads_the_first_samples_only(beton, os_cache):
+    def make(rank: int) -> FFCVSource:
+        return FFCVSource(beton, RawAug(), rank=rank, world_size=2, num_workers=1, os_cache=os_cache, limit=24,
+                          **PLAN)
+    assert make(0).steps_per_epoch == 2   # 24 samples at a global batch of 12
+    # One epoch: 2 steps x 2 micro-batches per rank.
+    idx = [np.concatenate([b["index"].numpy() for b in take(make(r), 0, 4)]) for r in range(2)]
+    assert sorted(np.concatenate(idx).tolist()) == list(range(24))
