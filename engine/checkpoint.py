@@ -10,23 +10,19 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from functools import partial
 
 import numpy as np
 import torch
 
 from engine import distributed as dist_utils
+from engine.files import write_atomically, write_text_atomically
 
 LATEST = "latest"
 
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -71,15 +67,11 @@ class CheckpointManager:
         tag = _tag(step)
         os.makedirs(self.dir, exist_ok=True)
         engine.save_checkpoint(self.dir, tag=tag, client_state=dict(client_state, step=step), save_latest=False)
-        _atomic_torch_save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{dist_utils.rank()}.pt"))
+        write_atomically(os.path.join(self.dir, tag, f"rng_rank{dist_utils.rank()}.pt"),
+                         partial(torch.save, rng_state()))
         dist_utils.barrier()
         if dist_utils.is_main():
-            tmp = os.path.join(self.dir, f".{LATEST}.tmp")
-            with open(tmp, "w") as f:
-                f.write(tag)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.dir, LATEST))
+            write_text_atomically(os.path.join(self.dir, LATEST), tag)
             self._prune(keep=tag)
         dist_utils.barrier()
         return tag

@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from engine.files import write_text_atomically
 
 
 class ConfigError(ValueError):
@@ -253,11 +254,7 @@ def describe(cls: type, recipes: Mapping[str, Any]) -> str:
 
 def save_json(cfg: Any, path: str) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True))
 
 
 def load_json(cls: type, path: str) -> Any:

@@ -1,16 +1,20 @@
 """Weights in and out of a run: consolidate the newest DeepSpeed checkpoint into one fp32 state dict (any ZeRO
-stage, any precision), write the final weights file, and load a state dict strictly with a one-line error."""
+stage, any precision), write and read the stages' weights files, and load a state dict strictly with a one-line
+error."""
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from engine import distributed as dist_utils
 from engine.checkpoint import CheckpointManager
+from engine.files import write_atomically
 
 
 def consolidated_state_dict(output_dir: str) -> dict[str, torch.Tensor]:
@@ -52,3 +56,48 @@ def load_strict(model: nn.Module, state_dict: dict, source: str, what: str) -> n
                          f"wrong shapes {wrong[:3]}")
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def save_weights_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], arch: dict,
+                      file_format: str) -> None:
+    """Write `{"model": fp32 CPU tensors, "arch", "format"}` atomically; `read_weights_file` reads it back."""
+    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state_dict.items()}
+    write_atomically(os.fspath(path), lambda tmp: torch.save({"model": sd, "arch": arch, "format": file_format}, tmp))
+
+
+def read_weights_file(path: str | os.PathLike, what: str, file_format: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """`(state_dict, saved arch or None)` from one of our files or an official one, without unpickling objects.
+
+    Accepts `{"model"|"module"|"state_dict": sd, ...}`, a bare state dict, or safetensors (an `arch` JSON entry in
+    its metadata is honoured). A file of another of our formats, or anything unreadable, is a one-line ValueError.
+
+    Args:
+        path: The file.
+        what: What the caller expects, for messages (e.g. "VQ-KD tokenizer").
+        file_format: The `format` entry our files of that kind carry.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not a ValueError
+            raise ValueError(f"cannot read {path} as safetensors ({e})") from None
+        return sd, json.loads(meta["arch"]) if "arch" in meta else None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
+        raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    if obj.get("format", file_format) != file_format:
+        raise ValueError(f"{path} is a '{obj['format']}' file, not a {what}; pass a {what} checkpoint")
+    arch = obj.get("arch")
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            return obj[key], arch
+    return obj, arch

@@ -9,6 +9,7 @@ import time
 import torch
 
 from engine import distributed as dist_utils
+from engine.files import write_text_atomically
 
 # Dense bf16/fp16 tensor-core peak per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -76,10 +77,7 @@ class RunLogger:
             return
         with open(self.jsonl) as f:
             rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.jsonl + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(rows)
-        os.replace(tmp, self.jsonl)
+        write_text_atomically(self.jsonl, "".join(rows))
 
     def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.active:

@@ -1,4 +1,5 @@
-"""Checkpoint bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip."""
+"""Checkpoint bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip,
+atomic writes."""
 import random
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointManager, rng_state, set_rng_state
+from engine.files import write_atomically, write_text_atomically
 
 
 def test_rng_state_round_trip_is_exact_and_loads_weights_only(tmp_path):
@@ -33,3 +35,18 @@ def test_prune_keeps_the_last_k_and_drops_leftovers_of_a_killed_save(tmp_path):
         (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
     manager._prune(keep="step_00000006")   # step 8 was being written when the run died
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_behind(tmp_path):
+    path = tmp_path / "sub" / "weights.pt"
+    write_text_atomically(path, "old")
+
+    def half_write(tmp):
+        with open(tmp, "w") as f:
+            f.write("ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half_write)
+    assert path.read_text() == "old"
+    assert [p.name for p in path.parent.iterdir()] == ["weights.pt"]

@@ -260,6 +260,13 @@ def test_read_checkpoint_rejects_pickled_objects(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_tokenizer_file_given_as_a_mim_model_is_a_one_line_error(tmp_path):
+    from pretrain.tokenizer import build_tokenizer, save_tokenizer
+    save_tokenizer(build_tokenizer("vqkd_tiny_test"), str(tmp_path / "tok.pt"))
+    with pytest.raises(ValueError, match="is a 'beitv2-ds/tokenizer/1' file, not a BEiT v2 MIM model; pass a BEiT"):
+        load_checkpoint(tmp_path / "tok.pt")
+
+
 def test_compile_fullgraph_forward_backward():
     # aot_eager traces forward and backward like inductor does, without code generation: a graph break,
     # a data-dependent shape or a host sync in the step fails here.

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from engine.files import write_atomically
+
 __all__ = ["export_to_timm", "to_timm_state_dict"]
 
 _KEEP_PREFIXES = ("cls_token", "patch_embed.", "blocks.")
@@ -66,8 +68,5 @@ def export_to_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], 
         raise ValueError(f"{out_path}: use a .safetensors name (timm chooses its reader by the suffix)")
     sd = {k: v.float().cpu().contiguous() for k, v in to_timm_state_dict(model_or_state_dict,
                                                                         fc_norm_from_norm).items()}
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_path)
+    write_atomically(out_path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     return sd

@@ -9,7 +9,6 @@ index arithmetic instead of boolean indexing, so the step has no data-dependent 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from functools import partial
@@ -21,7 +20,7 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
-from engine.export import load_strict
+from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint", "masked_positions",
@@ -310,34 +309,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], A
     Accepts `{"model"|"module"|"state_dict": sd, ...}`, a bare state dict, or safetensors (an `arch` JSON entry
     in its metadata is honoured). `relative_position_index` buffers are dropped (timm derives them).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MIM checkpoint not found: {path}")
-    arch = None
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-            obj: Any = load_file(path)
-        except Exception as e:  # noqa: BLE001 - SafetensorError is not a ValueError
-            raise ValueError(f"cannot read {path} as safetensors ({e})") from None
-        arch = json.loads(meta["arch"]) if "arch" in meta else None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
-            raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-        arch = obj.get("arch")
-        for key in ("model", "module", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    sd = {k: v for k, v in obj.items() if not k.endswith("relative_position_index")}
-    return sd, arch
+    sd, arch = read_weights_file(path, "BEiT v2 MIM model", FILE_FORMAT)
+    return {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}, arch
 
 
 def _infer_arch(sd: Mapping[str, torch.Tensor], path: str) -> dict[str, Any]:
@@ -396,12 +369,6 @@ def save_checkpoint(model: BeitV2MIM, path: str | os.PathLike,
         path: Output file.
         state_dict: Weights to save instead of `model.state_dict()` (e.g. consolidated from ZeRO shards).
     """
-    sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in sd.items()}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     # The kernel is a run-time choice (flex trains on CUDA only), not part of the architecture.
     arch = {k: v for k, v in model.arch_kwargs.items() if k != "attention"}
-    torch.save({"model": sd, "arch": arch, "format": FILE_FORMAT}, tmp)
-    os.replace(tmp, path)
+    save_weights_file(path, state_dict if state_dict is not None else model.state_dict(), arch, FILE_FORMAT)

@@ -6,7 +6,6 @@ no layer scale, which gives exactly the official key layout (`encoder.blocks.0.a
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 from typing import Any
 
@@ -16,7 +15,7 @@ from timm.layers import LayerNorm
 from timm.models.beit import Beit
 from torch import nn
 
-from engine.export import load_strict
+from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"
@@ -216,26 +215,8 @@ def _infer_arch(sd: dict, path: str) -> dict:
 
 def read_checkpoint(path: str) -> tuple[dict, dict | None]:
     """(state_dict, arch kwargs or None) from an official or our tokenizer file, without unpickling objects."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path), None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
-        raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    if obj.get("format", FILE_FORMAT) != FILE_FORMAT:
-        raise ValueError(f"{path} is a '{obj['format']}' file, not a VQ-KD tokenizer; pass a tokenizer checkpoint")
-    arch = obj.get("arch")
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    sd = {k: v for k, v in obj.items() if not k.startswith(_DROP_PREFIXES) and k not in _LEGACY_KEYS}
-    return sd, arch
+    sd, arch = read_weights_file(path, "VQ-KD tokenizer", FILE_FORMAT)
+    return {k: v for k, v in sd.items() if not k.startswith(_DROP_PREFIXES) and k not in _LEGACY_KEYS}, arch
 
 
 def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
@@ -265,9 +246,5 @@ def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
 
 def save_tokenizer(model: VQKD, path: str, state_dict: dict | None = None) -> None:
     """Write `{"model", "arch", "format"}` atomically; loads back with `load_tokenizer` (weights only)."""
-    sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in sd.items()}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": sd, "arch": dict(model.arch_kwargs), "format": FILE_FORMAT}, tmp)
-    os.replace(tmp, path)
+    save_weights_file(path, state_dict if state_dict is not None else model.state_dict(), dict(model.arch_kwargs),
+                      FILE_FORMAT)
