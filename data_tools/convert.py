@@ -22,6 +22,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from engine.files import write_atomically, write_text_atomically
+
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
 # so that a too-large file is skipped with a clear reason instead of raising.
 Image.MAX_IMAGE_PIXELS = None
@@ -268,19 +270,20 @@ def _write_beton(out: str, fields: dict, dataset, processes: int, chunksize: int
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
 
-    tmp = f"{out}.tmp-{os.getpid()}"
-    ffcv_writer.tqdm = functools.partial(tqdm, disable=not progress, desc=desc, file=sys.stderr)
-    try:
+    digest = []
+
+    def write(tmp: str) -> None:
         DatasetWriter(tmp, fields, num_workers=processes).from_indexed_dataset(dataset, chunksize=chunksize)
         if check is not None:
             check()
-        digest = _sha256(tmp)
-        os.replace(tmp, out)
+        digest.append(_sha256(tmp))
+
+    ffcv_writer.tqdm = functools.partial(tqdm, disable=not progress, desc=desc, file=sys.stderr)
+    try:
+        write_atomically(out, write)
     finally:
         ffcv_writer.tqdm = tqdm
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return digest
+    return digest[0]
 
 
 def _sha256(path: str) -> str:
@@ -292,10 +295,7 @@ def _sha256(path: str) -> str:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2))
 
 
 def _prepare_out(out: str, force: bool) -> None:
@@ -304,7 +304,12 @@ def _prepare_out(out: str, force: bool) -> None:
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} exists; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"cannot create the output folder {parent} ({e.strerror}); pick a writable path") from None
+    if not os.access(parent, os.W_OK):
+        raise ConvertError(f"{parent} is not writable; pick another output path")
     for stale in (out + ".skipped.tsv",):
         if os.path.exists(stale):
             os.remove(stale)
@@ -313,7 +318,6 @@ def _prepare_out(out: str, force: bool) -> None:
 def _convert(items: list[Item], out: str, s: Settings, *, kind: str, source: str, fields: dict,
              class_names: Optional[list[str]], ignored: list[str], progress: bool, force: bool) -> dict:
     """Check, write, rename, describe. Returns the sidecar's content."""
-    s.check()
     _prepare_out(out, force)
     if not items:
         raise ConvertError(f"{source}: no input files found")
@@ -356,6 +360,20 @@ def _convert(items: list[Item], out: str, s: Settings, *, kind: str, source: str
     return meta
 
 
+def _settings(**options) -> Settings:
+    """Settings from command-line values, each checked for its type: `--workers=1.5` or `--quality=high` is a
+    one-line error, not a traceback or a silent truncation."""
+    for name, value in options.items():
+        want = type(getattr(Settings, name))
+        ok = isinstance(value, want) and not isinstance(value, bool) or want is float and isinstance(value, int)
+        if not ok:
+            kind = {int: "an integer", float: "a number"}.get(want, "a string")
+            raise ConvertError(f"--{name} must be {kind}, got {value!r}")
+    s = Settings(**{k: float(v) if isinstance(getattr(Settings, k), float) else v for k, v in options.items()})
+    s.check()
+    return s
+
+
 def _image_field(s: Settings):
     from ffcv.fields import RGBImageField
     return RGBImageField(write_mode=s.mode, jpeg_quality=s.quality)
@@ -367,7 +385,8 @@ def imagefolder(src: str, out: str, mode: str = "jpg", max_side: int = 512, qual
                 max_pixels: int = Settings.max_pixels, root: str = "") -> None:
     """Class sub-folders (SRC/<class>/<image>) or a file list (`PATH LABEL` lines) -> OUT.beton (image, label)."""
     from ffcv.fields import IntField
-    s = Settings(mode, int(max_side), int(quality), int(max_pixels), float(max_skip_fraction), int(workers))
+    s = _settings(mode=mode, max_side=max_side, quality=quality, max_pixels=max_pixels,
+                  max_skip_fraction=max_skip_fraction, workers=workers)
     items, classes, ignored = imagefolder_items(src, root or None)
     _convert(items, out, s, kind="imagefolder", source=src, fields={"image": _image_field(s), "label": IntField()},
              class_names=classes, ignored=ignored, progress=progress, force=force)
@@ -378,7 +397,8 @@ def ade20k(src: str, out: str, split: str = "training", mode: str = "jpg", max_s
            max_pixels: int = Settings.max_pixels) -> None:
     """ADE20K images/<split>/*.jpg + annotations/<split>/*.png -> OUT.beton (image, annotation: raw uint8 ids)."""
     from data_tools.ffcv_ops import LabelMapField
-    s = Settings(mode, int(max_side), int(quality), int(max_pixels), float(max_skip_fraction), int(workers))
+    s = _settings(mode=mode, max_side=max_side, quality=quality, max_pixels=max_pixels,
+                  max_skip_fraction=max_skip_fraction, workers=workers)
     items, ignored = ade20k_items(src, split)
     _convert(items, out, s, kind="ade20k", source=src,
              fields={"image": _image_field(s), "annotation": LabelMapField()}, class_names=None, ignored=ignored,
@@ -402,8 +422,8 @@ def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: i
     from ffcv.fields import IntField
 
     from data_tools.fashion_mnist import CLASS_NAMES, DATA_DIR, load_fashion_mnist
-    s = Settings(mode, 0, int(quality), Settings.max_pixels, 0.0, int(workers))
-    s.check()
+    s = _settings(mode=mode, max_side=0, quality=quality, max_pixels=Settings.max_pixels, max_skip_fraction=0.0,
+                  workers=workers)
     outs = {split: os.path.join(out_dir, f"{split}.beton") for split in ("train", "test")}
     for out in outs.values():
         _prepare_out(out, force)

@@ -122,6 +122,27 @@ def test_refuses_to_overwrite_without_force(good_folder, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["x.beton", "x.beton.json"]   # no temporary files left
 
 
+@pytest.mark.parametrize("option,message", [
+    ("--max_side=abc", "--max_side must be an integer, got 'abc'"),
+    ("--workers=1.5", "--workers must be an integer, got 1.5"),
+    ("--quality=True", "--quality must be an integer, got True"),
+    ("--max_skip_fraction=lots", "--max_skip_fraction must be a number, got 'lots'"),
+    ("--mode=png", "--mode must be jpg or raw, got 'png'"),
+])
+def test_a_bad_option_value_is_one_line(good_folder, tmp_path, capsys, option, message):
+    assert run("imagefolder", good_folder[0], tmp_path / "x.beton", *QUIET, option) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"convert: error: {message}"]
+    assert not (tmp_path / "x.beton").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(good_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    assert run("imagefolder", good_folder[0], blocker / "sub" / "x.beton", *QUIET) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"convert: error: cannot create the output folder {blocker}/sub")
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
     """Synthetic bad-input zoo: (folder, expected RGB of the convertible files, expected reason of the others)."""
