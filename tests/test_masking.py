@@ -109,6 +109,29 @@ def test_zero_rounds_gives_uniform_fill():
     assert abs(masked_neighbours(masks, shape) - masked_neighbours(uniform_masks(1000, shape, 75), shape)) < 0.08
 
 
+@pytest.mark.parametrize("grid,num_masked,min_patches", [(14, 75, 16), (8, 20, 4), (4, 6, 16), (14, 0, 16)])
+def test_the_sync_free_path_of_accelerators_gives_the_same_masks_law(grid, num_masked, min_patches):
+    # What a GPU runs (all rounds, full-row sort in the fill-up), checked here on the CPU.
+    gen = BlockMaskGenerator(grid_size=grid, num_masked=num_masked, min_num_patches=min_patches)
+    shape = gen.shape
+    free = gen(1000, generator=torch.Generator().manual_seed(4), sync_free=True)
+    early = gen(1000, generator=torch.Generator().manual_seed(4), sync_free=False)
+    assert (free.sum(1) == num_masked).all()
+    if num_masked:
+        assert abs(masked_neighbours(free, shape) - masked_neighbours(early, shape)) < 0.1
+        assert abs(rows_touched(free, shape) - rows_touched(early, shape)) < 0.3
+
+
+def test_the_sync_free_fill_up_flips_the_same_patches():
+    # Given the same random keys, sorting whole rows picks the same patches as taking only the k needed.
+    gen = BlockMaskGenerator(grid_size=8, num_masked=20)
+    mask = torch.rand(64, 64, generator=torch.Generator().manual_seed(5)) < 0.3
+    count = mask.sum(1)
+    assert (count != 20).any()
+    picks = [gen._fix_count(mask, count, torch.Generator().manual_seed(6), sync_free) for sync_free in (False, True)]
+    assert torch.equal(picks[0], picks[1]) and (picks[0].sum(1) == 20).all()
+
+
 def test_generator_device_is_default_device():
     g = torch.Generator(device="cpu").manual_seed(0)
     assert BlockMaskGenerator()(2, generator=g).device.type == "cpu"

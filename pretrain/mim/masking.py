@@ -86,13 +86,15 @@ class BlockMaskGenerator:
 
     @torch.no_grad()
     def __call__(self, batch_size: int, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, sync_free: bool | None = None) -> torch.Tensor:
         """Draw masks for a batch.
 
         Args:
             batch_size: Number of masks.
             generator: Source of randomness; the same seeded generator gives the same masks.
             device: Where to build the masks; defaults to the generator's device, else CPU.
+            sync_free: Never read a value back to the host (all rounds run; the fill-up sorts whole rows).
+                Defaults to True off the CPU, where a read would wait for the device. Same masks' law either way.
 
         Returns:
             Bool tensor `[batch_size, height * width]`, True where a patch is masked, in row-major patch order
@@ -101,6 +103,7 @@ class BlockMaskGenerator:
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device)
+        sync_free = device.type != "cpu" if sync_free is None else sync_free
         height, width = self.shape
         mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=device)
         count = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -110,9 +113,9 @@ class BlockMaskGenerator:
         for _ in range(self.max_rounds):
             mask, count, growing = self._round(mask, count, growing, rows, cols, generator)
             # On CPU the check is free; elsewhere it would be a host sync per round, so all rounds run.
-            if device.type == "cpu" and not bool(growing.any()):
+            if not sync_free and not bool(growing.any()):
                 break
-        return self._fix_count(mask.flatten(1), count, generator)
+        return self._fix_count(mask.flatten(1), count, generator, sync_free)
 
     def _round(self, mask: torch.Tensor, count: torch.Tensor, growing: torch.Tensor, rows: torch.Tensor,
                cols: torch.Tensor, generator: torch.Generator | None
@@ -154,14 +157,14 @@ class BlockMaskGenerator:
         growing = growing & hit & (count < self.num_masked)
         return mask | (row_band & col_band), count, growing
 
-    def _fix_count(self, mask: torch.Tensor, count: torch.Tensor,
-                   generator: torch.Generator | None) -> torch.Tensor:
+    def _fix_count(self, mask: torch.Tensor, count: torch.Tensor, generator: torch.Generator | None,
+                   sync_free: bool) -> torch.Tensor:
         """Flip uniformly chosen patches so that each row has exactly `num_masked` True values."""
         excess = count - self.num_masked  # > 0: unmask some masked patches; < 0: mask some unmasked ones
         need = excess.abs()
         # Pick only as many as the neediest row requires (usually a few): reading that is free on CPU; other
         # devices use the static bound (a full sort) to stay sync-free.
-        k = (int(need.max()) if need.numel() else 0) if mask.device.type == "cpu" else mask.shape[1]
+        k = mask.shape[1] if sync_free else int(need.max()) if need.numel() else 0
         if k == 0:
             return mask
         keys = torch.rand(mask.shape, generator=generator, device=mask.device)
