@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,25 +12,19 @@ import torch.multiprocessing as mp
 from tests.conftest import ROOT, free_port
 
 
-def _worker(rank, world, port, fn, args, errors):
+def _worker(rank, world, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-    except Exception:  # noqa: BLE001 - reported to the parent
-        errors.put(traceback.format_exc())
-        raise
     finally:
         dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int = 2, *args) -> None:
-    """Run `fn(rank, world, *args)` on `world` spawned gloo ranks; re-raise the first failure here."""
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
-    if not errors.empty():
-        raise AssertionError(errors.get())
+    """Run `fn(rank, world, *args)` on `world` spawned gloo ranks; a rank's exception is re-raised here (as
+    torch's ProcessRaisedException, with that rank's traceback)."""
+    mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
 
 
 def launch_stage(module: str, args: list, nproc: int = 2) -> subprocess.Popen:
