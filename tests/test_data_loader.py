@@ -231,6 +231,25 @@ def test_color_jitter_brightness_only_scales_each_image():
     assert ratio.min() >= 0.6 and ratio.max() <= 1.4 and ratio[:, 0].std() > 0.05
 
 
+def test_color_jitter_contrast_and_saturation_match_torchvision():
+    # One op at a time, so each image's factor can be read back from the output and the result compared with
+    # torchvision's functional op at that factor (values kept away from the clamp).
+    import torchvision.transforms.functional as TF
+    x = torch.rand(16, 3, 8, 8) * 80 + 90
+    grey = ga.grayscale(x)
+    y = ga.color_jitter(x, gen(1), brightness=0.0, contrast=0.4, saturation=0.0)
+    mean = grey.mean((1, 2, 3), keepdim=True)
+    f = ((y - mean).flatten(1) / (x - mean).flatten(1)).median(1).values
+    assert f.min() >= 0.6 and f.max() <= 1.4 and f.std() > 0.05
+    for xi, yi, fi in zip(x, y, f):
+        torch.testing.assert_close(yi / 255, TF.adjust_contrast(xi / 255, fi.item()), atol=1e-5, rtol=0)
+    y = ga.color_jitter(x, gen(2), brightness=0.0, contrast=0.0, saturation=0.4)
+    f = ((y - grey).flatten(1) / (x - grey).flatten(1)).median(1).values
+    assert f.min() >= 0.6 and f.max() <= 1.4 and f.std() > 0.05
+    for xi, yi, fi in zip(x, y, f):
+        torch.testing.assert_close(yi / 255, TF.adjust_saturation(xi / 255, fi.item()), atol=1e-5, rtol=0)
+
+
 def test_mim_views_and_eval_aug():
     images = torch.from_numpy(index_images(4, 32)).permute(0, 3, 1, 2).contiguous()
     sizes = torch.full((4, 2), 32)
@@ -305,6 +324,29 @@ def test_segmentation_aug_keeps_image_and_label_aligned():
     assert (img.abs().sum(1)[~valid] == 0).all()        # padding: 0 in the image, 255 in the label
     reduced = SegTrainAug(crop=32, scale=(128, 32), photometric=False)(images, labels, sizes, gen(3))[1]
     assert torch.equal(reduced, torch.where(lab == 0, 255, torch.where(lab == 255, 255, lab - 1)))
+
+
+def test_segmentation_crop_avoids_one_category_filling_it():
+    # mmseg's cat_max_ratio: of up to 10 random crops, the first in which no category covers 75% or more is kept.
+    # Synthetic map: class 1 everywhere but a 40x40 square of class 2; most 32x32 crops hold class 1 only.
+    labels = torch.ones(200, 128, 128, dtype=torch.uint8)
+    labels[:, 88:, 88:] = 2
+    images = torch.zeros(200, 3, 128, 128, dtype=torch.uint8)
+    sizes = torch.tensor([[128, 128]]).repeat(200, 1)
+
+    def balanced_share(cat_max_ratio):
+        aug = SegTrainAug(crop=32, scale=(128, 128), ratio_range=(1.0, 1.0), cat_max_ratio=cat_max_ratio,
+                          reduce_zero_label=False, photometric=False)
+        lab = aug(images, labels, sizes, gen(4))[1]
+        share = torch.stack([(lab == c).float().mean((1, 2)) for c in (1, 2)], 1).max(1).values
+        return (share < 0.75).float().mean().item()
+
+    # Exactly: the share of the 97x97 crop offsets whose overlap with the square is between 25% and 75%.
+    side = (torch.minimum(torch.arange(97) + 32, torch.tensor(128)) - torch.arange(97).clamp(min=88)).clamp(min=0)
+    area = side.view(-1, 1) * side.view(1, -1) / 32 ** 2
+    p = ((area > 0.25) & (area < 0.75)).float().mean().item()   # 0.067
+    assert abs(balanced_share(1.0) - p) < 0.05                   # check off: crops pass by chance
+    assert abs(balanced_share(0.75) - (1 - (1 - p) ** 10)) < 0.1  # 0.50: the first of 10 tries that passes
 
 
 def test_generator_for_depends_on_every_key():
