@@ -1,5 +1,6 @@
 """Both pretraining stages stream from FFCV .beton files written by `data_tools.convert` (Fashion-MNIST from
-Debian), on 2 ranks, and resume mid-run with the same losses."""
+Debian) on 2 ranks; MIM is SIGKILLed mid-epoch, resumes with the same losses, and exports to timm."""
+import signal
 import subprocess
 import sys
 
@@ -35,13 +36,33 @@ def test_tokenizer_trains_from_a_beton_and_evaluates_on_one(tmp_path, betons):
     assert '"images": 64' in (tmp_path / "eval.json").read_text()
 
 
-def test_mim_resumes_inside_an_epoch_of_a_beton(tmp_path, betons, tiny_tokenizer_file):
+def test_mim_resumes_inside_an_epoch_of_a_beton_and_exports_to_timm(tmp_path, betons, tiny_tokenizer_file):
     train, _ = betons
     args = ["train", "beitv2_tiny_test", f"--tokenizer={tiny_tokenizer_file}", "--data.source=beton",
             f"--data.train_path={train}", "--data.num_workers=1", "--schedule.total_steps=16",
             "--run.save_interval=4"]
-    run_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'ref'}"])
-    proc = launch_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'killed'}"])
-    kill_when(proc, tmp_path / "killed" / "metrics.jsonl", rows=7)
-    run_stage("pretrain.mim", args + [f"--run.output_dir={tmp_path / 'killed'}"])
-    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run_stage("pretrain.mim", args + [f"--run.output_dir={ref}"])
+    proc = launch_stage("pretrain.mim", args + [f"--run.output_dir={killed}"])
+    kill_when(proc, killed / "metrics.jsonl", rows=7)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    out = run_stage("pretrain.mim", args + [f"--run.output_dir={killed}"])
+    assert "resumed from" in out
+    assert losses(killed) == losses(ref)
+
+    # The finished run exports to timm's BEiT v2 layout, and timm gives our backbone's features.
+    import timm
+    import torch
+
+    from pretrain.mim import load_checkpoint
+    target = tmp_path / "backbone.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.mim", "export", str(ref), str(target)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = load_checkpoint(str(ref / "mim.pt")).eval()
+    theirs = timm.create_model("beitv2_base_patch16_224", pretrained=True, num_classes=0,
+                               pretrained_cfg_overlay=dict(file=str(target)), img_size=32, patch_size=8,
+                               embed_dim=64, depth=3, num_heads=2).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(images), ours.forward_features(images)[0])

@@ -46,24 +46,31 @@ def test_two_rank_training_loss_falls(tmp_path, zero, precision):
     assert saved["run"]["precision"] == precision and saved["arch"] == "vqkd_tiny_test"
 
 
+# The two interrupted runs below share one uninterrupted reference (losses do not depend on when checkpoints are
+# written): ZeRO-2, 30 steps.
+COMMON = ["vqkd_tiny_test", "--run.ds_config=ds_configs/zero2.json", "--schedule.total_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory, fashion_mnist_available):
+    out = tmp_path_factory.mktemp("reference")
+    run(COMMON + [f"--run.output_dir={out}", "--run.save_interval=1000"])
+    return losses(out)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_the_losses(tmp_path):
-    common = ["vqkd_tiny_test", "--run.ds_config=ds_configs/zero2.json", "--schedule.total_steps=30",
-              "--run.save_interval=4"]
-    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    run(common + [f"--run.output_dir={ref_dir}"])
-    reference = losses(ref_dir)
-
-    proc = launch(common + [f"--run.output_dir={killed_dir}"])
-    kill_when(proc, killed_dir / "metrics.jsonl", rows=11)
+def test_sigkill_then_resume_reproduces_the_losses(tmp_path, reference_losses):
+    common = COMMON + ["--run.save_interval=4", f"--run.output_dir={tmp_path}"]
+    proc = launch(common)
+    kill_when(proc, tmp_path / "metrics.jsonl", rows=11)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed_dir / "tokenizer.pt").exists()
+    assert not (tmp_path / "tokenizer.pt").exists()
 
-    out = run(common + [f"--run.output_dir={killed_dir}"])
+    out = run(common)
     assert "resumed from" in out
-    resumed = losses(killed_dir)
-    assert sorted(resumed) == sorted(reference)
-    assert resumed == reference   # fp32 on CPU: bitwise the same losses
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == sorted(reference_losses)
+    assert resumed == reference_losses   # fp32 on CPU: bitwise the same losses
 
 
 def test_bad_config_is_a_one_line_error_before_any_compute(tmp_path):
@@ -82,16 +89,13 @@ def test_bad_config_is_a_one_line_error_before_any_compute(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path):
+def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path, reference_losses):
     import time
 
     import psutil
-    common = ["vqkd_tiny_test", "--run.ds_config=ds_configs/zero1.json", "--schedule.total_steps=40",
-              "--run.save_interval=1000", "--run.save_final=true"]
-    ref_dir, stopped_dir = tmp_path / "ref", tmp_path / "stopped"
-    run(common + [f"--run.output_dir={ref_dir}"])
-    proc = launch(common + [f"--run.output_dir={stopped_dir}"])
-    metrics = stopped_dir / "metrics.jsonl"
+    common = COMMON + ["--run.save_interval=1000", "--run.save_final=true", f"--run.output_dir={tmp_path}"]
+    proc = launch(common)
+    metrics = tmp_path / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         assert proc.poll() is None, "the run ended before it was signalled"
         time.sleep(0.02)
@@ -99,10 +103,10 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
         worker.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert "stopped: stopped by SIGTERM after step" in out
-    saved = int((stopped_dir / "checkpoints" / "latest").read_text().split("_")[1])
-    assert 5 <= saved < 40 and max(losses(stopped_dir)) == saved   # nothing after the checkpoint was logged
-    run(common + [f"--run.output_dir={stopped_dir}"])
-    assert losses(stopped_dir) == losses(ref_dir)
+    saved = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 5 <= saved < 30 and max(losses(tmp_path)) == saved   # nothing after the checkpoint was logged
+    run(common)
+    assert losses(tmp_path) == reference_losses
 
 
 def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its_config(tmp_path):
