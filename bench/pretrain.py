@@ -39,6 +39,9 @@ VARIANTS = {
     "lean_compile": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json", "run.compile": True},
     "lean_flex_compile": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json",
                           "run.compile": True, "model.attention": "flex"},
+    # ... with the compiled graphs (model and tokenizer) replayed as CUDA graphs: one launch per graph.
+    "lean_flex_cudagraphs": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json",
+                             "run.compile": True, "run.compile_mode": "reduce-overhead", "model.attention": "flex"},
 }
 
 

@@ -61,6 +61,8 @@ class ScheduleConfig:
 
 # `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward (engine.ds_setup).
 PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16")
+# torch.compile's modes; `reduce-overhead` replays the compiled graphs as CUDA graphs (one launch per graph).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -80,12 +82,15 @@ class RunConfig:
     max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
     grad_checkpointing: bool = False
     compile: bool = False                      # torch.compile the model's forward
+    compile_mode: str = "default"              # with compile: default | reduce-overhead (CUDA graphs) | max-autotune...
     progress_bar: bool = True
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
 
     def validate(self, prefix: str = "run") -> None:
         _check(self.precision in PRECISIONS, f"{prefix}.precision", self.precision,
                f"must be one of {', '.join(PRECISIONS)}")
+        _check(self.compile_mode in COMPILE_MODES, f"{prefix}.compile_mode", self.compile_mode,
+               f"must be one of {', '.join(COMPILE_MODES)}")
         for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
                     "max_nonfinite_steps"):
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")

@@ -137,7 +137,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     if world == 1 and zero_stage(ds_config) == 0:
         engine.enable_backward_allreduce = False   # one rank: DeepSpeed would still flatten and copy every grad
     if run.compile:
-        engine.compile()
+        engine.compile(compile_kwargs={} if run.compile_mode == "default" else {"mode": run.compile_mode})
 
     ckpt = CheckpointManager(run.output_dir, run.keep_last)
     state = ckpt.load(engine) if run.resume else None

@@ -23,6 +23,7 @@ def test_recipe_then_overrides():
     ({"nope": 1}, "unknown config key 'nope'"),
     ({"optim.lr": -1.0}, "'optim.lr' = -1.0 must be > 0"),
     ({"run.precision": "fp8"}, "'run.precision' = 'fp8' must be one of"),
+    ({"run.compile_mode": "fast"}, "'run.compile_mode' = 'fast' must be one of default, reduce-overhead"),
     ({"run.micro_batch_size": "many"}, "'run.micro_batch_size' must be an integer"),
     ({"optim.betas": [0.9]}, "'optim.betas' must be a list of 2 values"),
     ({"arch": "vqkd_giant"}, "'arch' = 'vqkd_giant' must be one of"),

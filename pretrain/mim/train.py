@@ -94,7 +94,8 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]
     probe = torch.rand(3, tokenizer.img_size, tokenizer.img_size, device=device)
     flops = forward_flops_per_image(tokenizer.get_codebook_indices, probe)
     if cfg.run.compile:   # it runs every step: about a seventh of a ViT-B step in eager mode on an H200
-        tokenizer.encoder.forward_features = torch.compile(tokenizer.encoder.forward_features)
+        mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+        tokenizer.encoder.forward_features = torch.compile(tokenizer.encoder.forward_features, mode=mode)
     return tokenizer, flops
 
 
