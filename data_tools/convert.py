@@ -365,7 +365,7 @@ def _settings(**options) -> Settings:
     one-line error, not a traceback or a silent truncation."""
     for name, value in options.items():
         want = type(getattr(Settings, name))
-        ok = isinstance(value, want) and not isinstance(value, bool) or want is float and isinstance(value, int)
+        ok = not isinstance(value, bool) and (isinstance(value, want) or want is float and isinstance(value, int))
         if not ok:
             kind = {int: "an integer", float: "a number"}.get(want, "a string")
             raise ConvertError(f"--{name} must be {kind}, got {value!r}")
