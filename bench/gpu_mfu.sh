@@ -10,9 +10,9 @@ set -uo pipefail
 source bench/gpu_env.sh
 
 echo "== FlexAttention vs SDPA on CUDA (outputs and gradients) =="
-timeout 120 python3 -m bench.gpu_checks 2>&1 | grep -v -i warn | tail -n 4 | tee "$OUT/gpu_checks.txt"
+timeout 100 python3 -m bench.gpu_checks 2>&1 | grep -v -i warn | tail -n 4 | tee "$OUT/gpu_checks.txt"
 
 echo "== MIM pretraining, ViT-B/16, 224 px, batch 256 =="
-timeout 400 python3 -m bench.pretrain --batch=256 --warmup=10 \
+timeout 460 python3 -m bench.pretrain --batch=256 --warmup=10 \
   --variants=fused_compile,flex_compile,lean_flex_compile,lean_flex_cudagraphs,lean_compile \
   --out="$OUT/bench_pretrain_b256.json" 2>&1 | grep -v -i warn | tail -n 20
