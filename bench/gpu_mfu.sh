@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MFU check of the MIM issue, sized for one short GPU lease (about 8 minutes on an H100): FlexAttention
+# The MFU check of the MIM issue, sized for one short GPU lease (at most 9.5 minutes): FlexAttention
 # gradients against SDPA on CUDA, then ViT-B/16 MIM at 224 px, batch 256, through the real loop: the previous
 # best (DeepSpeed bf16 ZeRO-1 + compile, SDPA and flex) against the lean step (bf16 autocast ZeRO-0) with flex,
 # flex + CUDA graphs, then SDPA. DeepSpeed's bf16 variants must come first (its autocast mode is process-wide
