@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 
 import torch
+
+from engine.files import write_text_atomically
 
 
 def sync(device: torch.device) -> None:
@@ -45,10 +46,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def write_json(result: dict, out: str) -> dict:
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+    if out:   # atomically: a benchmark cut short by a timeout leaves the last whole JSON, not half of one
+        write_text_atomically(out, json.dumps(result, indent=2))
     return result
 
 

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.files import write_atomically, write_text_atomically
+from engine.files import OutputPathError, write_atomically, write_text_atomically
 
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
 # so that a too-large file is skipped with a clear reason instead of raising.
@@ -451,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import fire
     try:
         fire.Fire(COMMANDS, command=argv, name="python -m data_tools.convert")
-    except ConvertError as e:
+    except (ConvertError, OutputPathError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,12 +7,20 @@ import os
 from typing import Callable
 
 
+class OutputPathError(ValueError):
+    """A file cannot be written where it was asked for (no such folder, no permission, disk full): one line."""
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """`write(tmp)` to a temporary name beside `path`, fsync it, then rename it to `path` (parents are made)."""
+    """`write(tmp)` to a temporary name beside `path`, fsync it, then rename it to `path` (parents are made).
+
+    Raises:
+        OutputPathError: the folder cannot be made or the file cannot be written (the old file, if any, is kept).
+    """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -20,6 +28,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path} ({e.strerror or e}); pick a writable location") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from engine.files import write_atomically, write_text_atomically
+from engine.files import OutputPathError, write_atomically, write_text_atomically
 
 
 def test_rng_state_round_trip_is_exact_and_loads_weights_only(tmp_path):
@@ -46,7 +46,10 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_behind(tmp_pa
             f.write("ne")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputPathError, match=f"cannot write {path} \\(disk full\\); pick a writable location"):
         write_atomically(path, half_write)
     assert path.read_text() == "old"
     assert [p.name for p in path.parent.iterdir()] == ["weights.pt"]
+    # A folder that cannot be made (a file is in the way): the same one-line error the CLIs print.
+    with pytest.raises(OutputPathError, match="cannot write .*weights.pt/x.pt \\(File exists\\)"):
+        write_text_atomically(path / "x.pt", "new")

@@ -87,3 +87,19 @@ def test_encode_needs_a_positive_count(tiny_tokenizer_file, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --count=0: give the number of images to encode (>= 1)"
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_tokenizer_file, tmp_path, capsys):
+    # In process, through the same entry point as `python -m pretrain.tokenizer`; the ids are written atomically,
+    # with np.save's suffix rule (an --out without .npy gets it).
+    from engine.cli import run_cli
+    from pretrain.tokenizer.train import encode
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert run_cli({"encode": encode}, ["encode", str(tiny_tokenizer_file), f"--out={blocker}/ids.npy",
+                                        "--count=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: cannot write {blocker}/ids.npy (")
+    assert run_cli({"encode": encode}, ["encode", str(tiny_tokenizer_file), f"--out={tmp_path / 'ids'}",
+                                        "--count=2"]) == 0
+    assert np.load(tmp_path / "ids.npy").shape[0] == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "file", "ids.npy"]

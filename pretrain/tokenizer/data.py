@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from data_tools import sources
+from engine.files import write_atomically
 
 
 def train_source(cfg, img_size: int, device: torch.device):
@@ -55,5 +56,6 @@ def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, num_codes: int, pa
         tiles.append(np.concatenate([img, token_map[:side, :side]], 1))
     rows = [np.concatenate(tiles[r:r + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[r:r + columns])),
                            1) for r in range(0, n, columns)]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    image = Image.fromarray(np.concatenate(rows, 0))
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    write_atomically(path, lambda tmp: image.save(tmp, format=image_format))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from data_tools import sources
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
+from engine.files import write_atomically, write_text_atomically
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
@@ -88,8 +89,7 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
               "perplexity": torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item(),
               "teacher_cosine": cos_sum.item() / max(n, 1), "num_codes": model.num_codes}
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomically(out, json.dumps(result, indent=2))
     return result
 
 
@@ -110,8 +110,12 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
     ids = torch.cat([model.get_codebook_indices(pixels[i:i + batch_size].to(device)).cpu()
                      for i in range(0, len(pixels), batch_size)])
     ids = ids.view(-1, *model.grid).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.save(out, ids)
+    out = out if out.endswith(".npy") else out + ".npy"   # what np.save would name it
+
+    def save_ids(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
+    write_atomically(out, save_ids)
     if png:
         data.save_token_map_png(pixels, ids, model.num_codes, png)
     return {"images": int(ids.shape[0]), "grid": list(model.grid), "ids": out, "png": png or None}
