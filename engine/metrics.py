@@ -53,6 +53,14 @@ class DeviceMeter:
         return dict(zip(keys, values))
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl row; a row torn by a kill mid-write (or a blank line) sorts after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLogger:
     """Rank 0 writes tensorboard scalars and `metrics.jsonl`; other ranks stay silent."""
 
@@ -76,7 +84,7 @@ class RunLogger:
         if not os.path.exists(self.jsonl):
             return
         with open(self.jsonl) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            rows = [line for line in f if _step_of(line) <= step]
         write_text_atomically(self.jsonl, "".join(rows))
 
     def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:

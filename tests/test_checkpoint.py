@@ -1,5 +1,6 @@
-"""Checkpoint bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip,
+"""Resume bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip, metric rows,
 atomic writes."""
+import json
 import random
 
 import numpy as np
@@ -53,3 +54,12 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_behind(tmp_pa
     # A folder that cannot be made (a file is in the way): the same one-line error the CLIs print.
     with pytest.raises(OutputPathError, match="cannot write .*weights.pt/x.pt \\(File exists\\)"):
         write_text_atomically(path / "x.pt", "new")
+
+
+def test_a_resumed_run_drops_later_and_torn_metric_rows(tmp_path):
+    # Rows after the checkpoint are redone by the resumed run; a row torn by a kill mid-write must not stop it.
+    from engine.metrics import RunLogger
+    rows = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n" for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "split": "tr')
+    RunLogger(str(tmp_path), total_steps=8, start_step=2, show_progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
