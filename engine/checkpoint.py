@@ -89,17 +89,25 @@ class CheckpointManager:
         tag = self.latest_tag()
         if tag is None:
             return None
+        folder = os.path.join(self.dir, tag)
+        saved_world = sum(f.startswith("rng_rank") for f in os.listdir(folder))   # one file per rank that saved
         try:
             _, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=False)
-        except (RuntimeError, KeyError, AssertionError, ValueError) as e:   # another model, ZeRO layout or optimizer
+        except Exception as e:   # noqa: BLE001 - another model, ZeRO layout, optimizer or number of ranks
+            if saved_world and saved_world != dist_utils.world_size():
+                raise ValueError(f"checkpoint {folder} was written by {saved_world} ranks and this run has "
+                                 f"{dist_utils.world_size()}; sharded optimizer states do not re-split: resume with "
+                                 f"{saved_world} ranks, or start over with --run.resume=false") from None
+            if not isinstance(e, (RuntimeError, KeyError, AssertionError, ValueError)):
+                raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {os.path.join(self.dir, tag)} does not fit this run ({first[:200]}); "
+            raise ValueError(f"checkpoint {folder} does not fit this run ({first[:200]}); "
                              f"use a new --run.output_dir, or --run.resume=false to start over") from None
         if client_state is None:
-            raise ValueError(f"could not load checkpoint {os.path.join(self.dir, tag)}; it may be from another "
+            raise ValueError(f"could not load checkpoint {folder}; it may be from another "
                              f"model or ZeRO layout: start a new output_dir or pass --run.resume=false")
-        rng_path = os.path.join(self.dir, tag, f"rng_rank{dist_utils.rank()}.pt")
+        rng_path = os.path.join(folder, f"rng_rank{dist_utils.rank()}.pt")
         if os.path.exists(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))
         return client_state
