@@ -4,12 +4,18 @@ Layout under `<output_dir>/checkpoints`: one folder per saved step (`step_000001
 one `rng_rank<r>.pt` per rank) and a `latest` file naming the newest complete one. `latest` is replaced with a
 rename only after every rank has finished writing, so a run killed mid-save resumes from the previous step;
 incomplete folders and folders beyond `keep_last` are removed by the next save.
+
+A run resumed on another number of ranks re-splits sharded optimizer states through DeepSpeed's universal
+checkpoint: rank 0 converts the latest checkpoint once into `<tag>_universal/` (removed by the next save), and
+the engine loads that with `checkpoint.load_universal`.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -19,10 +25,32 @@ from engine import distributed as dist_utils
 from engine.files import write_atomically, write_text_atomically
 
 LATEST = "latest"
+UNIVERSAL = "_universal"
 
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _to_universal(folder: str, target: str) -> str:
+    """DeepSpeed's converter from `folder` into `target` (written under a temporary name, then renamed);
+    returns "" or the converter's last line of output as the reason it failed."""
+    tmp = target + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    # `inject_missing_state`: the converter expects Megatron-DeepSpeed's parallelism record; a plain model has none.
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+                           "--output_folder", tmp, "--num_extract_workers", workers, "--num_merge_workers", workers,
+                           "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+    os.replace(tmp, target)
+    stray = os.path.join(os.path.dirname(target), "latest_universal")   # the converter's pointer; ours is `latest`
+    if os.path.exists(stray):
+        os.remove(stray)
+    return ""
 
 
 def rng_state() -> dict:
@@ -62,6 +90,40 @@ class CheckpointManager:
                                     f"over or restore the folder")
         return tag
 
+    def saved_world_size(self, tag: str) -> int:
+        """Ranks that wrote checkpoint `tag` (each writes one RNG file); 0 if unknown."""
+        return sum(f.startswith("rng_rank") for f in os.listdir(os.path.join(self.dir, tag)))
+
+    def needs_resplit(self, world_size: int, zero_stage: int) -> bool:
+        """Collective. Whether the latest checkpoint holds optimizer states sharded over another number of
+        ranks; if so it is converted (once, by rank 0) to DeepSpeed's universal format for `load(universal=True)`
+        and the engine must be built with `checkpoint.load_universal`. ZeRO-1/2 and DeepSpeed's bf16 optimizer
+        re-split exactly (tested); ZeRO-3 is refused: DeepSpeed's stage-3 universal loader gives every parameter
+        group group 0's hyper-parameters and one shared Adam step counter."""
+        tag = self.latest_tag()
+        if tag is None:
+            return False
+        folder = os.path.join(self.dir, tag)
+        saved = self.saved_world_size(tag)
+        sharded = any("zero_pp_rank" in f and f.endswith("optim_states.pt") for f in os.listdir(folder))
+        if not saved or saved == world_size or not sharded:
+            return False
+        if zero_stage == 3:
+            raise ValueError(f"checkpoint {folder} was written by {saved} ranks and this run has {world_size}; "
+                             f"ZeRO-3 optimizer states cannot be re-split correctly by DeepSpeed: resume with "
+                             f"{saved} ranks, or start over with --run.resume=false")
+        target = folder + UNIVERSAL
+        error = ""
+        if dist_utils.is_main() and not os.path.isdir(target):
+            dist_utils.log_main(f"re-splitting {folder} from {saved} to {world_size} ranks (universal checkpoint)")
+            error = _to_universal(folder, target)
+        error = dist_utils.broadcast_object(error)
+        if error:
+            raise ValueError(f"checkpoint {folder} was written by {saved} ranks and this run has {world_size}; "
+                             f"re-splitting it failed ({error[:200]}): resume with {saved} ranks, or start over "
+                             f"with --run.resume=false")
+        return True
+
     def save(self, engine, step: int, client_state: dict) -> str:
         """Collective: every rank calls it. Returns the tag written."""
         tag = _tag(step)
@@ -79,21 +141,24 @@ class CheckpointManager:
     def _prune(self, keep: str) -> None:
         tags = sorted(d for d in os.listdir(self.dir) if d.startswith("step_") and os.path.isdir(
             os.path.join(self.dir, d)))
+        resplit = [t for t in tags if UNIVERSAL in t]   # served one resume; the new checkpoint supersedes them
+        tags = [t for t in tags if UNIVERSAL not in t]
         complete = [t for t in tags if t <= keep]
-        stale = complete[:-self.keep_last] + [t for t in tags if t > keep]  # old ones, and leftovers of a killed save
+        stale = resplit + complete[:-self.keep_last] + [t for t in tags if t > keep]  # + leftovers of a killed save
         for t in stale:
             shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
 
-    def load(self, engine) -> dict | None:
-        """Collective. Restores model, optimizer and this rank's RNG; returns the client state or None."""
+    def load(self, engine, universal: bool = False) -> dict | None:
+        """Collective. Restores model, optimizer and this rank's RNG; returns the client state or None.
+        `universal`: load the re-split copy that `needs_resplit` made (the engine was built for it)."""
         tag = self.latest_tag()
         if tag is None:
             return None
         folder = os.path.join(self.dir, tag)
-        saved_world = sum(f.startswith("rng_rank") for f in os.listdir(folder))   # one file per rank that saved
+        saved_world = self.saved_world_size(tag)
         try:
-            _, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=False)
+            _, client_state = engine.load_checkpoint(self.dir, tag=tag + UNIVERSAL if universal else tag,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:   # noqa: BLE001 - another model, ZeRO layout, optimizer or number of ranks
             if saved_world and saved_world != dist_utils.world_size():
                 raise ValueError(f"checkpoint {folder} was written by {saved_world} ranks and this run has "

@@ -82,6 +82,15 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (a picklable Python value; for rare control messages, not tensors)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equally-shaped tensors from all ranks along dim 0, in rank order."""
     if world_size() == 1:

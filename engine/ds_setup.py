@@ -50,9 +50,11 @@ def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:
     ds[key] = value
 
 
-def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict:
+def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_universal: bool = False) -> dict:
     path = run.ds_config
     ds = load_ds_json(path)
+    if load_universal:   # resuming from a checkpoint re-split for another number of ranks (engine.checkpoint)
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if "scheduler" in ds:
         raise ConfigError(f"{path} has a 'scheduler' block; the lr schedule comes from the run config's "
                           f"'schedule' section, remove the block")
@@ -124,11 +126,11 @@ def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str
 
 
 def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: OptimConfig, world_size: int,
-               keep_fp32_buffers: Iterable[str] = ()):
+               keep_fp32_buffers: Iterable[str] = (), load_universal: bool = False):
     """Return a DeepSpeed engine for `model`; the engine's optimizer holds `groups`."""
     import deepspeed
 
-    ds_config = build_ds_config(run, optim, world_size)
+    ds_config = build_ds_config(run, optim, world_size, load_universal)
     cast_for_precision(model, run.precision, keep_fp32_buffers)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine, ds_config

@@ -18,7 +18,7 @@ from engine import distributed as dist_utils
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
-from engine.ds_setup import initialize, loop_owns_step, zero_stage
+from engine.ds_setup import initialize, load_ds_json, loop_owns_step, zero_stage
 from engine.export import save_final_weights
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
@@ -129,7 +129,10 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     dict and calls `save_fn(<output_dir>/<filename>, state_dict)`.
     """
     world = dist_utils.world_size()
-    engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers)
+    ckpt = CheckpointManager(run.output_dir, run.keep_last)
+    # A checkpoint sharded over another number of ranks is re-split (the engine must know before it is built).
+    resplit = run.resume and ckpt.needs_resplit(world, zero_stage(load_ds_json(run.ds_config)))
+    engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers, load_universal=resplit)
     # DeepSpeed clips and skips non-finite updates in its 16-bit and ZeRO optimizers; at ZeRO-0 with fp32
     # gradients the loop does both itself, on the device (`clip_and_flag`).
     own_step = loop_owns_step(run.precision, zero_stage(ds_config))
@@ -139,12 +142,12 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     if run.compile:
         engine.compile(compile_kwargs={} if run.compile_mode == "default" else {"mode": run.compile_mode})
 
-    ckpt = CheckpointManager(run.output_dir, run.keep_last)
-    state = ckpt.load(engine) if run.resume else None
+    state = ckpt.load(engine, universal=resplit) if run.resume else None
     start = int(state["step"]) if state else 0
     total, warmup = sched.total_and_warmup_steps(schedule, data.steps_per_epoch)
     if state:
-        dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}")
+        resplit_note = f" (re-split from {ckpt.saved_world_size(ckpt.latest_tag())} ranks)" if resplit else ""
+        dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}{resplit_note}")
     if dist_utils.is_main():   # only now: a run that cannot resume must not overwrite the config it was made with
         save_json(cfg, f"{run.output_dir}/config.json")
 

@@ -4,13 +4,14 @@ Non-finite losses: a step whose gradients are not finite is skipped and counted,
 stop the run with a one-line error that leaves the last good checkpoint in place.
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 SCRIPT = textwrap.dedent('''
     import contextlib, json, math, sys
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent('''
                     compile=opts["compile_mode"] is not None, compile_mode=opts["compile_mode"] or "default")
     if opts["save_interval"]:
         run.save_interval = opts["save_interval"]
-    optim = OptimConfig(lr=0.05, min_lr=0.05, weight_decay=0.0, grad_clip=opts["clip"])
+    optim = OptimConfig(lr=0.05, min_lr=0.05, weight_decay=opts.get("weight_decay", 0.0), grad_clip=opts["clip"])
     # Dynamo leaves a frame eager while a dispatch mode is active: count only the eager runs.
     counter = DispatchCounter() if opts["compile_mode"] is None else None
     try:
@@ -62,21 +63,33 @@ SCRIPT = textwrap.dedent('''
         print("DIVERGED", e)
     print("SYNCS", counter.syncs if counter else -1)
     print("GRAPHS", torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    print("WEIGHT", json.dumps(model.weight.detach().float().flatten().tolist()))
+    gathered = contextlib.nullcontext()
+    if zero == 3:   # ZeRO-3 leaves each rank a shard of the weight: gather it (collective)
+        import deepspeed
+        gathered = deepspeed.zero.GatheredParameters(model.weight)
+    with gathered:
+        print("WEIGHT", json.dumps(model.weight.detach().float().flatten().tolist()))
 ''')
 
 
 def run_fit(tmp_path, zero, bad_steps, accum=1, clip=None, precision="fp32", steps=8, log_interval=1,
-            save_interval=2, compile_mode=None):
+            save_interval=2, compile_mode=None, nproc=1, weight_decay=0.0):
     out = tmp_path / f"z{zero}"
     opts = dict(zero=zero, bad_steps=bad_steps, out=str(out), accum=accum, precision=precision, steps=steps,
                 clip=(1.0 if zero else 0.0) if clip is None else clip, log_interval=log_interval,
-                save_interval=save_interval, compile_mode=compile_mode)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(opts)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                save_interval=save_interval, compile_mode=compile_mode, weight_decay=weight_decay)
+    if nproc == 1:
+        cmd = [sys.executable, "-c", SCRIPT]
+    else:   # every rank sees the same numbers, so any number of ranks takes the same steps
+        script = tmp_path.parent / f"{tmp_path.name}_fit.py"
+        script.write_text(SCRIPT)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), str(script)]
+    proc = subprocess.run([*cmd, json.dumps(opts)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    weight = json.loads(proc.stdout.split("WEIGHT ")[1])
+    weight = json.loads(proc.stdout.split("WEIGHT ")[1].splitlines()[0])
     return proc.stdout + proc.stderr, rows, weight, out
 
 
@@ -156,3 +169,38 @@ def test_a_compiled_run_equals_the_eager_one(tmp_path):
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, a["loss"])
     assert max(abs(a - b) for a, b in zip(eager_weight, compiled_weight)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,precision", [(2, "fp32"), (1, "bf16")])
+def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, zero, precision):
+    # 4 steps on 2 ranks, then 4 on 1 rank (optimizer shards re-split through DeepSpeed's universal checkpoint)
+    # equal 8 steps on 1 rank: weights, Adam moments, step counts and per-group weight decay all came across.
+    kw = dict(precision=precision, weight_decay=0.5)   # the bias group has none: a mix-up of groups would show
+    _, ref, ref_weight, _ = run_fit(tmp_path / "ref", zero, [], steps=8, **kw)
+    run_fit(tmp_path / "split", zero, [], steps=4, nproc=2, **kw)
+    out, rows, weight, run_dir = run_fit(tmp_path / "split", zero, [], steps=8, **kw)
+    assert "at step 4/8 (re-split from 2 ranks)" in out
+    assert [r["loss"] for r in rows[-4:]] == pytest.approx([r["loss"] for r in ref[-4:]], rel=1e-6, abs=1e-9)
+    assert max(abs(a - b) for a, b in zip(weight, ref_weight)) < 1e-6
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "step_00000006", "step_00000008"]   # the re-split copy went with the next save
+
+
+@pytest.mark.slow
+def test_a_zero3_checkpoint_on_another_number_of_ranks_is_a_one_line_error(tmp_path):
+    run_fit(tmp_path / "z3", 3, [], steps=2, nproc=2)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(dict(
+        zero=3, bad_steps=[], out=str(tmp_path / "z3" / "z3"), accum=1, precision="fp32", steps=4, clip=1.0,
+        log_interval=1, save_interval=2, compile_mode=None))], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (f"checkpoint {tmp_path}/z3/z3/checkpoints/step_00000002 was written by 2 ranks and this run has 1; "
+            f"ZeRO-3 optimizer states cannot be re-split") in proc.stderr
+
+
+def test_a_failed_re_split_gives_the_converters_reason(tmp_path):
+    from engine.checkpoint import _to_universal
+    (tmp_path / "step_00000002").mkdir()
+    reason = _to_universal(str(tmp_path / "step_00000002"), str(tmp_path / "step_00000002_universal"))
+    assert reason and "\n" not in reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]
