@@ -98,8 +98,8 @@ class CheckpointManager:
         """Collective. Whether the latest checkpoint holds optimizer states sharded over another number of
         ranks; if so it is converted (once, by rank 0) to DeepSpeed's universal format for `load(universal=True)`
         and the engine must be built with `checkpoint.load_universal`. ZeRO-1/2 and DeepSpeed's bf16 optimizer
-        re-split exactly (tested); ZeRO-3 is refused: DeepSpeed's stage-3 universal loader gives every parameter
-        group group 0's hyper-parameters and one shared Adam step counter."""
+        re-split exactly (tested); ZeRO-3 is refused: DeepSpeed's stage-3 universal loader copies the first
+        parameter group's hyper-parameters to every group and shares one Adam step counter between them."""
         tag = self.latest_tag()
         if tag is None:
             return False
