@@ -63,3 +63,25 @@ def test_a_resumed_run_drops_later_and_torn_metric_rows(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "split": "tr')
     RunLogger(str(tmp_path), total_steps=8, start_step=2, show_progress=False)
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
+
+
+def fake_checkpoint(root, ranks: int, sharded: bool) -> CheckpointManager:
+    """The file layout a run of `ranks` ranks leaves (empty files: only names are read here)."""
+    folder = root / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    (root / "checkpoints" / "latest").write_text("step_00000002")
+    for r in range(ranks):
+        (folder / f"rng_rank{r}.pt").touch()
+        if sharded:
+            (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()
+    return CheckpointManager(str(root))
+
+
+def test_which_checkpoints_need_a_re_split_and_zero3_is_refused(tmp_path):
+    # Same number of ranks, or nothing sharded: loaded as it is. (The re-split itself: test_engine_fit.)
+    assert not fake_checkpoint(tmp_path / "same", 1, sharded=True).needs_resplit(1, zero_stage=2)
+    assert not fake_checkpoint(tmp_path / "whole", 2, sharded=False).needs_resplit(1, zero_stage=0)
+    manager = fake_checkpoint(tmp_path / "z3", 2, sharded=True)
+    with pytest.raises(ValueError, match="step_00000002 was written by 2 ranks and this run has 1; ZeRO-3 optimizer "
+                                         "states cannot be re-split"):
+        manager.needs_resplit(1, zero_stage=3)
