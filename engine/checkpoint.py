@@ -53,6 +53,22 @@ def _to_universal(folder: str, target: str) -> str:
     return ""
 
 
+def _repair_stage3_universal_load(optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """DeepSpeed's stage-3 universal loader (0.19.8) copies the first parameter group's hyper-parameters (here
+    `wd_scale`, so no-decay parameters would decay) to every group and gives all groups one shared `step` tensor,
+    which fused AdamW then advances once per group per step. Put back each group's own values and counters."""
+    saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), weights_only=False)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{folder}: {len(groups)} saved optimizer groups for {len(optimizer.param_groups)} "
+                         f"here; resume with the number of ranks that wrote it, or --run.resume=false")
+    for group, saved_group in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def rng_state() -> dict:
     """RNG states as tensors and plain Python values, so they load with `weights_only=True`."""
     np_state = np.random.get_state()
@@ -94,12 +110,10 @@ class CheckpointManager:
         """Ranks that wrote checkpoint `tag` (each writes one RNG file); 0 if unknown."""
         return sum(f.startswith("rng_rank") for f in os.listdir(os.path.join(self.dir, tag)))
 
-    def needs_resplit(self, world_size: int, zero_stage: int) -> bool:
+    def needs_resplit(self, world_size: int) -> bool:
         """Collective. Whether the latest checkpoint holds optimizer states sharded over another number of
         ranks; if so it is converted (once, by rank 0) to DeepSpeed's universal format for `load(universal=True)`
-        and the engine must be built with `checkpoint.load_universal`. ZeRO-1/2 and DeepSpeed's bf16 optimizer
-        re-split exactly (tested); ZeRO-3 is refused: DeepSpeed's stage-3 universal loader copies the first
-        parameter group's hyper-parameters to every group and shares one Adam step counter between them."""
+        and the engine must be built with `checkpoint.load_universal`."""
         tag = self.latest_tag()
         if tag is None:
             return False
@@ -108,10 +122,6 @@ class CheckpointManager:
         sharded = any("zero_pp_rank" in f and f.endswith("optim_states.pt") for f in os.listdir(folder))
         if not saved or saved == world_size or not sharded:
             return False
-        if zero_stage == 3:
-            raise ValueError(f"checkpoint {folder} was written by {saved} ranks and this run has {world_size}; "
-                             f"ZeRO-3 optimizer states cannot be re-split correctly by DeepSpeed: resume with "
-                             f"{saved} ranks, or start over with --run.resume=false")
         target = folder + UNIVERSAL
         error = ""
         if dist_utils.is_main() and not os.path.isdir(target):
@@ -172,6 +182,8 @@ class CheckpointManager:
         if client_state is None:
             raise ValueError(f"could not load checkpoint {folder}; it may be from another "
                              f"model or ZeRO layout: start a new output_dir or pass --run.resume=false")
+        if universal and engine.zero_optimization_stage() == 3:
+            _repair_stage3_universal_load(engine.optimizer.optimizer, folder + UNIVERSAL)
         rng_path = os.path.join(folder, f"rng_rank{dist_utils.rank()}.pt")
         if os.path.exists(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))

@@ -18,7 +18,7 @@ from engine import distributed as dist_utils
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
-from engine.ds_setup import initialize, load_ds_json, loop_owns_step, zero_stage
+from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.export import save_final_weights
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
 
@@ -131,7 +131,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     world = dist_utils.world_size()
     ckpt = CheckpointManager(run.output_dir, run.keep_last)
     # A checkpoint sharded over another number of ranks is re-split (the engine must know before it is built).
-    resplit = run.resume and ckpt.needs_resplit(world, zero_stage(load_ds_json(run.ds_config)))
+    resplit = run.resume and ckpt.needs_resplit(world)
     engine, ds_config = initialize(model, groups, run, optim, world, keep_fp32_buffers, load_universal=resplit)
     # DeepSpeed clips and skips non-finite updates in its 16-bit and ZeRO optimizers; at ZeRO-0 with fp32
     # gradients the loop does both itself, on the device (`clip_and_flag`).

@@ -1,6 +1,7 @@
 """Resume bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip, metric rows,
 atomic writes."""
 import json
+import os
 import random
 
 import numpy as np
@@ -77,11 +78,15 @@ def fake_checkpoint(root, ranks: int, sharded: bool) -> CheckpointManager:
     return CheckpointManager(str(root))
 
 
-def test_which_checkpoints_need_a_re_split_and_zero3_is_refused(tmp_path):
+def test_which_checkpoints_need_a_re_split_and_a_failed_one_is_one_line(tmp_path):
     # Same number of ranks, or nothing sharded: loaded as it is. (The re-split itself: test_engine_fit.)
-    assert not fake_checkpoint(tmp_path / "same", 1, sharded=True).needs_resplit(1, zero_stage=2)
-    assert not fake_checkpoint(tmp_path / "whole", 2, sharded=False).needs_resplit(1, zero_stage=0)
-    manager = fake_checkpoint(tmp_path / "z3", 2, sharded=True)
-    with pytest.raises(ValueError, match="step_00000002 was written by 2 ranks and this run has 1; ZeRO-3 optimizer "
-                                         "states cannot be re-split"):
-        manager.needs_resplit(1, zero_stage=3)
+    assert not fake_checkpoint(tmp_path / "same", 1, sharded=True).needs_resplit(1)
+    assert not fake_checkpoint(tmp_path / "whole", 2, sharded=False).needs_resplit(1)
+    # Sharded over 2 ranks, resumed on 1: DeepSpeed's converter runs, and fails on these empty files.
+    manager = fake_checkpoint(tmp_path / "bad", 2, sharded=True)
+    with pytest.raises(ValueError) as err:
+        manager.needs_resplit(1)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"checkpoint {manager.dir}/step_00000002 was written by 2 ranks and this run has 1; re-splitting it failed (")
+    assert sorted(os.listdir(manager.dir)) == ["latest", "step_00000002"]   # nothing half-converted left

@@ -172,7 +172,7 @@ def test_a_compiled_run_equals_the_eager_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,precision", [(2, "fp32"), (1, "bf16")])
+@pytest.mark.parametrize("zero,precision", [(2, "fp32"), (3, "fp32"), (1, "bf16")])
 def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, zero, precision):
     # 4 steps on 2 ranks, then 4 on 1 rank (optimizer shards re-split through DeepSpeed's universal checkpoint)
     # equal 8 steps on 1 rank: weights, Adam moments, step counts and per-group weight decay all came across.
@@ -185,11 +185,3 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, zero,
     assert max(abs(a - b) for a, b in zip(weight, ref_weight)) < 1e-6
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
         "step_00000006", "step_00000008"]   # the re-split copy went with the next save
-
-
-def test_a_failed_re_split_gives_the_converters_reason(tmp_path):
-    from engine.checkpoint import _to_universal
-    (tmp_path / "step_00000002").mkdir()
-    reason = _to_universal(str(tmp_path / "step_00000002"), str(tmp_path / "step_00000002_universal"))
-    assert reason and "\n" not in reason
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]
