@@ -8,7 +8,7 @@ import sys
 import fire
 
 from engine.config import ConfigError
-from engine.trainer import Preempted, TrainingDiverged
+from engine.guards import Preempted, TrainingDiverged
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
 USER_ERRORS = (ConfigError, FileNotFoundError, TrainingDiverged, ValueError)

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
     from engine import distributed as dist_utils
     from engine.config import OptimConfig, RunConfig, ScheduleConfig
     from engine.ds_setup import param_groups
-    from engine.trainer import TrainingDiverged, fit
+    from engine.guards import TrainingDiverged
+    from engine.trainer import fit
 
     from bench.common import DispatchCounter
 
