@@ -1,3 +1,4 @@
+import itertools
 import os
 import socket
 import sys
@@ -13,10 +14,25 @@ if ROOT not in sys.path:
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
+_port_draws = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on, for a launcher's rendezvous or a test's sshd.
+
+    Drawn from a block of 1000 ports per pytest-xdist worker, below the kernel's ephemeral range: two tests running
+    side by side never pick the same port, and no rank's outgoing connection takes it before the launcher binds it.
+    """
+    block = 20000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    for _ in range(1000):
+        port = block + next(_port_draws) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:   # in use, or still in TIME_WAIT from an earlier test: take the next one
+                continue
+    raise RuntimeError(f"no free port in {block}-{block + 999}")
 
 
 @pytest.fixture(scope="session")
