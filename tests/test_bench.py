@@ -14,9 +14,28 @@ def test_tokenizer_bench_reports_speed_memory_and_quantizer_share(tmp_path):
     result = main(arch="vqkd_tiny_test", batch=4, iters=1, out=str(out))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     for key in ("train_images_per_s", "inference_images_per_s", "train_peak_mem_gib", "quantizer_share_of_train_step",
-                "quantizer_speedup_vs_one_hot"):
+                "quantizer_speedup_vs_one_hot", "official_train_images_per_s", "train_step_speedup_vs_official"):
         assert result[key] > 0, key
     assert result["quantizer_share_of_train_step"] < 1
+    assert result["official_loss_difference"] < 1e-5   # the baseline computes the same loss on the same weights
+
+
+def test_the_tokenizer_benchs_official_formulation_trains_like_ours():
+    # The baseline must be the same computation done the costly way: same codes, same codebook update.
+    import torch
+
+    from bench.tokenizer import official_formulation
+    from pretrain.tokenizer import build_tokenizer
+    torch.manual_seed(0)
+    ours = build_tokenizer("vqkd_tiny_test", kmeans_init=False).train()
+    official = official_formulation(ours)
+    assert any(getattr(m, "fused_attn", None) is False for m in official.modules())
+    images, target = torch.rand(4, 3, ours.img_size, ours.img_size), torch.randn(4, ours.num_patches, ours.teacher_dim)
+    (loss_a, _), (loss_b, _) = ours(images, target), official(images, target)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(ours.quantize.embedding.weight, official.quantize.embedding.weight)
+    torch.testing.assert_close(ours.quantize.cluster_size, official.quantize.cluster_size)
+    assert not torch.equal(ours.quantize.cluster_size, torch.zeros_like(ours.quantize.cluster_size))   # it updated
 
 
 @pytest.mark.slow
