@@ -170,13 +170,13 @@ class CheckpointManager:
             _, client_state = engine.load_checkpoint(self.dir, tag=tag + UNIVERSAL if universal else tag,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:   # noqa: BLE001 - another model, ZeRO layout, optimizer or number of ranks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if saved_world and saved_world != dist_utils.world_size():
-                raise ValueError(f"checkpoint {folder} was written by {saved_world} ranks and this run has "
-                                 f"{dist_utils.world_size()}; sharded optimizer states do not re-split: resume with "
-                                 f"{saved_world} ranks, or start over with --run.resume=false") from None
+                raise ValueError(f"checkpoint {folder} was written by {saved_world} ranks and does not load on "
+                                 f"{dist_utils.world_size()} ({first[:200]}): resume with {saved_world} ranks, or "
+                                 f"start over with --run.resume=false") from None
             if not isinstance(e, (RuntimeError, KeyError, AssertionError, ValueError)):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {folder} does not fit this run ({first[:200]}); "
                              f"use a new --run.output_dir, or --run.resume=false to start over") from None
         if client_state is None:

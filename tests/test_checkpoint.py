@@ -1,8 +1,11 @@
-"""Resume bookkeeping that does not need an engine: the `latest` pointer, pruning, RNG state round trip, metric rows,
-atomic writes."""
+"""Resume bookkeeping: the `latest` pointer, pruning, RNG state round trip, metric rows, atomic writes, and the
+errors of a checkpoint from another number of ranks (one test builds a one-rank engine, in a child process)."""
 import json
 import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 from engine.checkpoint import CheckpointManager, rng_state, set_rng_state
 from engine.files import OutputPathError, write_atomically, write_text_atomically
+from tests.conftest import ROOT
 
 
 def test_rng_state_round_trip_is_exact_and_loads_weights_only(tmp_path):
@@ -90,3 +94,34 @@ def test_which_checkpoints_need_a_re_split_and_a_failed_one_is_one_line(tmp_path
     assert "\n" not in message and message.startswith(
         f"checkpoint {manager.dir}/step_00000002 was written by 2 ranks and this run has 1; re-splitting it failed (")
     assert sorted(os.listdir(manager.dir)) == ["latest", "step_00000002"]   # nothing half-converted left
+
+
+
+def test_a_checkpoint_that_does_not_load_on_another_number_of_ranks_is_one_line(tmp_path):
+    # Not sharded, so no re-split; DeepSpeed's own load then fails (here on empty files): one line naming both
+    # counts. In a child process: the engine's process group must not outlive the test in pytest's process.
+    fake_checkpoint(tmp_path, 2, sharded=False)
+    script = textwrap.dedent('''
+        import sys, torch
+        from engine import distributed as dist_utils
+        from engine.checkpoint import CheckpointManager
+        from engine.config import OptimConfig, RunConfig
+        from engine.ds_setup import initialize, param_groups
+        dist_utils.init()
+        model = torch.nn.Linear(2, 1)
+        run = RunConfig(output_dir=sys.argv[1], ds_config="ds_configs/zero0.json", micro_batch_size=1)
+        engine, _ = initialize(model, param_groups(model), run, OptimConfig(), world_size=1)
+        manager = CheckpointManager(sys.argv[1])
+        assert not manager.needs_resplit(1)
+        try:
+            manager.load(engine)
+        except ValueError as e:
+            print("ERROR", e)
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message = proc.stdout.split("ERROR ")[1].rstrip("\n")
+    assert "\n" not in message and message.startswith(
+        f"checkpoint {tmp_path}/checkpoints/step_00000002 was written by 2 ranks and does not load on 1 (")
+    assert message.endswith("resume with 2 ranks, or start over with --run.resume=false")
