@@ -5,18 +5,24 @@ the explicit softmax baseline, forward + backward, same run. Writes JSON.
 """
 from __future__ import annotations
 
-import fire
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, flex_attention as flex, sdpa_kernel
 
-from bench.common import device_info, time_it, write_json
+from bench.common import check_counts, device_info, time_it, write_json
+from engine.cli import run_cli
 
 
 def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 64, dtype: str = "bf16",
          out: str = "bench_attention.json"):
+    check_counts(batch=batch, tokens=tokens, heads=heads, head_dim=head_dim)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)} (got {dtype!r})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    dt = dtypes[dtype]
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dt, requires_grad=True)
                for _ in range(3))
     bias = torch.randn(1, heads, tokens, tokens, device=device, dtype=dt, requires_grad=True)
@@ -59,4 +65,4 @@ def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 6
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(run_cli(main))

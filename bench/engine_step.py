@@ -23,7 +23,8 @@ import tempfile
 
 import fire
 
-from bench.common import write_json
+from bench.common import check_counts, write_json
+from engine.cli import run_cli
 
 MODES = {"ds_bf16_zero1": ("bf16", 1), "ds_bf16_zero0": ("bf16", 0), "lean": ("bf16_autocast", 0)}
 
@@ -91,6 +92,7 @@ def main(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", img_size: int = 32
          steps: tuple[int, int] = (2, 6), modes: str = "ds_bf16_zero1,ds_bf16_zero0,lean",
          out: str = "bench_engine_step.json") -> dict:
     """Per-step dispatched ops and host syncs of each mode, and ratios to the first mode."""
+    check_counts(img_size=img_size, batch=batch)
     short, long = steps
     if not 0 < short < long:
         raise SystemExit(f"error: --steps needs two run lengths, shorter first, e.g. 2,6 (got {steps})")
@@ -114,4 +116,7 @@ def main(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", img_size: int = 32
 
 
 if __name__ == "__main__":
-    fire.Fire({"main": main, "measure": measure}) if sys.argv[1:2] == ["measure"] else fire.Fire(main)
+    if sys.argv[1:2] == ["measure"]:   # the child process `_run` starts
+        fire.Fire({"measure": measure})
+    else:
+        sys.exit(run_cli(main))

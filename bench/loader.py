@@ -13,17 +13,18 @@ The images are synthetic 256-px JPEGs written to a temporary folder.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator
 
-import fire
 import numpy as np
 import psutil
 import torch
 from PIL import Image
 
-from bench.common import device_info, write_json
+from bench.common import check_counts, device_info, write_json
+from engine.cli import run_cli
 
 SIZE, GRID, MASKED = 224, 14, 75
 
@@ -102,6 +103,7 @@ def measure(batches: Iterator, consume: Callable, images: int, batch: int, repea
 def main(images: int = 384, workers: int = 2, batch: int = 64, epochs: int = 3, repeats: int = 2,
          out: str = "bench_loader.json", folder: str = "") -> dict:
     """Run the three measurements; `folder` benchmarks your own class-folder JPEGs instead of synthetic ones."""
+    check_counts(images=images, workers=workers, batch=batch, epochs=epochs, repeats=repeats)
     from data_tools.convert import main as convert_main
     from data_tools.ffcv_loader import FFCVSource
     from data_tools.gpu_augment import MimAug, mim_views
@@ -170,4 +172,4 @@ def main(images: int = 384, workers: int = 2, batch: int = 64, epochs: int = 3, 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(run_cli(main))

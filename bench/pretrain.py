@@ -14,12 +14,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import tempfile
 
-import fire
 import torch
 
-from bench.common import device_info, time_it, write_json
+from bench.common import check_counts, device_info, time_it, write_json
+from engine.cli import run_cli
 from engine.config import resolve
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
@@ -60,6 +61,7 @@ def _tokenizer_ms(cfg, batch: int, device: torch.device) -> float:
 def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, warmup: int = 10,
          variants: str = "baseline,fused,fused_ckpt,fused_compile", profile: bool = False,
          out: str = "bench_pretrain.json"):
+    check_counts(warmup=warmup, **({"batch": batch} if batch else {}))   # batch 0: the default for the device
     from engine import distributed as dist_utils
     from pretrain.mim.train import train
     device = dist_utils.init()
@@ -128,4 +130,4 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(run_cli(main))

@@ -11,13 +11,14 @@ so far. Writes JSON.
 from __future__ import annotations
 
 import copy
+import sys
 
-import fire
 import torch
 import torch.nn.functional as F
 
-from bench.common import device_info, peak_gib, reset_peak, time_it, write_json
+from bench.common import check_counts, device_info, peak_gib, reset_peak, time_it, write_json
 from engine import distributed as dist_utils
+from engine.cli import run_cli
 from engine.ds_setup import COMPUTE_DTYPES
 from pretrain.tokenizer import VQKD, build_tokenizer
 from pretrain.tokenizer.quantizer import NormEMAQuantizer
@@ -48,6 +49,7 @@ def official_formulation(model: VQKD) -> VQKD:
 
 def main(arch: str = "", batch: int = 0, precision: str = "", iters: int = 5, out: str = "bench_tokenizer.json"):
     """Benchmark one arch/batch/precision; defaults: the official base arch on GPU, the demo arch on CPU."""
+    check_counts(iters=iters, **({"batch": batch} if batch else {}))   # 0: the default for the device
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = arch or ("vqkd_encoder_base_decoder_3x768x12_clip" if device.type == "cuda" else "vqkd_small_demo")
     batch = batch or (64 if device.type == "cuda" else 32)
@@ -111,4 +113,4 @@ def main(arch: str = "", batch: int = 0, precision: str = "", iters: int = 5, ou
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    sys.exit(run_cli(main))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Callable
 
 import fire
 
@@ -23,7 +24,11 @@ def _print_result(result) -> None:
         print(result)
 
 
-def run_cli(commands: dict, argv: list[str] | None = None) -> int:
+def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
+    """Run `commands` (a dict of sub-commands, or one function) with fire; return the exit status.
+
+    Bad input (`USER_ERRORS`) prints `error: <message>` on one line and returns 2; a dict result prints as JSON.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher passes --local_rank=N ahead of the sub-command; LOCAL_RANK in the environment
     # carries the same information, so drop it rather than let fire treat it as a command.

@@ -92,3 +92,21 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
         assert result["errors"]["bias_grad"] < 1e-4 and result["errors"]["max_grad"] < 1e-3
     else:   # 16-bit: a real rounding error, measured against the fp32 reference
         assert 0 < result["reference_kernel_errors"]["output"] < 0.1
+
+
+@pytest.mark.parametrize("bench,args,error", [
+    ("tokenizer", ["--arch=nope"], "error: unknown tokenizer arch 'nope'; choose one of vqkd_"),
+    ("tokenizer", ["--iters=0"], "error: --iters must be a whole number >= 1 (got 0)"),
+    ("tokenizer", ["--arch=vqkd_tiny_test", "--batch=2", "--iters=1", "--out=/proc/nope/x.json"],
+     "error: cannot write /proc/nope/x.json"),
+    ("attention", ["--dtype=fp8"], "error: --dtype must be one of bf16, fp16, fp32 (got 'fp8')"),
+    ("pretrain", ["--warmup=1.5"], "error: --warmup must be a whole number >= 1 (got 1.5)"),
+    ("loader", ["--batch=0"], "error: --batch must be a whole number >= 1 (got 0)"),
+])
+def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
+    import importlib
+
+    from engine.cli import run_cli
+    assert run_cli(importlib.import_module(f"bench.{bench}").main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(error), err
