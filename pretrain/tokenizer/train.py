@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from data_tools import sources
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
-from engine.files import write_atomically, write_text_atomically
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
+from engine.files import write_atomically, write_text_atomically
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
