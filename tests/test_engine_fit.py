@@ -61,15 +61,19 @@ SCRIPT = textwrap.dedent('''
             fit(run, run, optim, ScheduleConfig(total_steps=opts["steps"]), model, param_groups(model), Numbers(),
                 step_fn)
     except TrainingDiverged as e:
-        print("DIVERGED", e)
-    print("SYNCS", counter.syncs if counter else -1)
-    print("GRAPHS", torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        report = [f"DIVERGED {e}"]
+    else:
+        report = []
+    report += [f"SYNCS {counter.syncs if counter else -1}",
+               f"GRAPHS {torch._dynamo.utils.counters['stats']['unique_graphs']}"]
     gathered = contextlib.nullcontext()
     if zero == 3:   # ZeRO-3 leaves each rank a shard of the weight: gather it (collective)
         import deepspeed
         gathered = deepspeed.zero.GatheredParameters(model.weight)
     with gathered:
-        print("WEIGHT", json.dumps(model.weight.detach().float().flatten().tolist()))
+        report.append(f"WEIGHT {json.dumps(model.weight.detach().float().flatten().tolist())}")
+    if dist_utils.is_main():   # one rank reports: lines from two ranks on one pipe can interleave mid-line
+        print("\\n".join(report), flush=True)
 ''')
 
 
