@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,5 +276,28 @@ def load_json(cls: type, path: str) -> Any:
     return cfg
 
 
-__all__ = ["ConfigError", "DataConfig", "StageConfig", "describe", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
+def saved_run_config(checkpoint: str) -> dict:
+    """The config.json of the run that wrote `checkpoint` when it sits in that run's output directory, else {}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it "
+                          f"and give the settings as flags") from None
+
+
+def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: str) -> Any:
+    """One config section of an evaluation command: its defaults, then what the run saved, then the command's
+    `--flag` (a JSON object; unknown keys fail)."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"--{flag} must be a JSON object, e.g. --{flag}='{{\"key\": value}}', got {overrides!r}")
+    cfg = from_dict(cls, merge(merge(to_dict(cls()), saved), overrides or {}), prefix=flag)
+    validate(cfg, flag)
+    return cfg
+
+
+__all__ = ["ConfigError", "DataConfig", "StageConfig", "config_section", "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
            "to_dict", "validate", "save_json", "load_json", "field"]

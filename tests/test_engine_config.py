@@ -99,3 +99,19 @@ def test_no_weight_decay_groups():
     assert "encoder.blocks.0.attn.qkv.weight" in decayed
     assert not any(n.endswith(("bias", "cls_token", "pos_embed")) or "norm" in n for n in decayed)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_bool_flags_of_a_command_accept_yes_no_words(capsys):
+    from engine.cli import run_cli
+    seen = []
+
+    def command(augment: bool = True, name: str = ""):
+        seen.append((augment, name))
+
+    words = {"false": False, "False": False, "0": False, "no": False, "true": True, "TRUE": True, "1": True}
+    for word in words:
+        assert run_cli({"evaluate": command}, ["evaluate", f"--augment={word}"]) == 0
+    assert [augment for augment, _ in seen] == list(words.values())   # fire alone passes 'false', a true string
+    assert run_cli(command, ["--name=false"]) == 0 and seen[-1] == (True, "false")   # only bool parameters
+    assert run_cli(command, ["--augment=maybe"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --augment must be true or false, got 'maybe'"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 from data_tools import sources
 from engine import distributed as dist_utils
-from engine.config import ConfigError, DataConfig, describe, from_dict, merge, resolve, to_dict
+from engine.config import DataConfig, config_section, describe, resolve, saved_run_config
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.files import write_atomically, write_text_atomically
 from engine.metrics import forward_flops_per_image
@@ -69,9 +68,9 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
         data_cfg: data settings; defaults likewise.
         out: optional JSON path for the result.
     """
-    saved = _saved_config(checkpoint)
-    tcfg = _section(TeacherConfig, saved.get("teacher", {}), teacher, "teacher")
-    dcfg = _section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
+    saved = saved_run_config(checkpoint)
+    tcfg = config_section(TeacherConfig, saved.get("teacher", {}), teacher, "teacher")
+    dcfg = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_tokenizer(checkpoint).to(device)
     teach = build_teacher(tcfg).to(device)
@@ -119,21 +118,3 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
     if png:
         data.save_token_map_png(pixels, ids, model.num_codes, png)
     return {"images": int(ids.shape[0]), "grid": list(model.grid), "ids": out, "png": png or None}
-
-
-def _saved_config(checkpoint: str) -> dict:
-    """The config.json of the run that wrote `checkpoint`, when it sits in that run's output directory."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
-
-
-def _section(cls, saved: dict, overrides, flag: str):
-    """A config section: its defaults, then what the run saved, then this command's flag (unknown keys fail)."""
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError(f"--{flag} must be a JSON object, e.g. --{flag}='{{\"key\": value}}', got {overrides!r}")
-    cfg = from_dict(cls, merge(merge(to_dict(cls()), saved), overrides or {}), prefix=flag)
-    cfg.validate(flag)
-    return cfg
