@@ -316,9 +316,10 @@ def _next(it: Any, poll_s: float = 1.0) -> tuple:
 
 # ------------------------------------------------------------------------------------------- held-out images
 def eval_image_batches(path: str, *, img_size: int = 224, batch_size: int = 64, device: torch.device | str = "cpu",
-                       limit: int = 0, num_workers: int = 2) -> Iterator[Tensor]:
-    """Held-out images of a .beton, un-augmented (short side resized to img_size, center crop), float [0, 1]."""
-    src = FFCVSource(path, EvalAug(img_size, crop_fraction=1.0, normalized=False), micro_batch_size=1,
+                       limit: int = 0, num_workers: int = 2, aug: Optional[Aug] = None) -> Iterator[Tensor]:
+    """Held-out images of a .beton, by default un-augmented (short side resized to img_size, center crop), float
+    [0, 1]; `aug` replaces that view (its randomness comes from one fixed generator)."""
+    src = FFCVSource(path, aug or EvalAug(img_size, crop_fraction=1.0, normalized=False), micro_batch_size=1,
                      device=device, num_workers=num_workers)
     for batch in src.eval_batches(batch_size, limit):
         yield batch["image"]

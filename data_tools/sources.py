@@ -40,26 +40,29 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
                       limit=data.limit, **common)
 
 
-def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device):
-    """uint8 images [N, H, W(, C)] in order, whole image resized to img_size, RGB in [0, 1], in batches."""
+def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device, aug=None):
+    """uint8 images [N, H, W(, C)] in order, in batches: by default the whole image resized to img_size, RGB in
+    [0, 1]; `aug` replaces that view (its randomness comes from one fixed generator, so it is the same each call)."""
     from data_tools.ffcv_loader import ArraySource
     from data_tools.gpu_augment import EvalAug
-    source = ArraySource(images, aug=EvalAug(img_size, crop_fraction=1.0, normalized=False),
+    source = ArraySource(images, aug=aug or EvalAug(img_size, crop_fraction=1.0, normalized=False),
                          micro_batch_size=min(batch_size, len(images)), device=device)   # the plan wants one batch
     for batch in source.eval_batches(batch_size):
         yield batch["image"]
 
 
-def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch.device):
-    """Held-out images (Fashion-MNIST's test split or `data.eval_path`), un-augmented, RGB in [0, 1]."""
+def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch.device, aug=None):
+    """Held-out images (Fashion-MNIST's test split or `data.eval_path`), un-augmented unless `aug` is given, RGB in
+    [0, 1]."""
     if data.source == "beton":
         if not data.eval_path:
             raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) with source=beton")
         from data_tools.ffcv_loader import eval_image_batches
         yield from eval_image_batches(data.eval_path, img_size=img_size, batch_size=batch_size, device=device,
-                                      limit=data.eval_images)
+                                      limit=data.eval_images, aug=aug)
     elif data.source == "synthetic":
-        yield from array_eval_batches(synthetic(data.eval_images or 256, img_size), img_size, batch_size, device)
+        yield from array_eval_batches(synthetic(data.eval_images or 256, img_size), img_size, batch_size, device,
+                                      aug)
     else:
         images, _ = fashion_mnist("test", data.eval_images)
-        yield from array_eval_batches(images, img_size, batch_size, device)
+        yield from array_eval_batches(images, img_size, batch_size, device, aug)

@@ -1,14 +1,19 @@
-"""MIM pretraining end to end on 2 gloo ranks: ZeRO 0/2/3 in fp32 and bf16, tokenizer checks, no host syncs.
-(SIGKILL + resume and the export to timm run in test_stage_beton.py, on the .beton source.)
+"""MIM pretraining end to end on 2 gloo ranks: ZeRO 0/2/3 in fp32 and bf16, tokenizer checks, no host syncs, and
+held-out evaluation of a trained run. (SIGKILL + resume and the export to timm run in test_stage_beton.py, on the
+.beton source.)
 
 Real data (Fashion-MNIST from Debian). The frozen tokenizer is a tiny randomly initialised VQ-KD saved by the
 test: its codes are a fixed function of the image, which is all MIM needs to have something to learn.
 """
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from pretrain.mim import build_mim_model, save_checkpoint
+from pretrain.mim.evaluate import evaluate
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
 from tests.conftest import ROOT
 from tests.dist_util import losses, run_stage
@@ -20,13 +25,26 @@ def train_args(tokenizer, out, *extra):
     return ["train", "beitv2_tiny_test", f"--tokenizer={tokenizer}", f"--run.output_dir={out}", *extra]
 
 
+def pretrain(tokenizer, out, zero: int, precision: str):
+    run_stage("pretrain.mim", train_args(tokenizer, out, f"--run.ds_config=ds_configs/zero{zero}.json",
+                                         f"--run.precision={precision}", "--schedule.total_steps=16"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2_fp32_run(tmp_path_factory, tiny_tokenizer_file):
+    """One 16-step ZeRO-2 fp32 run, shared by the loss test and the held-out evaluation test."""
+    return pretrain(tiny_tokenizer_file, tmp_path_factory.mktemp("mim") / "run", 2, "fp32")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16"),
                                             (0, "bf16_autocast")])
-def test_two_rank_pretraining_loss_falls(tmp_path, tiny_tokenizer_file, zero, precision):
-    out = tmp_path / "run"
-    run_stage("pretrain.mim", train_args(tiny_tokenizer_file, out, f"--run.ds_config=ds_configs/zero{zero}.json",
-                                         f"--run.precision={precision}", "--schedule.total_steps=16"))
+def test_two_rank_pretraining_loss_falls(request, tmp_path, tiny_tokenizer_file, zero, precision):
+    if (zero, precision) == (2, "fp32"):
+        out = request.getfixturevalue("zero2_fp32_run")
+    else:
+        out = pretrain(tiny_tokenizer_file, tmp_path / "run", zero, precision)
     curve = losses(out)
     assert sorted(curve) == list(range(1, 17))
     first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (14, 15, 16)) / 3
@@ -35,6 +53,33 @@ def test_two_rank_pretraining_loss_falls(tmp_path, tiny_tokenizer_file, zero, pr
     assert max(acc[s] for s in (14, 15, 16)) > 1 / 64   # better than chance over the 64 codes
     agg = losses(out, "agg_loss")
     assert agg[16] < agg[1]   # the aggregation head learns too
+
+
+@pytest.mark.slow
+def test_held_out_evaluation_sees_what_pretraining_learned(tmp_path, zero2_fp32_run, tiny_tokenizer_file):
+    data = {"eval_images": 300}
+    trained = evaluate(str(zero2_fp32_run), data_cfg=data, out=str(tmp_path / "eval.json"))
+    assert trained["tokenizer"] == str(tiny_tokenizer_file)   # read from the run's config.json
+    assert trained["images"] == 300 and trained["masked_tokens"] == 300 * 6
+    assert json.loads((tmp_path / "eval.json").read_text()) == trained
+    # An untrained model of the same arch, on the same images and masks (so the same labels and majority code).
+    torch.manual_seed(0)
+    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "untrained.pt")
+    untrained = evaluate(str(tmp_path / "untrained.pt"), tokenizer=str(tiny_tokenizer_file), data_cfg=data,
+                         masking={"min_patches": 2})
+    assert untrained["majority_code_acc"] == trained["majority_code_acc"]
+    assert trained["mim_loss"] < untrained["mim_loss"] - 0.5 and trained["agg_loss"] < untrained["agg_loss"] - 0.5
+    assert trained["mim_acc"] > trained["majority_code_acc"] > untrained["mim_acc"]
+    # Fixed seeds: the same call gives the same numbers; another seed or the un-augmented view other ones.
+    assert evaluate(str(zero2_fp32_run), data_cfg=data) == trained
+    assert evaluate(str(zero2_fp32_run), data_cfg=data, seed=1)["majority_code_acc"] != trained["majority_code_acc"]
+    assert evaluate(str(zero2_fp32_run), data_cfg=data, augment=False)["mim_loss"] != trained["mim_loss"]
+    with pytest.raises(ValueError, match="names its tokenizer: give --tokenizer=PATH"):
+        evaluate(str(tmp_path / "untrained.pt"))
+    wrong = tmp_path / "wrong.pt"
+    save_tokenizer(build_tokenizer("vqkd_tiny_test", num_codes=32), str(wrong))
+    with pytest.raises(ValueError, match="vocabulary 32 vs the model's 64"):
+        evaluate(str(zero2_fp32_run), tokenizer=str(wrong))
 
 
 def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):

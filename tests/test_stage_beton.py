@@ -1,5 +1,7 @@
 """Both pretraining stages stream from FFCV .beton files written by `data_tools.convert` (Fashion-MNIST from
-Debian) on 2 ranks; MIM is SIGKILLed mid-epoch, resumes with the same losses, and exports to timm."""
+Debian) on 2 ranks; MIM is SIGKILLed mid-epoch, resumes with the same losses, evaluates on held-out images of a
+.beton and exports to timm."""
+import json
 import signal
 import subprocess
 import sys
@@ -37,7 +39,7 @@ def test_tokenizer_trains_from_a_beton_and_evaluates_on_one(tmp_path, betons):
 
 
 def test_mim_resumes_inside_an_epoch_of_a_beton_and_exports_to_timm(tmp_path, betons, tiny_tokenizer_file):
-    train, _ = betons
+    train, test = betons
     args = ["train", "beitv2_tiny_test", f"--tokenizer={tiny_tokenizer_file}", "--data.source=beton",
             f"--data.train_path={train}", "--data.num_workers=1", "--schedule.total_steps=16",
             "--run.save_interval=4"]
@@ -49,6 +51,15 @@ def test_mim_resumes_inside_an_epoch_of_a_beton_and_exports_to_timm(tmp_path, be
     out = run_stage("pretrain.mim", args + [f"--run.output_dir={killed}"])
     assert "resumed from" in out
     assert losses(killed) == losses(ref)
+
+    # Held-out masked-token metrics through the command line, on the test .beton under the training view.
+    proc = subprocess.run([sys.executable, "-m", "pretrain.mim", "evaluate", str(ref),
+                           f'--data_cfg={{"eval_path": "{test}", "eval_images": 64}}', f"--out={tmp_path / 'eval.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held_out = json.loads((tmp_path / "eval.json").read_text())
+    assert held_out["images"] == 64 and held_out["masked_tokens"] == 64 * 6
+    assert 0 < held_out["mim_acc"] <= 1 and 0 < held_out["mim_loss"] < 10
 
     # The finished run exports to timm's BEiT v2 layout, and timm gives our backbone's features.
     import timm

@@ -1,0 +1,90 @@
+"""Held-out masked-token metrics of a MIM checkpoint: both heads' cross-entropy and accuracy on fixed masks.
+
+Training logs report these on training batches; this command measures them on images the model never saw, seen as
+training sees them (crop, flip and colour jitter) with augmentation and masks drawn from a fixed seed, so two
+checkpoints (or two runs) are compared on the same pixels and the same masked patches.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from data_tools import sources
+from data_tools.gpu_augment import MimAug, mim_views
+from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.files import write_text_atomically
+from pretrain.mim.config import MaskingConfig
+from pretrain.mim.masking import BlockMaskGenerator
+from pretrain.mim.model import gather_masked, load_checkpoint
+from pretrain.mim.train import check_tokenizer
+from pretrain.tokenizer import load_tokenizer
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None, masking: dict | None = None,
+             batch_size: int = 64, seed: int = 0, augment: bool = True, out: str = "") -> dict:
+    """Masked-token cross-entropy and accuracy of the MIM head and the aggregation head on held-out images.
+
+    Args:
+        checkpoint: `mim.pt` of a run (or the run's output directory), or an official `*_cls_pt` file.
+        tokenizer: the frozen tokenizer the model learned from; defaults to the one in the run's config.json.
+        data_cfg: data settings (`source`, `eval_path`, `eval_images`); defaults to the run's, as a JSON object.
+        masking: masking settings (`num_masked`, `min_patches`, `min_aspect`); defaults to the run's.
+        batch_size: images per forward pass.
+        seed: seeds the masks: the same seed masks the same patches of the same images.
+        augment: the training view (MIM's crop, flip and colour jitter, from a fixed generator); False gives the
+            whole image resized, which a model pretrained on crops predicts less well.
+        out: optional JSON path for the result.
+
+    Returns:
+        `images`, `masked_tokens`, `mim_loss`, `mim_acc`, `agg_loss`, `agg_acc`, and `majority_code_acc`: the
+        accuracy of always answering the most frequent code of these labels, the floor a model must beat.
+    """
+    if os.path.isdir(checkpoint):
+        checkpoint = os.path.join(checkpoint, "mim.pt")
+    saved = saved_run_config(checkpoint)
+    tokenizer = tokenizer or saved.get("tokenizer", "")
+    if not tokenizer:
+        raise ConfigError(f"no config.json beside {checkpoint} names its tokenizer: give --tokenizer=PATH (the "
+                          f"tokenizer the model was pretrained against)")
+    data = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
+    mask_cfg = config_section(MaskingConfig, saved.get("masking", {}), masking, "masking")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size={batch_size} must be >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(checkpoint).to(device).eval()
+    codes_of = load_tokenizer(tokenizer).to(device)
+    check_tokenizer(codes_of, model, tokenizer)
+    k = mask_cfg.num_masked or model.num_masked_patches
+    masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k,
+                               min_num_patches=mask_cfg.min_patches, min_aspect=mask_cfg.min_aspect)
+    generator = torch.Generator().manual_seed(seed)
+
+    totals = torch.zeros(4, dtype=torch.float64, device=device)   # summed CE and hits of both heads
+    label_counts = torch.zeros(model.lm_head.out_features, dtype=torch.long, device=device)
+    images_seen = 0
+    img_size = model.patch_embed.img_size[0]
+    view = MimAug(size=img_size) if augment else None
+    for x01 in sources.eval_batches(data, img_size, batch_size, device, aug=view):
+        model_view, tokenizer_view = mim_views(x01)
+        mask = masks(x01.shape[0], generator=generator, device=torch.device("cpu")).to(device)
+        labels = gather_masked(codes_of.get_codebook_indices(tokenizer_view), mask, k)
+        logits, agg_logits = model(model_view, mask, num_masked=k)
+        for i, head in enumerate((logits.float(), agg_logits.float())):
+            totals[2 * i] += F.cross_entropy(head, labels, reduction="sum")
+            totals[2 * i + 1] += (head.argmax(-1) == labels).sum()
+        label_counts += torch.bincount(labels, minlength=label_counts.numel())
+        images_seen += x01.shape[0]
+    tokens = images_seen * k
+    if tokens == 0:
+        raise ConfigError(f"no held-out images came from data source {data.source!r}; check --data_cfg")
+    mim_loss, mim_hits, agg_loss, agg_hits = (totals / tokens).tolist()
+    result = {"checkpoint": checkpoint, "tokenizer": tokenizer, "images": images_seen, "masked_tokens": tokens,
+              "mim_loss": mim_loss, "mim_acc": mim_hits, "agg_loss": agg_loss, "agg_acc": agg_hits,
+              "majority_code_acc": label_counts.max().item() / tokens, "num_codes": label_counts.numel()}
+    if out:
+        write_text_atomically(out, json.dumps(result, indent=2))
+    return result
