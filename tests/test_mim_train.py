@@ -82,6 +82,21 @@ def test_held_out_evaluation_sees_what_pretraining_learned(tmp_path, zero2_fp32_
         evaluate(str(zero2_fp32_run), tokenizer=str(wrong))
 
 
+@pytest.mark.slow
+def test_pretraining_starts_from_given_weights(tmp_path, zero2_fp32_run, tiny_tokenizer_file):
+    # Same seed, so step 1 sees the same batch as the first run's step 1: the loss there is the trained model's.
+    out = tmp_path / "continued"
+    run_stage("pretrain.mim", train_args(tiny_tokenizer_file, out, f"--init_weights={zero2_fp32_run / 'mim.pt'}",
+                                         "--schedule.total_steps=2"))
+    fresh, continued = losses(zero2_fp32_run), losses(out)
+    assert continued[1] < fresh[1] - 0.5, (continued, fresh)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.mim",
+                           *train_args(tiny_tokenizer_file, tmp_path / "bad", f"--init_weights={tiny_tokenizer_file}")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tiny_tokenizer_file}")
+
+
 def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):
     wrong = tmp_path / "wrong.pt"
     save_tokenizer(build_tokenizer("vqkd_tiny_test", num_codes=32), str(wrong))

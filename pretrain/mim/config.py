@@ -52,6 +52,10 @@ class MIMConfig(StageConfig):
     arch: str = "beitv2_small_demo"
     tokenizer: str = ""          # frozen tokenizer checkpoint (ours or official)
     tokenizer_arch: str = ""     # only for arch-less files whose shapes are ambiguous
+    # Start from these weights (an official `*_cls_pt` file or a `mim.pt`, same arch) instead of the random init,
+    # e.g. to continue pretraining on other data; optimizer and schedule start fresh. A resumed run's own
+    # checkpoint replaces them.
+    init_weights: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 

@@ -12,12 +12,14 @@ from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
+from engine.export import load_strict
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, save_checkpoint
+from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, read_checkpoint,
+                                save_checkpoint)
 from pretrain.tokenizer import VQKD, load_tokenizer
 
 
@@ -81,7 +83,10 @@ def build_model(cfg: MIMConfig) -> BeitV2MIM:
             overrides[theirs] = getattr(m, ours)
     if cfg.masking.num_masked is not None:
         overrides["num_masked_patches"] = cfg.masking.num_masked
-    return build_mim_model(cfg.arch, **overrides)
+    model = build_mim_model(cfg.arch, **overrides)
+    if cfg.init_weights:
+        load_strict(model, read_checkpoint(cfg.init_weights)[0], cfg.init_weights, f"MIM arch {cfg.arch}")
+    return model
 
 
 def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]:
