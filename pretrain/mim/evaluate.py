@@ -81,9 +81,9 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     tokens = images_seen * k
     if tokens == 0:
         raise ConfigError(f"no held-out images came from data source {data.source!r}; check --data_cfg")
-    mim_loss, mim_hits, agg_loss, agg_hits = (totals / tokens).tolist()
+    mim_loss, mim_acc, agg_loss, agg_acc = (totals / tokens).tolist()
     result = {"checkpoint": checkpoint, "tokenizer": tokenizer, "images": images_seen, "masked_tokens": tokens,
-              "mim_loss": mim_loss, "mim_acc": mim_hits, "agg_loss": agg_loss, "agg_acc": agg_hits,
+              "mim_loss": mim_loss, "mim_acc": mim_acc, "agg_loss": agg_loss, "agg_acc": agg_acc,
               "majority_code_acc": label_counts.max().item() / tokens, "num_codes": label_counts.numel()}
     if out:
         write_text_atomically(out, json.dumps(result, indent=2))
