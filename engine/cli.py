@@ -28,21 +28,27 @@ def _print_result(result) -> None:
 _BOOL_WORDS = {"true": "True", "false": "False", "1": "True", "0": "False", "yes": "True", "no": "False"}
 
 
-def _spell_bools(fn: Callable, args: list[str]) -> list[str]:
-    """`--flag=false` for a bool parameter of `fn` as the bool fire understands (it would pass the string
-    'false', which is truthy); anything but a yes/no word for such a flag is a one-line error."""
+def spell_bool_flags(commands: dict | Callable, args: list[str]) -> list[str]:
+    """`--flag=false` or `--flag false` for a bool parameter of the command `args` call, as the bool fire
+    understands (fire alone passes the string 'false', which is truthy); anything but a yes/no word after `=` is a
+    one-line ConfigError."""
+    fn = commands.get(args[0]) if isinstance(commands, dict) and args else commands
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return args
     flags = {name for name, p in params.items() if p.annotation in (bool, "bool")}
-    out = []
-    for a in args:
+    out, rest = [], list(args)
+    while rest:
+        a = rest.pop(0)
         name, eq, value = a[2:].partition("=")
-        if a.startswith("--") and eq and name.replace("-", "_") in flags:
-            if value.lower() not in _BOOL_WORDS:
-                raise ConfigError(f"--{name} must be true or false, got {value!r}")
-            a = f"--{name}={_BOOL_WORDS[value.lower()]}"
+        if a.startswith("--") and name.replace("-", "_") in flags:
+            if not eq and rest and rest[0].lower() in _BOOL_WORDS:   # the value as the next word
+                eq, value = "=", rest.pop(0)
+            if eq:
+                if value.lower() not in _BOOL_WORDS:
+                    raise ConfigError(f"--{name} must be true or false, got {value!r}")
+                a = f"--{name}={_BOOL_WORDS[value.lower()]}"
         out.append(a)
     return out
 
@@ -60,9 +66,7 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
         # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fn = commands.get(argv[0]) if isinstance(commands, dict) and argv else commands
-        if callable(fn):
-            argv = _spell_bools(fn, argv)
+        argv = spell_bool_flags(commands, argv)
         result = fire.Fire(commands, command=argv, serialize=lambda r: None)
     except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix
         print(f"stopped: {e}", file=sys.stderr)

@@ -112,6 +112,8 @@ def test_bool_flags_of_a_command_accept_yes_no_words(capsys):
     for word in words:
         assert run_cli({"evaluate": command}, ["evaluate", f"--augment={word}"]) == 0
     assert [augment for augment, _ in seen] == list(words.values())   # fire alone passes 'false', a true string
+    assert run_cli(command, ["--augment", "false"]) == 0 and seen[-1] == (False, "")
+    assert run_cli(command, ["--augment"]) == 0 and seen[-1] == (True, "")
     assert run_cli(command, ["--name=false"]) == 0 and seen[-1] == (True, "false")   # only bool parameters
     assert run_cli(command, ["--augment=maybe"]) == 2
     assert capsys.readouterr().err.strip() == "error: --augment must be true or false, got 'maybe'"
