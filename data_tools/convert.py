@@ -450,11 +450,12 @@ COMMANDS = {"imagefolder": imagefolder, "fashion_mnist": fashion_mnist, "ade20k"
 def main(argv: Optional[list[str]] = None) -> int:
     import fire
 
-    from engine.cli import spell_bool_flags
+    from engine.cli import spell_bool_flags, typed_command
     from engine.config import ConfigError
     try:
         argv = spell_bool_flags(COMMANDS, list(sys.argv[1:] if argv is None else argv))
-        fire.Fire(COMMANDS, command=argv, name="python -m data_tools.convert")
+        fire.Fire({name: typed_command(fn) for name, fn in COMMANDS.items()}, command=argv,
+                  name="python -m data_tools.convert")
     except (ConfigError, ConvertError, OutputPathError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1

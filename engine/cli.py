@@ -1,11 +1,13 @@
 """Entry-point wrapper: fire for the command line, one-line errors for bad input instead of tracebacks."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
 import sys
-from typing import Callable
+import typing
+from typing import Any, Callable
 
 import fire
 
@@ -53,6 +55,40 @@ def spell_bool_flags(commands: dict | Callable, args: list[str]) -> list[str]:
     return out
 
 
+def _checked_value(name: str, value: Any, hint: Any) -> Any:
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"--{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"--{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"--{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)   # fire reads `--out=2024` or a file named 123 as a number
+    return value
+
+
+def typed_command(fn: Callable) -> Callable:
+    """`fn` with its bool/int/float/str parameters checked before it runs. Fire passes whatever a flag's text
+    parses to, so `--batch_size=abc` would otherwise fail deep inside as a traceback; now it is a one-line
+    ConfigError naming the flag. Fire still sees `fn`'s own signature and docstring (help, flag names)."""
+    try:
+        signature, hints = inspect.signature(fn), typing.get_type_hints(fn)
+    except (TypeError, ValueError, NameError):
+        return fn
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                       inspect.Parameter.VAR_KEYWORD):
+                bound.arguments[name] = _checked_value(name, value, hints.get(name))
+        return fn(*bound.args, **bound.kwargs)
+    return checked
+
+
 def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
     """Run `commands` (a dict of sub-commands, or one function) with fire; return the exit status.
 
@@ -67,7 +103,9 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
         argv = spell_bool_flags(commands, argv)
-        result = fire.Fire(commands, command=argv, serialize=lambda r: None)
+        typed = {k: typed_command(v) for k, v in commands.items()} if isinstance(commands, dict) \
+            else typed_command(commands)
+        result = fire.Fire(typed, command=argv, serialize=lambda r: None)
     except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix
         print(f"stopped: {e}", file=sys.stderr)
         return 143

@@ -101,19 +101,28 @@ def test_no_weight_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_bool_flags_of_a_command_accept_yes_no_words(capsys):
+def test_command_flags_are_checked_against_their_types(capsys):
     from engine.cli import run_cli
     seen = []
 
-    def command(augment: bool = True, name: str = ""):
-        seen.append((augment, name))
+    def command(augment: bool = True, name: str = "", batch: int = 1, lr: float = 0.5):
+        """Doc."""
+        seen.append((augment, name, batch, lr))
 
     words = {"false": False, "False": False, "0": False, "no": False, "true": True, "TRUE": True, "1": True}
     for word in words:
         assert run_cli({"evaluate": command}, ["evaluate", f"--augment={word}"]) == 0
-    assert [augment for augment, _ in seen] == list(words.values())   # fire alone passes 'false', a true string
-    assert run_cli(command, ["--augment", "false"]) == 0 and seen[-1] == (False, "")
-    assert run_cli(command, ["--augment"]) == 0 and seen[-1] == (True, "")
-    assert run_cli(command, ["--name=false"]) == 0 and seen[-1] == (True, "false")   # only bool parameters
-    assert run_cli(command, ["--augment=maybe"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --augment must be true or false, got 'maybe'"
+    assert [s[0] for s in seen] == list(words.values())   # fire alone passes 'false', a true string
+    assert run_cli(command, ["--augment", "false"]) == 0 and seen[-1][0] is False
+    assert run_cli(command, ["--augment"]) == 0 and seen[-1][0] is True
+    assert run_cli(command, ["--name=false", "--batch=3", "--lr=2"]) == 0
+    assert seen[-1] == (True, "false", 3, 2.0) and isinstance(seen[-1][3], float)   # only bool flags respelled
+    assert run_cli(command, ["--name=2024"]) == 0 and seen[-1][1] == "2024"   # a str flag stays a str
+    capsys.readouterr()
+    for args, error in ((["--augment=maybe"], "--augment must be true or false, got 'maybe'"),
+                        (["--batch=abc"], "--batch must be an integer, got 'abc'"),
+                        (["--batch=1.5"], "--batch must be an integer, got 1.5"),
+                        (["--lr=fast"], "--lr must be a number, got 'fast'")):
+        assert run_cli(command, args) == 2
+        assert capsys.readouterr().err.strip() == f"error: {error}"
+    assert len(seen) == len(words) + 4   # no bad call ran
