@@ -10,13 +10,6 @@ import torch
 from engine.files import write_text_atomically
 
 
-def check_counts(**counts) -> None:
-    """A benchmark's size flags are whole numbers >= 1; otherwise a one-line error naming the flag."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name} must be a whole number >= 1 (got {value!r})")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,8 +23,8 @@ import tempfile
 
 import fire
 
-from bench.common import check_counts, write_json
-from engine.cli import run_cli
+from bench.common import write_json
+from engine.cli import check_counts, run_cli
 
 MODES = {"ds_bf16_zero1": ("bf16", 1), "ds_bf16_zero0": ("bf16", 0), "lean": ("bf16_autocast", 0)}
 

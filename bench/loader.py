@@ -23,8 +23,8 @@ import psutil
 import torch
 from PIL import Image
 
-from bench.common import check_counts, device_info, write_json
-from engine.cli import run_cli
+from bench.common import device_info, write_json
+from engine.cli import check_counts, run_cli
 
 SIZE, GRID, MASKED = 224, 14, 75
 

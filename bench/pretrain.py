@@ -19,8 +19,8 @@ import tempfile
 
 import torch
 
-from bench.common import check_counts, device_info, time_it, write_json
-from engine.cli import run_cli
+from bench.common import device_info, time_it, write_json
+from engine.cli import check_counts, run_cli
 from engine.config import resolve
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.tokenizer import build_tokenizer, save_tokenizer

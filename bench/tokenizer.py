@@ -16,9 +16,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import check_counts, device_info, peak_gib, reset_peak, time_it, write_json
+from bench.common import device_info, peak_gib, reset_peak, time_it, write_json
 from engine import distributed as dist_utils
-from engine.cli import run_cli
+from engine.cli import check_counts, run_cli
 from engine.ds_setup import COMPUTE_DTYPES
 from pretrain.tokenizer import VQKD, build_tokenizer
 from pretrain.tokenizer.quantizer import NormEMAQuantizer

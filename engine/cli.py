@@ -55,6 +55,14 @@ def spell_bool_flags(commands: dict | Callable, args: list[str]) -> list[str]:
     return out
 
 
+def check_counts(**counts) -> None:
+    """Size flags (batch sizes, counts, iterations) are whole numbers >= 1; otherwise a one-line error naming the
+    flag."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1 (got {value!r})")
+
+
 def _checked_value(name: str, value: Any, hint: Any) -> Any:
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"--{name} must be true or false, got {value!r}")

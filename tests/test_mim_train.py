@@ -74,6 +74,10 @@ def test_held_out_evaluation_sees_what_pretraining_learned(tmp_path, zero2_fp32_
     assert evaluate(str(zero2_fp32_run), data_cfg=data) == trained
     assert evaluate(str(zero2_fp32_run), data_cfg=data, seed=1)["majority_code_acc"] != trained["majority_code_acc"]
     assert evaluate(str(zero2_fp32_run), data_cfg=data, augment=False)["mim_loss"] != trained["mim_loss"]
+    with pytest.raises(ValueError, match="--batch_size must be a whole number >= 1"):
+        evaluate(str(zero2_fp32_run), batch_size=0)
+    with pytest.raises(FileNotFoundError, match="MIM model checkpoint not found: .*nothing.pt"):
+        evaluate(str(tmp_path / "nothing.pt"))
     with pytest.raises(ValueError, match="names its tokenizer: give --tokenizer=PATH"):
         evaluate(str(tmp_path / "untrained.pt"))
     wrong = tmp_path / "wrong.pt"

@@ -72,6 +72,8 @@ def test_train_help_lists_recipes_and_keys(module):
     (['--data_cfg={"eval_image": 5}'], "error: unknown config key 'data_cfg.eval_image'; valid keys here:"),
     (["--data_cfg=5"], "error: --data_cfg must be a JSON object"),
     (['--data_cfg={"source": "beton"}'], "error: evaluation needs data.eval_path"),
+    (["--batch_size=0"], "error: --batch_size must be a whole number >= 1 (got 0)"),
+    (["--batch_size=abc"], "error: --batch_size must be an integer, got 'abc'"),
 ])
 def test_evaluate_rejects_bad_settings_in_one_line(tiny_tokenizer_file, args, message):
     proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "evaluate", str(tiny_tokenizer_file), *args],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from data_tools import sources
 from data_tools.gpu_augment import MimAug, mim_views
+from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.files import write_text_atomically
 from pretrain.mim.config import MaskingConfig
@@ -43,8 +44,11 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
         `images`, `masked_tokens`, `mim_loss`, `mim_acc`, `agg_loss`, `agg_acc`, and `majority_code_acc`: the
         accuracy of always answering the most frequent code of these labels, the floor a model must beat.
     """
+    check_counts(batch_size=batch_size)
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "mim.pt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(checkpoint).to(device).eval()   # first: a wrong path is reported as such
     saved = saved_run_config(checkpoint)
     tokenizer = tokenizer or saved.get("tokenizer", "")
     if not tokenizer:
@@ -52,10 +56,6 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
                           f"tokenizer the model was pretrained against)")
     data = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
     mask_cfg = config_section(MaskingConfig, saved.get("masking", {}), masking, "masking")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size={batch_size} must be >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(checkpoint).to(device).eval()
     codes_of = load_tokenizer(tokenizer).to(device)
     check_tokenizer(codes_of, model, tokenizer)
     k = mask_cfg.num_masked or model.num_masked_patches

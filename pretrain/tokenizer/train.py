@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from data_tools import sources
 from engine import distributed as dist_utils
+from engine.cli import check_counts
 from engine.config import DataConfig, config_section, describe, resolve, saved_run_config
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.files import write_atomically, write_text_atomically
@@ -68,6 +69,7 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
         data_cfg: data settings; defaults likewise.
         out: optional JSON path for the result.
     """
+    check_counts(batch_size=batch_size)
     saved = saved_run_config(checkpoint)
     tcfg = config_section(TeacherConfig, saved.get("teacher", {}), teacher, "teacher")
     dcfg = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
@@ -103,6 +105,7 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
         images: folder of image files; empty uses `count` Fashion-MNIST images of `split`.
         png: optional PNG path: each image beside its token map (one colour per id).
     """
+    check_counts(batch_size=batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_tokenizer(checkpoint).to(device)
     pixels = data.images_for_encoding(images, split, count, model.img_size)
