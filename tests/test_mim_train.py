@@ -94,11 +94,15 @@ def test_pretraining_starts_from_given_weights(tmp_path, zero2_fp32_run, tiny_to
                                          "--schedule.total_steps=2"))
     fresh, continued = losses(zero2_fp32_run), losses(out)
     assert continued[1] < fresh[1] - 0.5, (continued, fresh)
+    other_arch = tmp_path / "small.pt"
+    save_checkpoint(build_mim_model("beitv2_small_demo"), other_arch)
     proc = subprocess.run([sys.executable, "-m", "pretrain.mim",
-                           *train_args(tiny_tokenizer_file, tmp_path / "bad", f"--init_weights={tiny_tokenizer_file}")],
+                           *train_args(tiny_tokenizer_file, tmp_path / "bad", f"--init_weights={other_arch}")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tiny_tokenizer_file}")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {other_arch} does not match MIM arch beitv2_tiny_test: missing")
+    assert last.endswith("pick the recipe or --arch that matches the file")
 
 
 def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):

@@ -85,7 +85,11 @@ def build_model(cfg: MIMConfig) -> BeitV2MIM:
         overrides["num_masked_patches"] = cfg.masking.num_masked
     model = build_mim_model(cfg.arch, **overrides)
     if cfg.init_weights:
-        load_strict(model, read_checkpoint(cfg.init_weights)[0], cfg.init_weights, f"MIM arch {cfg.arch}")
+        try:
+            load_strict(model, read_checkpoint(cfg.init_weights)[0], cfg.init_weights, f"MIM arch {cfg.arch}")
+        except ValueError as e:
+            raise ValueError(f"{e}; --init_weights takes weights of the run's arch: pick the recipe or --arch that "
+                             f"matches the file") from None
     return model
 
 
