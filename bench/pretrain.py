@@ -75,7 +75,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     save_tokenizer(build_tokenizer(TOKENIZER_FOR[arch], kmeans_init=False), tok_path)
 
     results, configs = {}, {}
-    names = variants.split(",") if isinstance(variants, str) else list(variants)   # fire turns a,b into a tuple
+    names = variants.split(",") if isinstance(variants, str) else list(variants)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"error: unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}")

@@ -450,10 +450,10 @@ COMMANDS = {"imagefolder": imagefolder, "fashion_mnist": fashion_mnist, "ade20k"
 def main(argv: Optional[list[str]] = None) -> int:
     import fire
 
-    from engine.cli import spell_bool_flags, typed_command
+    from engine.cli import spell_flags, typed_command
     from engine.config import ConfigError
     try:
-        argv = spell_bool_flags(COMMANDS, list(sys.argv[1:] if argv is None else argv))
+        argv = spell_flags(COMMANDS, list(sys.argv[1:] if argv is None else argv))
         fire.Fire({name: typed_command(fn) for name, fn in COMMANDS.items()}, command=argv,
                   name="python -m data_tools.convert")
     except (ConfigError, ConvertError, OutputPathError) as e:

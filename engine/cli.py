@@ -30,27 +30,39 @@ def _print_result(result) -> None:
 _BOOL_WORDS = {"true": "True", "false": "False", "1": "True", "0": "False", "yes": "True", "no": "False"}
 
 
-def spell_bool_flags(commands: dict | Callable, args: list[str]) -> list[str]:
-    """`--flag=false` or `--flag false` for a bool parameter of the command `args` call, as the bool fire
-    understands (fire alone passes the string 'false', which is truthy); anything but a yes/no word after `=` is a
-    one-line ConfigError."""
+def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
+    """The flags of the command `args` call, spelled so that fire reads them as their parameters' types.
+
+    Fire reads a flag's text as a Python literal: `--force=false` becomes the string 'false' (a true value) and
+    `--out=1e3` the float 1000.0. Here `--flag=false` / `--flag false` for a bool parameter become the bool (and
+    anything but a yes/no word after `=` is a one-line ConfigError), and a str parameter's text is passed quoted,
+    so it arrives exactly as typed.
+    """
     fn = commands.get(args[0]) if isinstance(commands, dict) and args else commands
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return args
-    flags = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    bools = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    strings = {name for name, p in params.items() if p.annotation in (str, "str")}
     out, rest = [], list(args)
     while rest:
         a = rest.pop(0)
         name, eq, value = a[2:].partition("=")
-        if a.startswith("--") and name.replace("-", "_") in flags:
+        key = name.replace("-", "_")
+        if a.startswith("--") and key in bools:
             if not eq and rest and rest[0].lower() in _BOOL_WORDS:   # the value as the next word
                 eq, value = "=", rest.pop(0)
             if eq:
                 if value.lower() not in _BOOL_WORDS:
                     raise ConfigError(f"--{name} must be true or false, got {value!r}")
                 a = f"--{name}={_BOOL_WORDS[value.lower()]}"
+        elif a.startswith("--") and key in strings:
+            if not eq and rest and not rest[0].startswith("-"):   # the value as the next word
+                eq, value = "=", rest.pop(0)
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""   # already as fire wants
+            if eq and not quoted:
+                a = f"--{name}={value!r}"
         out.append(a)
     return out
 
@@ -110,7 +122,7 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
         # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        argv = spell_bool_flags(commands, argv)
+        argv = spell_flags(commands, argv)
         typed = {k: typed_command(v) for k, v in commands.items()} if isinstance(commands, dict) \
             else typed_command(commands)
         result = fire.Fire(typed, command=argv, serialize=lambda r: None)

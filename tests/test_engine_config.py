@@ -117,7 +117,9 @@ def test_command_flags_are_checked_against_their_types(capsys):
     assert run_cli(command, ["--augment"]) == 0 and seen[-1][0] is True
     assert run_cli(command, ["--name=false", "--batch=3", "--lr=2"]) == 0
     assert seen[-1] == (True, "false", 3, 2.0) and isinstance(seen[-1][3], float)   # only bool flags respelled
-    assert run_cli(command, ["--name=2024"]) == 0 and seen[-1][1] == "2024"   # a str flag stays a str
+    for args, text in ((["--name=2024"], "2024"), (["--name=1e3"], "1e3"), (["--name", "0x10"], "0x10"),
+                       (["--name=\"quoted\""], "quoted"), (["--name=[1, 2]"], "[1, 2]")):
+        assert run_cli(command, args) == 0 and seen[-1][1] == text   # a str flag arrives exactly as typed
     capsys.readouterr()
     for args, error in ((["--augment=maybe"], "--augment must be true or false, got 'maybe'"),
                         (["--batch=abc"], "--batch must be an integer, got 'abc'"),
@@ -125,4 +127,4 @@ def test_command_flags_are_checked_against_their_types(capsys):
                         (["--lr=fast"], "--lr must be a number, got 'fast'")):
         assert run_cli(command, args) == 2
         assert capsys.readouterr().err.strip() == f"error: {error}"
-    assert len(seen) == len(words) + 4   # no bad call ran
+    assert len(seen) == len(words) + 8   # no bad call ran
