@@ -12,8 +12,11 @@ import sys
 import pytest
 import torch
 
+from engine.config import resolve
 from pretrain.mim import build_mim_model, save_checkpoint
+from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.evaluate import evaluate
+from pretrain.mim.train import build_model
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
 from tests.conftest import ROOT
 from tests.dist_util import losses, run_stage
@@ -96,13 +99,11 @@ def test_pretraining_starts_from_given_weights(tmp_path, zero2_fp32_run, tiny_to
     assert continued[1] < fresh[1] - 0.5, (continued, fresh)
     other_arch = tmp_path / "small.pt"
     save_checkpoint(build_mim_model("beitv2_small_demo"), other_arch)
-    proc = subprocess.run([sys.executable, "-m", "pretrain.mim",
-                           *train_args(tiny_tokenizer_file, tmp_path / "bad", f"--init_weights={other_arch}")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {other_arch} does not match MIM arch beitv2_tiny_test: missing")
-    assert last.endswith("pick the recipe or --arch that matches the file")
+    cfg = resolve(MIMConfig, RECIPES, "beitv2_tiny_test", {"tokenizer": "t.pt", "init_weights": str(other_arch)})
+    with pytest.raises(ValueError) as err:
+        build_model(cfg)
+    assert str(err.value).startswith(f"{other_arch} does not match MIM arch beitv2_tiny_test: missing")
+    assert str(err.value).endswith("pick the recipe or --arch that matches the file")
 
 
 def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):
