@@ -30,40 +30,61 @@ def _print_result(result) -> None:
 _BOOL_WORDS = {"true": "True", "false": "False", "1": "True", "0": "False", "yes": "True", "no": "False"}
 
 
-def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
-    """The flags of the command `args` call, spelled so that fire reads them as their parameters' types.
+def _str_literal(text: str) -> str:
+    """`text` as a Python string literal, unless it already is one (fire's own way of passing a string)."""
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    return text if quoted else repr(text)
 
-    Fire reads a flag's text as a Python literal: `--force=false` becomes the string 'false' (a true value) and
-    `--out=1e3` the float 1000.0. Here `--flag=false` / `--flag false` for a bool parameter become the bool (and
-    anything but a yes/no word after `=` is a one-line ConfigError), and a str parameter's text is passed quoted,
-    so it arrives exactly as typed.
+
+def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
+    """The arguments of the command `args` call, spelled so that fire reads them as their parameters' types.
+
+    Fire reads each argument's text as a Python literal: `--force=false` becomes the string 'false' (a true value),
+    `--out=1e3` the float 1000.0 and a file named `True` a bool. Here `--flag=false` / `--flag false` for a bool
+    parameter become the bool (anything but a yes/no word after `=` is a one-line ConfigError), and the text of a
+    str parameter, given as a flag or by position, is passed quoted, so it arrives exactly as typed.
     """
-    fn = commands.get(args[0]) if isinstance(commands, dict) and args else commands
+    head = args[:1] if isinstance(commands, dict) and args else []
+    fn = commands.get(args[0]) if head else commands
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return args
     bools = {name for name, p in params.items() if p.annotation in (bool, "bool")}
     strings = {name for name, p in params.items() if p.annotation in (str, "str")}
-    out, rest = [], list(args)
+    out, rest, positional, named = list(head), list(args[len(head):]), [], set()
     while rest:
         a = rest.pop(0)
+        if a == "--":   # what follows is for fire itself (--help)
+            out += [a, *rest]
+            break
+        if not a.startswith("--"):
+            if not a.startswith("-"):
+                positional.append(len(out))
+            out.append(a)
+            continue
         name, eq, value = a[2:].partition("=")
         key = name.replace("-", "_")
-        if a.startswith("--") and key in bools:
+        next_is_value = not eq and bool(rest) and not rest[0].startswith("-")
+        if key in bools:
             if not eq and rest and rest[0].lower() in _BOOL_WORDS:   # the value as the next word
                 eq, value = "=", rest.pop(0)
             if eq:
                 if value.lower() not in _BOOL_WORDS:
                     raise ConfigError(f"--{name} must be true or false, got {value!r}")
                 a = f"--{name}={_BOOL_WORDS[value.lower()]}"
-        elif a.startswith("--") and key in strings:
-            if not eq and rest and not rest[0].startswith("-"):   # the value as the next word
-                eq, value = "=", rest.pop(0)
-            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""   # already as fire wants
-            if eq and not quoted:
-                a = f"--{name}={value!r}"
+        elif next_is_value:   # `--key value`: the value is not a positional argument
+            eq, value = "=", rest.pop(0)
+            a = f"--{name}={value}"
+        if key in strings and eq:
+            a = f"--{name}={_str_literal(value)}"
+        named.add(key)
         out.append(a)
+    free = [n for n, p in params.items() if n not in named
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for slot, name in zip(positional, free):   # fire fills the parameters not given as flags, in order
+        if name in strings:
+            out[slot] = _str_literal(out[slot])
     return out
 
 
@@ -84,13 +105,13 @@ def _checked_value(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"--{name} must be a number, got {value!r}")
         return float(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)   # fire reads `--out=2024` or a file named 123 as a number
+    if hint is str and not isinstance(value, str):   # `spell_flags` quotes str arguments; this is a backstop
+        raise ConfigError(f"--{name} must be text, got {value!r}")
     return value
 
 
 def typed_command(fn: Callable) -> Callable:
-    """`fn` with its bool/int/float/str parameters checked before it runs. Fire passes whatever a flag's text
+    """`fn` with its bool/int/float/str parameters checked before it runs. Fire passes whatever an argument's text
     parses to, so `--batch_size=abc` would otherwise fail deep inside as a traceback; now it is a one-line
     ConfigError naming the flag. Fire still sees `fn`'s own signature and docstring (help, flag names)."""
     try:

@@ -128,3 +128,17 @@ def test_command_flags_are_checked_against_their_types(capsys):
         assert run_cli(command, args) == 2
         assert capsys.readouterr().err.strip() == f"error: {error}"
     assert len(seen) == len(words) + 8   # no bad call ran
+
+
+def test_positional_text_arrives_as_typed_and_overrides_keep_their_values():
+    from engine.cli import run_cli
+    seen = []
+
+    def export(checkpoint: str, out: str = "x", **overrides):
+        seen.append((checkpoint, out, overrides))
+
+    for text in ("True", "None", "1e3", "[1]", "a,b", "2024"):   # fire alone: a bool, None, 1000.0, a list, ...
+        assert run_cli({"export": export}, ["export", text, "--out", text]) == 0
+        assert seen[-1] == (text, text, {})
+    assert run_cli(export, ["--out=o", "ckpt", "--optim.lr", "1e-3", "--run.compile=false"]) == 0
+    assert seen[-1] == ("ckpt", "o", {"optim.lr": 1e-3, "run.compile": "false"})   # overrides: the config types them
