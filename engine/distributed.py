@@ -98,3 +98,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_uneven(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs between ranks (uneven shards), in rank order."""
+    if world_size() == 1:
+        return t
+    sizes = all_gather_cat(torch.tensor([t.shape[0]], device=t.device))
+    padded = torch.zeros((int(sizes.max()), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = all_gather_cat(padded).split(int(sizes.max()))
+    return torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])

@@ -105,6 +105,19 @@ def param_groups(model: nn.Module, no_decay_names: Iterable[str] = ()) -> list[d
     return groups
 
 
+def layer_decay_param_groups(model: nn.Module, layer_decay: float, no_decay_names: Iterable[str] = ()
+                             ) -> list[dict]:
+    """AdamW groups with layer-wise lr decay (BEiT): lr scale `layer_decay ** (L + 1 - layer_id)`, layer id 0 for
+    the embeddings and CLS token, i + 1 for block i, L + 1 for the rest (timm's `param_groups_layer_decay` over the
+    model's `group_matcher`); each group tagged with `lr_scale` and `wd_scale` for the per-step schedule."""
+    from timm.optim import param_groups_layer_decay
+    groups = param_groups_layer_decay(model, weight_decay=1.0, no_weight_decay_list=list(no_decay_names),
+                                      layer_decay=layer_decay)
+    for g in groups:
+        g["wd_scale"] = g["weight_decay"]
+    return groups
+
+
 def cast_for_precision(model: nn.Module, precision: str, keep_fp32: Iterable[str] = ()) -> nn.Module:
     """Cast parameters and buffers to the training dtype before DeepSpeed sees the model.
 

@@ -65,7 +65,8 @@ def save_weights_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     write_atomically(os.fspath(path), lambda tmp: torch.save({"model": sd, "arch": arch, "format": file_format}, tmp))
 
 
-def read_weights_file(path: str | os.PathLike, what: str, file_format: str) -> tuple[dict[str, torch.Tensor], Any]:
+def read_weights_file(path: str | os.PathLike, what: str, file_format: str | tuple[str, ...]
+                      ) -> tuple[dict[str, torch.Tensor], Any]:
     """`(state_dict, saved arch or None)` from one of our files or an official one, without unpickling objects.
 
     Accepts `{"model"|"module"|"state_dict": sd, ...}`, a bare state dict, or safetensors (an `arch` JSON entry in
@@ -74,8 +75,9 @@ def read_weights_file(path: str | os.PathLike, what: str, file_format: str) -> t
     Args:
         path: The file.
         what: What the caller expects, for messages (e.g. "VQ-KD tokenizer").
-        file_format: The `format` entry our files of that kind carry.
+        file_format: The `format` entry our files of that kind carry (or the formats the caller accepts).
     """
+    accepted = (file_format,) if isinstance(file_format, str) else tuple(file_format)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} checkpoint not found: {path}")
@@ -94,7 +96,7 @@ def read_weights_file(path: str | os.PathLike, what: str, file_format: str) -> t
         raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    if obj.get("format", file_format) != file_format:
+    if obj.get("format", accepted[0]) not in accepted:
         raise ValueError(f"{path} is a '{obj['format']}' file, not a {what}; pass a {what} checkpoint")
     arch = obj.get("arch")
     for key in ("model", "module", "state_dict"):

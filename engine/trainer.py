@@ -6,8 +6,7 @@ A stage supplies the model, its parameter groups, a data source and a `step_fn(e
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,26 +18,9 @@ from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
 from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.export import save_final_weights
+from engine.interfaces import DataSource, FitResult, StepHook
 from engine.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
-
-
-class DataSource(Protocol):
-    steps_per_epoch: int      # optimizer steps per epoch at the run's global batch
-
-    def micro_batches(self, start_step: int) -> Iterator[Any]:
-        """This rank's micro-batches from optimizer step `start_step` on (grad_accum_steps per step)."""
-
-
-@dataclass
-class FitResult:
-    step: int
-    last_metrics: dict
-    weights: str | None = None   # the consolidated weights file, when the run wrote one
-
-    def summary(self) -> dict:
-        """What a stage command prints: the final step, the last logged metrics and the weights file."""
-        return {"step": self.step, **self.last_metrics, **({"checkpoint": self.weights} if self.weights else {})}
 
 
 def seed_everything(seed: int) -> None:
@@ -50,7 +32,7 @@ def seed_everything(seed: int) -> None:
 
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
-        keep_fp32_buffers: tuple[str, ...] = (),
+        keep_fp32_buffers: tuple[str, ...] = (), hooks: tuple[StepHook, ...] = (),
         final_weights: tuple[str, Callable[[str, dict], None]] | None = None) -> FitResult:
     """Train `model` to the end of `schedule` (resuming from `run.output_dir` when it holds a checkpoint).
 
@@ -73,6 +55,12 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
 
     state = ckpt.load(engine, universal=resplit) if run.resume else None
     start = int(state["step"]) if state else 0
+    for hook in hooks:
+        if state and hook.name not in state:
+            raise ValueError(f"the checkpoint in {ckpt.dir} has no '{hook.name}' state; resume with the settings "
+                             f"it was written with, or use a new --run.output_dir")
+        if state:
+            hook.load_state_dict(state[hook.name])
     total, warmup = sched.total_and_warmup_steps(schedule, data.steps_per_epoch)
     if state:
         resplit_note = f" (re-split from {ckpt.saved_world_size(ckpt.latest_tag())} ranks)" if resplit else ""
@@ -109,6 +97,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             if not own_step:   # DeepSpeed decided, and has synchronised to do so: its flag costs nothing extra
                 found_inf = nonfinite.flags[int(not engine.was_step_applied())]
             nonfinite.add(found_inf)
+            for hook in hooks:
+                hook.after_step(step + 1)
             logger.advance()
             if profiler is not None:
                 profiler.step()
@@ -132,7 +122,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
                 logger.log(done, last)
             stop = done % run.log_interval == 0 and preemption.agreed()
             if done % run.save_interval == 0 or (done == total and run.save_final) or stop:
-                ckpt.save(engine, done, {})
+                ckpt.save(engine, done, {hook.name: hook.state_dict() for hook in hooks})
             if stop:
                 raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint saved in {ckpt.dir}, run the same "
                                 f"command again to resume")

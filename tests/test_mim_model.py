@@ -14,10 +14,8 @@ from pretrain.mim import (BlockMaskGenerator, build_mim_model, export_to_timm, g
 from pretrain.mim.model import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The shared reference beside the checkout (as the tokenizer tests read it), or a copy inside the repo.
-_CANDIDATES = [os.path.join(ROOT, "..", "shared", "reference", "official_state_dict_keys.json"),
-               os.path.join(ROOT, "reference", "official_state_dict_keys.json")]
-OFFICIAL_KEYS = next((p for p in _CANDIDATES if os.path.exists(p)), _CANDIDATES[0])
+# Key names and shapes of the official releases (a copy kept in the repository).
+OFFICIAL_KEYS = os.path.join(ROOT, "reference", "official_state_dict_keys.json")
 TINY = "beitv2_tiny_test"   # 32 px, 8 px patches (4 x 4), width 64, 3 blocks, early 2, head 2, vocab 64, k = 6
 
 

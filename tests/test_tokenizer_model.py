@@ -10,7 +10,7 @@ from pretrain.tokenizer.model import ARCHS, _infer_arch
 from pretrain.tokenizer.teachers import TeacherConfig, TeacherError, build_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = os.path.join(ROOT, "..", "shared", "reference", "official_state_dict_keys.json")
+KEYS = os.path.join(ROOT, "reference", "official_state_dict_keys.json")
 OFFICIAL = "tokenizer/vqkd_encoder_base_decoder_3x768x12_clip"
 
 

@@ -6,7 +6,6 @@ checkpoints (or two runs) are compared on the same pixels and the same masked pa
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -16,7 +15,7 @@ from data_tools import sources
 from data_tools.gpu_augment import MimAug, mim_views
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
-from engine.files import write_text_atomically
+from engine.evaluation import eval_device, write_result
 from pretrain.mim.config import MaskingConfig
 from pretrain.mim.masking import BlockMaskGenerator
 from pretrain.mim.model import gather_masked, load_checkpoint
@@ -47,7 +46,7 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     check_counts(batch_size=batch_size)
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "mim.pt")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = eval_device()
     model = load_checkpoint(checkpoint).to(device).eval()   # first: a wrong path is reported as such
     saved = saved_run_config(checkpoint)
     tokenizer = tokenizer or saved.get("tokenizer", "")
@@ -85,6 +84,4 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     result = {"checkpoint": checkpoint, "tokenizer": tokenizer, "images": images_seen, "masked_tokens": tokens,
               "mim_loss": mim_loss, "mim_acc": mim_acc, "agg_loss": agg_loss, "agg_acc": agg_acc,
               "majority_code_acc": label_counts.max().item() / tokens, "num_codes": label_counts.numel()}
-    if out:
-        write_text_atomically(out, json.dumps(result, indent=2))
-    return result
+    return write_result(result, out)

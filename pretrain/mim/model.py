@@ -20,6 +20,8 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
+from engine.registry import build_from_registry
+from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
@@ -251,12 +253,12 @@ class BeitV2MIM(nn.Module):
             num_masked: Masked patches per image (LM-head rows); defaults to `num_masked_patches`.
         """
         k = self.num_masked_patches if num_masked is None else num_masked
-        d, n = self.embed_dim, self.num_patches + 1
-        mlp = self.arch_kwargs["mlp_ratio"]
-        per_block = 2 * n * (4 * d * d + 2 * mlp * d * d) + 4 * n * n * d
-        patch = 2 * self.num_patches * self.patch_embed.proj.weight[0].numel() * d
-        head = 2 * (2 * k) * d * self.lm_head.out_features
-        return 3 * (patch + (len(self.blocks) + len(self.cls_pt_layers)) * per_block + head)
+        d, depth = self.embed_dim, len(self.blocks) + len(self.cls_pt_layers)
+        fwd = (patch_embed_flops(self.num_patches, self.patch_embed.proj.in_channels,
+                                 self.patch_embed.patch_size[0], d)
+               + vit_blocks_flops(d, depth, self.num_patches + 1, self.arch_kwargs["mlp_ratio"])
+               + linear_flops(2 * k, d, self.lm_head.out_features))
+        return TRAIN_FACTOR * fwd
 
 
 # Named architectures: keyword arguments of `BeitV2MIM` (defaults are the official base model).
@@ -275,9 +277,6 @@ MIM_ARCHS: dict[str, dict[str, Any]] = {
         vocab_size=64, num_masked_patches=6),
 }
 
-_ARG_NAMES = tuple(inspect.signature(BeitV2MIM.__init__).parameters)[1:]
-
-
 def build_mim_model(arch: str | Mapping[str, Any] = "beit_base_patch16_224_8k_vocab_cls_pt",
                     **overrides: Any) -> BeitV2MIM:
     """Build a MIM model from a named architecture (or a dict of `BeitV2MIM` arguments) plus overrides.
@@ -290,17 +289,16 @@ def build_mim_model(arch: str | Mapping[str, Any] = "beit_base_patch16_224_8k_vo
     Raises:
         ValueError: unknown architecture name or override key.
     """
-    if isinstance(arch, str):
-        if arch not in MIM_ARCHS:
-            raise ValueError(f"unknown MIM arch '{arch}'; choose one of {', '.join(MIM_ARCHS)}")
-        arch = MIM_ARCHS[arch]
-    kwargs = {**arch, **overrides}
-    if "fused_attn" in kwargs:   # files written when the kernel was an on/off switch
-        kwargs["attention"] = "sdpa" if kwargs.pop("fused_attn") else "explicit"
-    unknown = [k for k in kwargs if k not in _ARG_NAMES]
-    if unknown:
-        raise ValueError(f"unknown MIM model setting '{unknown[0]}'; valid: {', '.join(_ARG_NAMES)}")
-    return BeitV2MIM(**kwargs)
+    return build_from_registry(BeitV2MIM, MIM_ARCHS, _kernel_from_switch(arch), _kernel_from_switch(overrides),
+                               "MIM")
+
+
+def _kernel_from_switch(kwargs: str | Mapping[str, Any]) -> str | Mapping[str, Any]:
+    """Settings (or files) from when the attention kernel was the on/off switch `fused_attn`."""
+    if isinstance(kwargs, str) or "fused_attn" not in kwargs:
+        return kwargs
+    return {**{k: v for k, v in kwargs.items() if k != "fused_attn"},
+            "attention": "sdpa" if kwargs["fused_attn"] else "explicit"}
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:

@@ -15,6 +15,8 @@ from timm.layers import LayerNorm
 from timm.models.beit import Beit
 from torch import nn
 
+from engine.registry import build_from_registry
+from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
@@ -145,17 +147,13 @@ class VQKD(nn.Module):
 
     def flops_per_image(self, teacher_flops: float = 0.0) -> float:
         """Approximate training FLOPs per image (forward + backward = 3x forward), for MFU."""
-        def vit_flops(width: int, depth: int, tokens: int, mlp_ratio: float) -> float:
-            per_block = 2 * tokens * (4 * width * width + 2 * mlp_ratio * width * width) + 4 * tokens * tokens * width
-            return depth * per_block
-        n = self.num_patches + 1
-        enc = self.encoder
-        dec = self.decoder
-        fwd = (vit_flops(enc.embed_dim, len(enc.blocks), n, self.arch_kwargs["mlp_ratio"])
-               + vit_flops(dec.embed_dim, len(dec.blocks), n, self.arch_kwargs["mlp_ratio"])
-               + 2 * self.num_patches * 3 * self.patch_size ** 2 * enc.embed_dim
-               + 2 * self.num_patches * self.num_codes * self.code_dim)
-        return 3 * fwd + teacher_flops
+        n, mlp = self.num_patches + 1, self.arch_kwargs["mlp_ratio"]
+        enc, dec = self.encoder, self.decoder
+        fwd = (vit_blocks_flops(enc.embed_dim, len(enc.blocks), n, mlp)
+               + vit_blocks_flops(dec.embed_dim, len(dec.blocks), n, mlp)
+               + patch_embed_flops(self.num_patches, 3, self.patch_size, enc.embed_dim)
+               + linear_flops(self.num_patches, self.code_dim, self.num_codes))   # code distances
+        return TRAIN_FACTOR * fwd + teacher_flops
 
 
 _BASE = dict(img_size=224, patch_size=16, encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
@@ -177,13 +175,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 def build_tokenizer(arch: str, **overrides) -> VQKD:
     """Build a tokenizer from a named architecture; keyword overrides replace its settings."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tokenizer arch '{arch}'; choose one of {', '.join(ARCHS)}")
-    valid = set(VQKD.__init__.__code__.co_varnames[1:VQKD.__init__.__code__.co_argcount])
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown tokenizer setting '{unknown[0]}'; valid: {', '.join(sorted(valid))}")
-    return VQKD(**{**ARCHS[arch], **overrides})
+    return build_from_registry(VQKD, ARCHS, arch, overrides, "tokenizer")
 
 
 # Tensors in official files that our model does not keep: the teacher and its input scaling, loss modules,

@@ -17,6 +17,12 @@ from torch import nn
 from engine import distributed as dist_utils
 
 
+def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of codes used, perplexity of the code distribution) from per-code counts, on the device."""
+    p = counts.float() / counts.sum().clamp(min=1)
+    return (counts > 0).float().mean(), torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
 def l2norm(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, p=2, dim=-1)
 
@@ -150,10 +156,8 @@ class NormEMAQuantizer(nn.Module):
             self._host_updates += 1
         if self.dead_code_threshold > 0 and self._host_updates % self.restart_interval == 0:
             self.restart_dead_codes_(flat.detach())
-        p = counts / counts.sum().clamp(min=1)
-        return {"codebook_usage": (counts > 0).float().mean(),
-                "perplexity": torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()),
-                "codes_restarted": self.num_restarted.float()}
+        usage, perplexity = codebook_stats(counts)
+        return {"codebook_usage": usage, "perplexity": perplexity, "codes_restarted": self.num_restarted.float()}
 
     @torch.no_grad()
     def restart_dead_codes_(self, flat: torch.Tensor) -> None:

@@ -1,7 +1,6 @@
 """VQ-KD tokenizer stage: train on the shared engine, evaluate codebook quality, encode images to token ids."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
@@ -12,11 +11,13 @@ from engine import distributed as dist_utils
 from engine.cli import check_counts
 from engine.config import DataConfig, config_section, describe, resolve, saved_run_config
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
-from engine.files import write_atomically, write_text_atomically
+from engine.evaluation import eval_device, write_result
+from engine.files import write_atomically
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
+from pretrain.tokenizer.quantizer import codebook_stats
 from pretrain.tokenizer.model import VQKD, build_tokenizer, load_tokenizer, save_tokenizer
 from pretrain.tokenizer.teachers import TeacherConfig, build_teacher
 
@@ -73,7 +74,7 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
     saved = saved_run_config(checkpoint)
     tcfg = config_section(TeacherConfig, saved.get("teacher", {}), teacher, "teacher")
     dcfg = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = eval_device()
     model = load_tokenizer(checkpoint).to(device)
     teach = build_teacher(tcfg).to(device)
     counts = torch.zeros(model.num_codes, dtype=torch.long, device=device)
@@ -85,12 +86,10 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
         cos_sum += F.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum()
         counts += torch.bincount(codes.flatten(), minlength=model.num_codes)
         n += images.shape[0]
-    p = counts.float() / counts.sum()
-    result = {"images": n, "codebook_usage": (counts > 0).float().mean().item(),
-              "perplexity": torch.exp(-(p * p.clamp(min=1e-12).log()).sum()).item(),
+    usage, perplexity = codebook_stats(counts)
+    result = {"images": n, "codebook_usage": usage.item(), "perplexity": perplexity.item(),
               "teacher_cosine": cos_sum.item() / max(n, 1), "num_codes": model.num_codes}
-    if out:
-        write_text_atomically(out, json.dumps(result, indent=2))
+    write_result({**result, "code_counts": counts.tolist()}, out)   # the file also holds each code's count
     return result
 
 
@@ -106,7 +105,7 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
         png: optional PNG path: each image beside its token map (one colour per id).
     """
     check_counts(batch_size=batch_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = eval_device()
     model = load_tokenizer(checkpoint).to(device)
     pixels = data.images_for_encoding(images, split, count, model.img_size)
     ids = torch.cat([model.get_codebook_indices(pixels[i:i + batch_size].to(device)).cpu()
