@@ -1,8 +1,9 @@
-"""The data sources every training stage streams from (engine.trainer.DataSource).
+"""The data sources every training stage streams from (engine.interfaces.DataSource).
 
 A source yields this rank's micro-batches forever, as dicts on the device:
     {"image": augmented images, "label": int64 [B] class ids or [B, S, S] label maps (when the data has labels),
-     "index": int64 [B] dataset indices (CPU), "size": int64 [B, 2] (h, w) of the source images (CPU)}.
+     "index": int64 [B] dataset indices (CPU), "size": int64 [B, 2] (h, w) of the source images (CPU),
+     "step", "micro": the optimizer step and micro-batch the batch belongs to (training batches only)}.
 
 Order: epoch e is a permutation drawn from numpy's Generator seeded with (seed, e) (page-blocked when the data is read
 without the OS cache, see `page_blocked_permutation`). Optimizer step s of the epoch takes the contiguous slice
@@ -133,7 +134,9 @@ class _PlannedSource:
             for k, (images, labels) in enumerate(self._fetch(order, mb)):
                 s, micro = step + k // accum, k % accum
                 g = generator_for(p.seed, s, p.rank, micro, self.device)
-                yield self._finish(images, labels, order[k * mb:(k + 1) * mb], g)
+                batch = self._finish(images, labels, order[k * mb:(k + 1) * mb], g)
+                batch["step"], batch["micro"] = s, micro   # keys for randomness a stage draws itself (mixup)
+                yield batch
             step = (epoch + 1) * self.steps_per_epoch
 
     def eval_batches(self, batch_size: Optional[int] = None, limit: int = 0) -> Iterator[dict]:

@@ -23,6 +23,11 @@ def synthetic(num_images: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(num_images, size, size, 3), dtype=np.uint8)
 
 
+def synthetic_labels(num_images: int, num_classes: int = 10) -> np.ndarray:
+    """Labels for synthetic images (benchmarks: they carry no information)."""
+    return np.arange(num_images, dtype=np.int64) % num_classes
+
+
 def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
     """This rank's training stream: `{"image": aug(batch), "label": ...}` micro-batches from any step on."""
     common = dict(micro_batch_size=run.micro_batch_size, grad_accum_steps=run.grad_accum_steps,
@@ -32,7 +37,8 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
         images, labels = fashion_mnist("train", data.limit)
         return ArraySource(images, labels, aug=aug, **common)
     if data.source == "synthetic":
-        return ArraySource(synthetic(data.limit or 2048, aug.size), aug=aug, **common)
+        n = data.limit or 2048
+        return ArraySource(synthetic(n, aug.size), synthetic_labels(n), aug=aug, **common)
     if not data.train_path:
         raise ConfigError("config key 'data.train_path' is required with data.source=beton (a .beton from "
                           "python -m data_tools.convert)")
@@ -66,3 +72,35 @@ def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch
     else:
         images, _ = fashion_mnist("test", data.eval_images)
         yield from array_eval_batches(images, img_size, batch_size, device, aug)
+
+
+def labelled_batches(data: DataConfig, split: str, aug, batch_size: int, device: torch.device, rank: int = 0,
+                     world_size: int = 1):
+    """Every image of a split once, in index order, with its class label: this rank's shard (index % world_size ==
+    rank), as `{"image": aug(batch), "label", "index"}` dicts; the last batch may be smaller.
+
+    `split`: "train" (`data.train_path` or Fashion-MNIST's training images, the first `data.limit`) or "test"
+    (`data.eval_path` or Fashion-MNIST's test images, the first `data.eval_images`).
+    """
+    from data_tools.ffcv_loader import ArraySource, FFCVSource
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    limit = data.limit if split == "train" else data.eval_images
+    common = dict(aug=aug, micro_batch_size=1, rank=rank, world_size=world_size, device=device)
+    if data.source == "beton":
+        path = data.train_path if split == "train" else data.eval_path
+        if not path:
+            raise ConfigError(f"config key 'data.{'train_path' if split == 'train' else 'eval_path'}' is required "
+                              f"with data.source=beton (a labelled .beton from python -m data_tools.convert)")
+        source = FFCVSource(path, num_workers=data.num_workers, **common)
+    elif data.source == "synthetic":
+        n = limit or 256
+        source = ArraySource(synthetic(n, aug.size), synthetic_labels(n), **common)
+    else:
+        images, labels = fashion_mnist(split)
+        source = ArraySource(images, labels, **common)
+    for batch in source.eval_batches(batch_size, limit):
+        if "label" not in batch:
+            raise ConfigError(f"{path} has no class labels; convert it with its labels (python -m data_tools.convert "
+                              f"imagefolder ...)")
+        yield batch

@@ -1,0 +1,12 @@
+"""`python -m finetune.classify train|evaluate|linear_probe|knn ...` (see --help of each)."""
+import sys
+
+from engine.cli import run_cli
+from finetune.evaluate import evaluate
+from finetune.probe import knn, linear_probe
+from finetune.train import train
+
+COMMANDS = {"train": train, "evaluate": evaluate, "linear_probe": linear_probe, "knn": knn}
+
+if __name__ == "__main__":
+    sys.exit(run_cli(COMMANDS))

@@ -1,0 +1,137 @@
+"""Frozen features of a backbone for linear probing and k-NN: one vector per image, streamed to disk.
+
+`FrozenFeatures` reads images in [0, 1] and gives `[B, D]` from any of: a MIM checkpoint (ours or an official
+`*_cls_pt` release; also `random`, the same arch untrained), a tokenizer's encoder, or a classifier-layout file.
+Pooling: `cls` (the CLS token), `mean` (mean of the patch tokens), both through the backbone's final norm, or
+`agg_cls` (the CLS token out of the patch-aggregation head, MIM checkpoints only). `layer` picks the block
+(1..depth; 0 = the last).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_tools.gpu_augment import normalize
+from engine.export import read_weights_file
+
+POOLINGS = ("cls", "mean", "agg_cls")
+
+
+def _checkpoint_kind(path: str) -> str:
+    from finetune.model import FILE_FORMAT as CLS_FORMAT
+    from pretrain.mim.model import FILE_FORMAT as MIM_FORMAT
+    from pretrain.tokenizer.model import FILE_FORMAT as TOK_FORMAT
+    sd, _ = read_weights_file(path, "backbone", (MIM_FORMAT, TOK_FORMAT, CLS_FORMAT))
+    if any(k.startswith("quantize.") for k in sd):
+        return "tokenizer"
+    if "rel_pos_bias.relative_position_bias_table" in sd and "lm_head.weight" in sd:
+        return "mim"
+    return "classifier"
+
+
+class FrozenFeatures(nn.Module):
+    """Images in [0, 1] `[B, 3, H, W]` -> features `[B, D]` (fp32) of a frozen backbone; see the module doc.
+
+    Args:
+        checkpoint: a backbone file, or `random` (with `arch`, a MIM arch name).
+        arch: MIM arch for `random`; classifier arch for classifier-layout files that do not record theirs.
+        layer: block whose output is pooled (1..depth); 0 = the last.
+        pooling: `cls`, `mean` or `agg_cls`.
+    """
+
+    def __init__(self, checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if checkpoint == "random":
+            from pretrain.mim import build_mim_model
+            if not arch:
+                raise ValueError("checkpoint 'random' needs --arch (a MIM arch, e.g. beitv2_small_demo)")
+            self.kind, model = "mim", build_mim_model(arch)
+        else:
+            self.kind = _checkpoint_kind(checkpoint)
+            model = self._load(checkpoint, arch)
+        self.model = model.eval().requires_grad_(False)
+        self.vit = model.encoder if self.kind == "tokenizer" else model
+        # The final norm the backbone was trained with: the MIM model's `norm`, the encoders' `fc_norm`.
+        self.norm = model.norm if self.kind == "mim" else self.vit.fc_norm
+        depth = len(self.vit.blocks)
+        if not 0 <= layer <= depth:
+            raise ValueError(f"--layer must be in 1..{depth} (0 = the last block), got {layer}")
+        if pooling == "agg_cls" and (self.kind != "mim" or layer not in (0, depth)):
+            raise ValueError("--pooling=agg_cls needs a MIM checkpoint (it has the aggregation head) and the last "
+                             "layer")
+        self.layer, self.pooling = layer or depth, pooling
+        self.img_size = self.vit.patch_embed.img_size[0]
+        self.dim = self.vit.embed_dim
+
+    def _load(self, path: str, arch: str) -> nn.Module:
+        if self.kind == "tokenizer":
+            from pretrain.tokenizer import load_tokenizer
+            return load_tokenizer(path)
+        if self.kind == "mim":
+            from pretrain.mim import load_checkpoint
+            return load_checkpoint(path)
+        from finetune.model import build_classifier, load_classifier
+        return build_classifier(arch, 0, path) if arch else load_classifier(path)
+
+    def _tokens(self, x01: torch.Tensor) -> torch.Tensor:
+        """Tokens `[B, 1 + N, D]` after block `layer` (the aggregation head's output for `agg_cls`)."""
+        if self.kind == "mim":
+            x = normalize(x01)
+            if self.pooling == "agg_cls":
+                return self.model.forward_features(x)[1]
+        else:   # the tokenizer's encoder reads [-1, 1]; classifiers read ImageNet-normalised pixels
+            x = x01 * 2 - 1 if self.kind == "tokenizer" else normalize(x01)
+        vit = self.vit
+        x = vit.patch_embed(x)
+        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if getattr(vit, "pos_embed", None) is not None:
+            x = x + vit.pos_embed
+        bias = vit.rel_pos_bias() if getattr(vit, "rel_pos_bias", None) is not None else None
+        for blk in vit.blocks[:self.layer]:
+            x = blk(x, shared_rel_pos_bias=bias)
+        return x
+
+    @torch.no_grad()
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        tokens = self._tokens(x01)
+        pooled = tokens[:, 1:].mean(1) if self.pooling == "mean" else tokens[:, 0]
+        return self.norm(pooled).float()
+
+
+class FeatureFile:
+    """Features and labels of one rank's shard, appended batch by batch to `<prefix>.f32` / `<prefix>.labels` and
+    read back memory-mapped, so a split of any size never sits in memory whole."""
+
+    def __init__(self, prefix: str, dim: int):
+        self.prefix, self.dim = prefix, dim
+
+    def write(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        n = 0
+        os.makedirs(os.path.dirname(self.prefix) or ".", exist_ok=True)
+        with open(self.prefix + ".f32", "wb") as f, open(self.prefix + ".labels", "wb") as g:
+            for feats, labels in batches:
+                f.write(feats.detach().cpu().numpy().astype(np.float32).tobytes())
+                g.write(labels.detach().cpu().numpy().astype(np.int64).tobytes())
+                n += len(labels)
+        return n
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features [n, dim] float32, labels [n] int64), memory-mapped."""
+        if os.path.getsize(self.prefix + ".f32") == 0:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        feats = np.memmap(self.prefix + ".f32", dtype=np.float32, mode="c").reshape(-1, self.dim)   # copy-on-write: writable, never written
+        return feats, np.memmap(self.prefix + ".labels", dtype=np.int64, mode="c")
+
+
+def extract(model: FrozenFeatures, batches, prefix: str, device: torch.device) -> FeatureFile:
+    """Run `model` over labelled `batches` and stream this rank's features to disk under `prefix`."""
+    model.to(device)
+    out = FeatureFile(prefix, model.dim)
+    out.write((model(b["image"]), b["label"]) for b in batches)
+    return out
