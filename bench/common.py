@@ -81,3 +81,15 @@ class DispatchCounter:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def add_speedups(results: dict) -> tuple[str, dict]:
+    """Give each variant that ran `speedup_vs_baseline`: its images/s over `baseline`'s, or over the first variant
+    that ran when the baseline did not. Returns (the reference's name, the variants that ran)."""
+    measured = {k: r for k, r in results.items() if "error" not in r}
+    if not measured:
+        raise ValueError(f"every variant failed: {json.dumps(results)[:1000]}")
+    base = "baseline" if "baseline" in measured else next(iter(measured))
+    for r in measured.values():
+        r["speedup_vs_baseline"] = r["images_per_s"] / measured[base]["images_per_s"]
+    return base, measured

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from bench.common import device_info, time_it, write_json
+from bench.common import add_speedups, device_info, time_it, write_json
 from engine.cli import check_counts, run_cli
 from engine.config import resolve
 from pretrain.mim.config import RECIPES, MIMConfig
@@ -111,13 +111,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
         # Written after every variant, so that a run cut short (a lease ending) keeps what it measured.
         write_json({"partial": True, "variants": results}, out if dist_utils.is_main() else "")
         gc.collect()
-    measured = {k: r for k, r in results.items() if "error" not in r}
-    if not measured:
-        raise SystemExit(f"error: every variant failed: {json.dumps(results)}")
-    # The ratio's reference: `baseline` when it ran, else the first variant that did (e.g. the previous best).
-    base_name = "baseline" if "baseline" in measured else next(iter(measured))
-    for r in measured.values():
-        r["speedup_vs_baseline"] = r["images_per_s"] / measured[base_name]["images_per_s"]
+    base_name, measured = add_speedups(results)
     best = max(measured, key=lambda k: measured[k]["images_per_s"])
     tok_ms = _tokenizer_ms(configs[best], batch, device)
     result = {"arch": arch, "batch_per_rank": batch, "precision": precision, "zero": zero,

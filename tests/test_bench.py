@@ -110,3 +110,30 @@ def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
     assert run_cli(importlib.import_module(f"bench.{bench}").main, args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(error), err
+
+
+def test_finetune_bench_reports_speed_memory_and_ratio(tmp_path, capsys):
+    from bench.finetune import main
+    from engine.cli import run_cli
+    out = tmp_path / "ft.json"
+    result = main(arch="beitv2_tiny_test", batch=4, warmup=2, precision="fp32", variants="baseline,fused",
+                  out=str(out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["baseline_variant"] == "baseline" and result["flops_per_image"] > 0
+    assert set(result["variants"]) == {"baseline", "fused"}
+    for name, r in result["variants"].items():
+        assert "error" not in r, (name, r)
+        assert r["images_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["speedup_vs_baseline"] > 0, (name, r)
+        assert r["mfu"] is None   # no known peak FLOP/s on a CPU
+    assert result["variants"]["baseline"]["attention"] == "explicit"
+    assert result["variants"]["baseline"]["speedup_vs_baseline"] == 1.0
+    # Same weights, same batches: the explicit softmax computes what the fused kernel does.
+    assert result["variants"]["fused"]["loss"] == pytest.approx(result["variants"]["baseline"]["loss"], rel=1e-4)
+    capsys.readouterr()
+    # Bad flags are one-line errors before anything trains.
+    for args, error in ((["--arch=nope"], "error: unknown classifier arch 'nope'; choose from beit_"),
+                        (["--zero=4"], "error: --zero must be one of 0, 1, 2, 3 (got 4)"),
+                        (["--batch=-1"], "error: --batch must be a whole number >= 1 (got -1)")):
+        assert run_cli(main, args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(error), err
