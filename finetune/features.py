@@ -17,6 +17,7 @@ from torch import nn
 
 from data_tools.gpu_augment import normalize
 from engine.export import read_weights_file
+from engine.files import write_text_atomically
 
 POOLINGS = ("cls", "mean", "agg_cls")
 
@@ -106,10 +107,15 @@ class FrozenFeatures(nn.Module):
 
 class FeatureFile:
     """Features and labels of one rank's shard, appended batch by batch to `<prefix>.f32` / `<prefix>.labels` and
-    read back memory-mapped, so a split of any size never sits in memory whole."""
+    read back memory-mapped, so a split of any size never sits in memory whole. `<prefix>.done` (written last,
+    atomically) marks a complete file, which later runs reuse."""
 
     def __init__(self, prefix: str, dim: int):
         self.prefix, self.dim = prefix, dim
+
+    @property
+    def complete(self) -> bool:
+        return os.path.exists(self.prefix + ".done")
 
     def write(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:
         n = 0
@@ -119,6 +125,7 @@ class FeatureFile:
                 f.write(feats.detach().cpu().numpy().astype(np.float32).tobytes())
                 g.write(labels.detach().cpu().numpy().astype(np.int64).tobytes())
                 n += len(labels)
+        write_text_atomically(self.prefix + ".done", str(n))
         return n
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
@@ -130,8 +137,10 @@ class FeatureFile:
 
 
 def extract(model: FrozenFeatures, batches, prefix: str, device: torch.device) -> FeatureFile:
-    """Run `model` over labelled `batches` and stream this rank's features to disk under `prefix`."""
-    model.to(device)
+    """Run `model` over labelled `batches` and stream this rank's features to disk under `prefix`, unless a
+    complete file is there already (then `batches` is never read)."""
     out = FeatureFile(prefix, model.dim)
-    out.write((model(b["image"]), b["label"]) for b in batches)
+    if not out.complete:
+        model.to(device)
+        out.write((model(b["image"]), b["label"]) for b in batches)
     return out

@@ -29,7 +29,7 @@ __all__ = ["CLS_ARCHS", "BeitClassifier", "backbone_state_dict", "build_classifi
            "save_classifier"]
 
 FILE_FORMAT = "beitv2-ds/classifier/1"
-_PRETRAINING_ONLY = ("mask_token", "lm_head.", "cls_pt_layers.", "norm.", "rel_pos_bias.")
+_PRETRAINING_ONLY = ("mask_token", "lm_head.", "cls_pt_layers.", "norm.")
 
 
 class BeitClassifier(Beit):
@@ -117,7 +117,8 @@ def backbone_state_dict(sd: Mapping[str, torch.Tensor], model: BeitClassifier, s
     if "rel_pos_bias.relative_position_bias_table" in sd and "norm.weight" in sd:   # pretraining layout
         dropped = sorted({k.split(".")[0] for k in sd if k.startswith(_PRETRAINING_ONLY)})
         sd = to_timm_state_dict(sd)
-        _note(f"{source}: pretraining checkpoint; dropped {', '.join(dropped)}; fc_norm and head start fresh")
+        _note(f"{source}: pretraining checkpoint; shared relative position table copied into every block; dropped "
+              f"{', '.join(dropped)}; fc_norm and head start fresh")
     head = sd.get("head.weight")
     if head is not None and model.num_classes == 0:   # a backbone without a head (frozen features)
         sd.pop("head.weight"), sd.pop("head.bias", None)

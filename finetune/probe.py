@@ -8,9 +8,13 @@ every training feature, the k = 20 nearest vote with weight exp(similarity / 0.0
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 import tempfile
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,17 +26,20 @@ from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.config import ConfigError, DataConfig, config_section, saved_run_config, to_dict
 from engine.evaluation import eval_device, write_result
 from finetune.features import FeatureFile, FrozenFeatures, extract
 
 OPTIMIZERS = ("lars", "sgd")
+EXTRACT_BATCH = 256   # images per forward pass when features are computed (fixed: cached features do not depend on it)
 
 
-def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, eval_crop: float, batch_size: int,
-              cache_dir: str, seed: int) -> tuple[FrozenFeatures, FeatureFile, FeatureFile, DataConfig]:
-    """This rank's train and test features, written under `cache_dir` (`seed` draws the `random` backbone)."""
-    check_counts(batch_size=batch_size)
+@contextlib.contextmanager
+def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, eval_crop: float, cache_dir: str,
+              seed: int) -> Iterator[tuple[FrozenFeatures, FeatureFile, FeatureFile]]:
+    """This rank's train and test features. With `cache_dir` they are kept in a folder named by what determines
+    them (checkpoint file, arch, layer, pooling, data, view, seed of `random`, ranks) and reused by later runs;
+    without, they live in a temporary folder for the duration of the `with` block."""
     if not 0 < eval_crop <= 1:
         raise ConfigError(f"--eval_crop must be in (0, 1], got {eval_crop}")
     if os.path.isdir(checkpoint):
@@ -44,9 +51,16 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
     data = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
     view = EvalAug(model.img_size, crop_fraction=eval_crop, normalized=False)
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    files = [extract(model, labelled_batches(data, split, view, batch_size, device, rank, world),
-                     os.path.join(cache_dir, f"{split}_rank{rank}"), device) for split in ("train", "test")]
-    return model, files[0], files[1], data
+    source = (["random", arch, seed] if checkpoint == "random" else
+              [os.path.abspath(checkpoint), os.path.getsize(checkpoint), os.path.getmtime(checkpoint)])
+    key = hashlib.sha256(json.dumps([source, model.kind, model.layer, pooling, to_dict(data), eval_crop, world],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    with contextlib.ExitStack() as stack:
+        folder = os.path.join(cache_dir, key) if cache_dir else stack.enter_context(tempfile.TemporaryDirectory())
+        train, test = (extract(model, labelled_batches(data, split, view, EXTRACT_BATCH, device, rank, world),
+                               os.path.join(folder, f"{split}_rank{rank}of{world}"), device)
+                       for split in ("train", "test"))
+        yield model, train, test
 
 
 def _topk_counts(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,15 +105,13 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
         num_classes: classes of the labels.
         epochs, batch_size (global), base_lr, optimizer (`lars` or `sgd`), warmup_epochs: the head's training.
         eval_crop: centre-crop fraction of the feature view (0.875 = 224 of 256).
-        cache_dir: where features are written (default: a temporary folder, removed afterwards).
+        cache_dir: keep the features here and reuse them in later runs (default: a temporary folder, removed).
         out: optional JSON path for the result (with the per-epoch history).
     """
-    check_counts(epochs=epochs, num_classes=num_classes)
+    check_counts(epochs=epochs, num_classes=num_classes, batch_size=batch_size)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    with tempfile.TemporaryDirectory(dir=cache_dir or None) as tmp:
-        model, train, test, _ = _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, 256,
-                                          cache_dir or tmp, seed)
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test):
         x_train, y_train = train.read()
         x_test, y_test = test.read()
         mean, var, n_train = _feature_stats(x_train, model.dim)
@@ -111,13 +123,14 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
                               f"training images")
         if int(y_train.max(initial=0)) >= num_classes or int(y_test.max(initial=0)) >= num_classes:
             raise ConfigError(f"labels go beyond --num_classes={num_classes}; give the dataset's class count")
+        device = eval_device()   # where the head trains: the rank's GPU, else the CPU
         torch.manual_seed(seed)   # the same head on every rank
         bn = nn.BatchNorm1d(model.dim, affine=False, eps=1e-6).eval()
         bn.running_mean.copy_(mean), bn.running_var.copy_(var)
         linear = nn.Linear(model.dim, num_classes)
         nn.init.trunc_normal_(linear.weight, std=0.01)
         nn.init.zeros_(linear.bias)
-        head = nn.Sequential(bn, linear)
+        head = nn.Sequential(bn, linear).to(device)
         lr = base_lr * batch_size / 256
         if optimizer == "lars":
             from timm.optim import Lars
@@ -128,10 +141,11 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
         history, step = [], 0
         for epoch in range(epochs):
             order = np.random.default_rng([seed, epoch, dist_utils.rank()]).permutation(len(y_train))
-            loss_sum = torch.zeros(2, dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # read once per epoch
             for s in range(steps_per_epoch):
                 idx = np.sort(order[s * local_batch:(s + 1) * local_batch])
-                x, y = torch.from_numpy(np.array(x_train[idx])), torch.from_numpy(np.array(y_train[idx]))
+                x = torch.from_numpy(np.array(x_train[idx])).to(device, non_blocking=True)
+                y = torch.from_numpy(np.array(y_train[idx])).to(device, non_blocking=True)
                 for g in opt.param_groups:   # linear warm-up, then cosine to 0 (per step)
                     g["lr"] = lr * step / warmup if step < warmup else \
                         0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -143,12 +157,12 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
                         dist.all_reduce(p.grad.data, op=dist.ReduceOp.SUM)
                         p.grad.data.div_(world)
                 opt.step()
-                loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                loss_sum += loss.detach()
                 step += 1
             with torch.no_grad():
-                held_out = _summed(_topk_counts(head(torch.from_numpy(np.array(x_test))), torch.from_numpy(
-                    np.asarray(y_test))))
-            history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1]), "top1": held_out["top1"]})
+                held_out = _summed(_topk_counts(head(torch.from_numpy(np.array(x_test)).to(device)),
+                                                torch.from_numpy(np.array(y_test)).to(device)))
+            history.append({"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "top1": held_out["top1"]})
             dist_utils.log_main(f"linear probe epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}, "
                                 f"held-out top-1 {held_out['top1']:.4f}")
         del x_train, y_train, x_test, y_test   # memmaps into the folder about to be removed
@@ -159,8 +173,8 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
 
 
 def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", data_cfg: dict | None = None,
-        num_classes: int = 10, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-        eval_crop: float = 0.875, seed: int = 0, cache_dir: str = "", out: str = "") -> dict:
+        num_classes: int = 10, k: int = 20, temperature: float = 0.07, eval_crop: float = 0.875, seed: int = 0,
+        cache_dir: str = "", out: str = "") -> dict:
     """Weighted k-NN classification on frozen features (DINO's protocol); top-1/top-5 on the held-out split.
 
     Every rank holds the training features of its shard: it scores all test images against them, the k best of
@@ -171,12 +185,10 @@ def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", d
     check_counts(k=k, num_classes=num_classes)
     if temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    with tempfile.TemporaryDirectory(dir=cache_dir or None) as tmp:
-        model, train, test, _ = _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, batch_size,
-                                          cache_dir or tmp, seed)
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test):
         x_train, y_train = train.read()
         x_test, y_test = test.read()
-        dev = dist_utils.current_device()
+        dev = eval_device()   # the GPU when there is one (also what nccl collectives need)
         queries = F.normalize(dist_utils.all_gather_uneven(torch.from_numpy(np.array(x_test)).to(dev)), dim=1)
         labels = dist_utils.all_gather_uneven(torch.from_numpy(np.array(y_test)).to(dev))
         best_sim = torch.full((len(queries), k), -float("inf"), device=dev)

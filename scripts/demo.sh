@@ -3,7 +3,10 @@
 #   1. train a VQ-KD tokenizer on Fashion-MNIST with an ImageNet-trained EfficientNet-Lite0 teacher,
 #   2. evaluate it on the held-out test split and encode a few test images to token ids,
 #   3. pretrain a small BEiT v2 (MIM + patch aggregation) against that tokenizer, export it to timm's layout,
-#   4. and measure its masked-token accuracy on the held-out test split.
+#   4. measure its masked-token accuracy on the held-out test split,
+#   5. and judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
+#      random weights and the tokenizer's encoder, and a short fine-tune from pretrained and from random weights,
+#      all on the held-out test split; results.json and report.md (with plots) sum it up.
 # A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,33 +16,66 @@ NPROC=${DEMO_NPROC:-2}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+declare -A SECS
 logged() {  # logged NAME CMD...: run CMD with its output in $OUT/NAME.log; show the log's end if it fails
   local name=$1; shift
+  local start=$SECONDS
   "$@" > "$OUT/$name.log" 2>&1 || { tail -n 30 "$OUT/$name.log"; echo "demo step '$name' failed"; exit 1; }
+  SECS[$name]=$((SECONDS - start))
 }
 
-launch() {  # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (see ../shared/notes)
+launch() {  # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (its CPU accelerator reads it)
   LOCAL_SIZE=$NPROC .venv/bin/deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29600}" --module "$@"
 }
 
-echo "== 1/5 VQ-KD tokenizer: training ($NPROC ranks, ZeRO-2, fp32) =="
+echo "== 1/6 VQ-KD tokenizer: training ($NPROC ranks, ZeRO-2, fp32) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \
   --run.progress_bar=false
 
-echo "== 2/5 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
+echo "== 2/6 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
 logged evaluate $PY -m pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
 
-echo "== 3/5 VQ-KD tokenizer: encoding 32 test images =="
+echo "== 3/6 VQ-KD tokenizer: encoding 32 test images =="
 logged encode $PY -m pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
   --count=32 --png="$OUT/tokenizer/test_tokens.png"
 
-echo "== 4/5 BEiT v2 MIM pretraining ($NPROC ranks, ZeRO-2, fp32) against the tokenizer, then export to timm =="
+echo "== 4/6 BEiT v2 MIM pretraining ($NPROC ranks, ZeRO-2, fp32) against the tokenizer, then export to timm =="
 logged mim launch pretrain.mim train beitv2_small_demo --tokenizer="$OUT/tokenizer/tokenizer.pt" \
   --run.output_dir="$OUT/mim" --run.progress_bar=false
 logged export $PY -m pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
 
-echo "== 5/5 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
+echo "== 5/6 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
 logged mim_evaluate $PY -m pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
+
+echo "== 6/6 Transfer on held-out Fashion-MNIST: linear probe, k-NN, fine-tuning (pretrained vs random) =="
+T=$OUT/transfer
+mkdir -p "$T"
+# The MIM stage's 12k training images and the whole 10k test split, seen whole (no centre crop at 28 px).
+DATA='{"source": "fashion_mnist", "limit": 12000, "eval_images": 10000}'
+# Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN; one process,
+# both cores.
+PROBE=(--data_cfg="$DATA" --eval_crop=1.0 --cache_dir="$T/features")
+ONE=(env OMP_NUM_THREADS=2 $PY -m finetune.classify)
+logged probe_pretrained "${ONE[@]}" linear_probe "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/linear_probe_pretrained.json"
+logged probe_random "${ONE[@]}" linear_probe random --arch=beitv2_small_demo "${PROBE[@]}" \
+  --out="$T/linear_probe_random.json"
+logged probe_tokenizer "${ONE[@]}" linear_probe "$OUT/tokenizer/tokenizer.pt" --pooling=mean "${PROBE[@]}" \
+  --out="$T/linear_probe_tokenizer_encoder.json"
+logged knn_pretrained "${ONE[@]}" knn "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/knn_pretrained.json"
+logged knn_random "${ONE[@]}" knn random --arch=beitv2_small_demo "${PROBE[@]}" --out="$T/knn_random.json"
+for init in pretrained random; do
+  path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
+  logged finetune_$init launch finetune.classify train beitv2_small_demo_ft --init="$path" \
+    --run.output_dir="$T/finetune_$init" --data.eval_images=10000 --run.progress_bar=false
+done
+
+secs() { local t=0; for n in "$@"; do t=$((t + ${SECS[$n]:-0})); done; echo $t; }
+cat > "$OUT/seconds.json" <<JSON
+{"tokenizer": $(secs tokenizer evaluate encode), "mim": $(secs mim export mim_evaluate),
+ "linear_probe": $(secs probe_pretrained probe_random probe_tokenizer), "knn": $(secs knn_pretrained knn_random),
+ "finetune": $(secs finetune_pretrained finetune_random), "total": $SECONDS}
+JSON
+$PY scripts/demo_report.py "$OUT"
 
 $PY - "$OUT" <<'PY'
 import json, sys
@@ -62,6 +98,12 @@ ev = json.load(open(f"{out}/mim/eval.json"))
 print(f"MIM eval ({ev['images']} test images, {ev['masked_tokens']} masked patches): masked-token CE "
       f"{ev['mim_loss']:.3f}, accuracy {100 * ev['mim_acc']:.1f}% / aggregation {100 * ev['agg_acc']:.1f}% "
       f"(always the most frequent code: {100 * ev['majority_code_acc']:.1f}%)")
-print(f"outputs in {out}/: tokenizer/tokenizer.pt, tokenizer/eval.json, tokenizer/test_tokens.png, mim/mim.pt, "
-      f"mim/eval.json, mim/backbone_timm.safetensors, tensorboard logs in */tb")
+res = json.load(open(f"{out}/results.json"))
+for kind in ("linear_probe", "knn", "finetune"):
+    row = res[kind]
+    extra = f", tokenizer encoder {100 * row['tokenizer_encoder']:.1f}%" if "tokenizer_encoder" in row else ""
+    print(f"{kind} top-1 on the 10,000 test images: pretrained {100 * row['pretrained']:.1f}%, random "
+          f"{100 * row['random']:.1f}%{extra}")
+print(f"outputs in {out}/: results.json, report.md (plots in report/), tokenizer/tokenizer.pt, mim/mim.pt, "
+      f"mim/backbone_timm.safetensors, transfer/*.json, transfer/finetune_*/classifier.pt, tensorboard logs in */tb")
 PY

@@ -1,0 +1,275 @@
+"""Turn the demo's output folder into `results.json`, `report.md` and plots under `report/`.
+
+    python scripts/demo_report.py runs/demo
+
+Reads what `scripts/demo.sh` leaves in OUT (tokenizer, MIM and transfer metrics and evaluations, per-stage seconds).
+The tokenizer's and MIM's training metrics and the tokenizer evaluation are required; every other input is optional:
+a missing one drops its row or plot, and the report says which file was missing.
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REQUIRED = ("tokenizer/metrics.jsonl", "tokenizer/eval.json", "mim/metrics.jsonl")
+PROBE_FEATURES = ("pretrained", "random", "tokenizer_encoder")
+BACKBONES = ("pretrained", "random")
+TRANSFER = {"linear_probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
+CLEAR_MARGIN = 0.05  # a linear-probe gain of at least 5 points is read as a clear pretraining benefit
+DPI = 100
+
+
+def read_json(path):
+    """The parsed file, or None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    """Rows of a metrics file, or None when it does not exist. A run killed mid-write leaves a torn last line: skip
+    it; a bad line anywhere else is real corruption and raises."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
+def load(out):
+    """Every input the report uses, keyed by name; optional ones are None when missing."""
+    p = lambda rel: os.path.join(out, rel)  # noqa: E731
+    tokens = p("tokenizer/test_tokens.npy")
+    return {
+        "tok_rows": read_jsonl(p("tokenizer/metrics.jsonl")), "tok_eval": read_json(p("tokenizer/eval.json")),
+        "tokens": np.load(tokens) if os.path.exists(tokens) else None,
+        "tokens_png": os.path.exists(p("tokenizer/test_tokens.png")),
+        "mim_rows": read_jsonl(p("mim/metrics.jsonl")), "mim_eval": read_json(p("mim/eval.json")),
+        "linear_probe": {k: read_json(p(f"transfer/linear_probe_{k}.json")) for k in PROBE_FEATURES},
+        "knn": {k: read_json(p(f"transfer/knn_{k}.json")) for k in BACKBONES},
+        "finetune": {k: read_json(p(f"transfer/finetune_{k}/eval.json")) for k in BACKBONES},
+        "finetune_rows": {k: read_jsonl(p(f"transfer/finetune_{k}/metrics.jsonl")) for k in BACKBONES},
+        "seconds": read_json(p("seconds.json")),
+    }
+
+
+def missing_notes(data):
+    """One line per optional input that is absent, naming the file the demo would have written."""
+    notes = []
+    if data["tokens"] is None or not len(data["tokens"]):
+        notes.append("token maps: `tokenizer/test_tokens.npy` missing")
+    if data["mim_eval"] is None:
+        notes.append("MIM held-out accuracy: `mim/eval.json` missing")
+    files = {"linear_probe": "linear_probe_{}.json", "knn": "knn_{}.json", "finetune": "finetune_{}/eval.json"}
+    for stage, name in files.items():
+        notes += [f"{TRANSFER[stage]} ({k}): `transfer/{name.format(k)}` missing"
+                  for k, v in data[stage].items() if v is None]
+    notes += [f"fine-tune loss curve ({k}): `transfer/finetune_{k}/metrics.jsonl` missing"
+              for k, v in data["finetune_rows"].items() if v is None]
+    if data["seconds"] is None:
+        notes.append("stage seconds: `seconds.json` missing")
+    return notes
+
+
+def summarize(data):
+    """The numbers of `results.json`: transfer values are top-1 accuracies as fractions, gains pretrained - random."""
+    tok = data["tok_eval"]
+    results = {"tokenizer": {k: tok[k] for k in ("codebook_usage", "teacher_cosine", "perplexity", "num_codes")}}
+    if data["mim_eval"] is not None:
+        results["mim"] = {k: data["mim_eval"][k] for k in ("mim_acc", "agg_acc", "majority_code_acc")}
+    for stage in TRANSFER:
+        results[stage] = {k: v["top1"] for k, v in data[stage].items() if v is not None}
+    results["pretraining_gain"] = {  # rounded: no 0.1230000001 in the file
+        stage: round(results[stage]["pretrained"] - results[stage]["random"], 6)
+        for stage in TRANSFER if all(k in results[stage] for k in BACKBONES)}
+    results["seconds"] = dict(data["seconds"] or {})
+    return results
+
+
+def num_classes(data):
+    """The class count of the transfer task if any transfer file records it; Fashion-MNIST's 10 otherwise."""
+    found = [v for stage in TRANSFER for v in data[stage].values() if v and "num_classes" in v]
+    return int(found[0]["num_classes"]) if found else 10
+
+
+def train_curve(rows, key):
+    """(steps, values) of `key` over the training rows (eval rows, if any, share the file under another split)."""
+    rows = [r for r in rows or [] if r.get("split", "train") == "train" and key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def save(fig, path):
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)  # many figures in one process: free each one
+    return os.path.basename(path)
+
+
+def plot_losses(data, path):
+    """One panel per stage; the transfer panels only when their inputs exist."""
+    panels = [("tokenizer", [("loss", data["tok_rows"], "loss"), ("reconstruction", data["tok_rows"], "rec_loss")]),
+              ("MIM", [("total", data["mim_rows"], "loss"), ("masked-token CE", data["mim_rows"], "mim_loss"),
+                       ("aggregation CE", data["mim_rows"], "agg_loss")])]
+    finetune = [(k, rows, "loss") for k, rows in data["finetune_rows"].items() if rows]
+    if finetune:
+        panels.append(("fine-tune", finetune))
+    probes = {k: v["history"] for k, v in data["linear_probe"].items() if v and v.get("history")}
+    n = len(panels) + bool(probes)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
+    axes = axes[0]
+    for ax, (title, lines) in zip(axes, panels):
+        for label, rows, key in lines:
+            ax.plot(*train_curve(rows, key), label=label)
+        ax.set(title=f"{title} loss", xlabel="step")
+        ax.legend(fontsize=8)
+    if probes:
+        ax = axes[-1]
+        for k, history in probes.items():
+            ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".", label=k)
+        ax.set(title="linear-probe train loss", xlabel="epoch")
+        ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_accuracy(results, chance, path):
+    """Grouped bars of top-1 per transfer protocol, each bar labelled, chance as a dashed line."""
+    stages = [s for s in TRANSFER if results[s]]
+    if not stages:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.27
+    for kind in PROBE_FEATURES:
+        xs, ys = [], []
+        for j, stage in enumerate(stages):  # centre each protocol's bars on its tick
+            present = [k for k in PROBE_FEATURES if k in results[stage]]
+            if kind in present:
+                xs.append(j + (present.index(kind) - (len(present) - 1) / 2) * width)
+                ys.append(results[stage][kind])
+        if xs:
+            bars = ax.bar(xs, ys, width, label=kind.replace("_", " "))
+            ax.bar_label(bars, labels=[f"{100 * y:.1f}%" for y in ys], fontsize=8)
+    ax.axhline(chance, color="grey", linestyle="--", label=f"chance ({100 * chance:.0f}%)")
+    ax.set_xticks(range(len(stages)), [TRANSFER[s] for s in stages])
+    ax.set(ylabel="held-out top-1", ylim=(0, 1.05), title="transfer accuracy")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)  # below: bars reach the top
+    return save(fig, path)
+
+
+def plot_codebook(tok_eval, path):
+    """Per-code held-out counts, most used first: a flat curve means the codebook is used evenly."""
+    counts = np.sort(np.asarray(tok_eval["code_counts"]))[::-1]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(np.arange(len(counts)), np.maximum(counts, 0.5), width=1.0)  # 0.5 keeps unused codes visible on log y
+    ax.set_yscale("log")
+    ax.set(xlabel="code rank (most used first)", ylabel="held-out patches",
+           title=f"codebook usage {100 * tok_eval['codebook_usage']:.1f}% of {tok_eval['num_codes']} codes")
+    return save(fig, path)
+
+
+def plot_token_maps(tokens, num_codes, path):
+    """The first 16 token maps; ids are arbitrary, so colour is only id / num_codes on a perceptually uniform map."""
+    maps = tokens[:16]
+    cols = min(4, len(maps))
+    rows = -(-len(maps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, grid in zip(axes.flat, maps):
+        ax.imshow(grid / num_codes, cmap="viridis", vmin=0, vmax=1)
+        if max(grid.shape) <= 8:  # ids only fit on small grids
+            for (y, x), code in np.ndenumerate(grid):
+                light = code / num_codes > 0.5  # viridis turns light above the middle: dark text there
+                ax.text(x, y, str(code), ha="center", va="center", fontsize=6, color="black" if light else "white")
+    fig.suptitle("token ids of held-out test images (colour: id)")
+    return save(fig, path)
+
+
+def pct(x):  # fractions are reported as percentages with one decimal
+    return f"{100 * x:.1f}%"
+
+
+def report_md(results, data, plots, notes):
+    """Title, results table, notes on missing inputs, seconds per stage, the plots, and the one-sentence reading."""
+    tok, mim, gains = results["tokenizer"], results.get("mim"), results["pretraining_gain"]
+    rows = [("tokenizer codebook usage (held-out)", f"{pct(tok['codebook_usage'])} of {tok['num_codes']} codes"),
+            ("tokenizer cosine to teacher (held-out)", f"{tok['teacher_cosine']:.3f}")]
+    if mim:
+        rows.append(("MIM held-out masked-token accuracy", f"{pct(mim['mim_acc'])} (aggregation head "
+                     f"{pct(mim['agg_acc'])}, most frequent code {pct(mim['majority_code_acc'])})"))
+    for stage, name in TRANSFER.items():
+        rows += [(f"{name} top-1, {k} backbone", pct(v)) for k, v in results[stage].items() if k in BACKBONES]
+        if stage in gains:
+            rows.append((f"{name} pretraining gain", f"{100 * gains[stage]:+.1f} points"))
+        if "tokenizer_encoder" in results[stage]:
+            rows.append((f"{name} top-1, tokenizer encoder", pct(results[stage]["tokenizer_encoder"])))
+    lines = ["# BEiT v2 demo results", "", "| measure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+    if notes:
+        lines += ["Not in this report:", ""] + [f"- {n}" for n in notes] + [""]
+    if results["seconds"]:
+        lines += ["| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()] + [""]
+    for title, name in plots:
+        lines += [f"![{title}](report/{name})", ""] if name else []
+    if data["tokens_png"]:  # the encoder's own picture of the token maps
+        lines += ["![token maps from the encoder](tokenizer/test_tokens.png)", ""]
+    lines.append(reading(results))
+    return "\n".join(lines) + "\n"
+
+
+def reading(results):
+    """One sentence: does pretraining beat random initialisation on the linear probe by a clear margin?"""
+    probe = results["linear_probe"]
+    if "linear_probe" not in results["pretraining_gain"]:
+        return "Reading: no linear-probe comparison, since the pretrained or the random probe result is missing."
+    gap = results["pretraining_gain"]["linear_probe"]
+    verdict = "beats" if gap >= CLEAR_MARGIN else "does not beat"
+    return (f"Reading: the pretrained backbone {verdict} the random one on the linear probe by a clear margin "
+            f"(>= {100 * CLEAR_MARGIN:.0f} points): "
+            f"{pct(probe['pretrained'])} vs {pct(probe['random'])}, a gap of {100 * gap:+.1f} points.")
+
+
+def write_atomically(path, text):
+    """Write under a temporary name in the same folder, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(out_dir):
+    for rel in REQUIRED:
+        if not os.path.exists(os.path.join(out_dir, rel)):
+            print(f"demo_report: {os.path.join(out_dir, rel)} missing: run make demo first", file=sys.stderr)
+            return 1
+    data = load(out_dir)
+    results = summarize(data)
+    plot_dir = os.path.join(out_dir, "report")
+    os.makedirs(plot_dir, exist_ok=True)
+    at = lambda name: os.path.join(plot_dir, name)  # noqa: E731
+    plots = [("loss curves", plot_losses(data, at("loss_curves.png"))),
+             ("transfer accuracy", plot_accuracy(results, 1 / num_classes(data), at("accuracy.png"))),
+             ("codebook usage", plot_codebook(data["tok_eval"], at("codebook_usage.png")))]
+    if data["tokens"] is not None and len(data["tokens"]):
+        num_codes = results["tokenizer"]["num_codes"]
+        plots.append(("token maps", plot_token_maps(data["tokens"], num_codes, at("token_maps.png"))))
+    write_atomically(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    write_atomically(os.path.join(out_dir, "report.md"), report_md(results, data, plots, missing_notes(data)))
+    print(f"demo_report: report in {os.path.join(out_dir, 'report.md')}, numbers in results.json, plots in {plot_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

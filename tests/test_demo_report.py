@@ -1,0 +1,121 @@
+"""scripts/demo_report.py on a hand-made demo output folder: numbers, report text, plots and missing inputs."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo_report.py")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_module():  # scripts/ is not a package: load the file by path
+    spec = importlib.util.spec_from_file_location("demo_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_report = load_module()
+
+
+def write(out, rel, obj):
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rel.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(row) + "\n" for row in obj))
+    else:
+        path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def out(tmp_path):
+    """Synthetic inputs for the report only (made-up numbers, not a real demo run), laid out as demo.sh leaves them."""
+    write(tmp_path, "tokenizer/metrics.jsonl", [
+        {"step": s, "loss": 1.0 / s, "rec_loss": 0.9 / s, "commit_loss": 0.1, "teacher_cosine": 0.5,
+         "codebook_usage": 0.8, "lr": 1e-3, "split": "train"} for s in range(1, 6)])
+    with open(tmp_path / "tokenizer/metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.1')  # a run killed mid-write: torn last line
+    write(tmp_path, "tokenizer/eval.json", {"images": 100, "codebook_usage": 0.75, "perplexity": 3.2,
+                                           "teacher_cosine": 0.771, "num_codes": 8,
+                                           "code_counts": [40, 30, 20, 10, 5, 3, 0, 0]})
+    np.save(tmp_path / "tokenizer/test_tokens.npy", np.random.default_rng(0).integers(0, 8, (20, 3, 3)))
+    write(tmp_path, "mim/metrics.jsonl", [{"step": s, "loss": 5 - s / 10, "mim_loss": 3 - s / 20,
+                                           "agg_loss": 3 - s / 30, "mim_acc": 0.1, "agg_acc": 0.1, "lr": 1e-3}
+                                          for s in range(1, 6)])
+    write(tmp_path, "mim/eval.json", {"mim_acc": 0.082, "agg_acc": 0.081, "majority_code_acc": 0.025,
+                                      "mim_loss": 4.95})
+    history = [{"epoch": e, "loss": 2.0 / e, "top1": 0.1 * e} for e in (1, 2, 3)]
+    for kind, top1 in {"pretrained": 0.62, "random": 0.41, "tokenizer_encoder": 0.55}.items():
+        write(tmp_path, f"transfer/linear_probe_{kind}.json", {
+            "top1": top1, "top5": 0.9, "train_images": 500, "test_images": 200, "epochs": 3,
+            "feature": "cls", "history": history})
+    for kind, top1 in {"pretrained": 0.58, "random": 0.37}.items():
+        write(tmp_path, f"transfer/knn_{kind}.json", {"top1": top1, "top5": 0.9, "k": 20, "temperature": 0.07,
+                                                      "feature": "cls"})
+    for kind, top1 in {"pretrained": 0.80, "random": 0.71}.items():
+        write(tmp_path, f"transfer/finetune_{kind}/metrics.jsonl",
+              [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 6)])
+        write(tmp_path, f"transfer/finetune_{kind}/eval.json", {"top1": top1, "top5": 0.95, "images": 200,
+                                                                "loss": 0.6})
+    write(tmp_path, "seconds.json", {"tokenizer": 120.5, "mim": 200.0, "linear_probe": 30.0, "knn": 5.0,
+                                     "finetune": 90.0})
+    return tmp_path
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        assert min(image.size) > 100
+
+
+def test_full_report(out):
+    assert demo_report.main(str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tokenizer"]["codebook_usage"] == 0.75 and results["mim"]["mim_acc"] == 0.082
+    assert results["linear_probe"] == {"pretrained": 0.62, "random": 0.41, "tokenizer_encoder": 0.55}
+    assert results["knn"] == {"pretrained": 0.58, "random": 0.37}
+    assert results["pretraining_gain"] == pytest.approx({"linear_probe": 0.21, "knn": 0.21, "finetune": 0.09})
+    assert results["seconds"]["tokenizer"] == 120.5
+    report = (out / "report.md").read_text()
+    for row in ("| tokenizer codebook usage (held-out) | 75.0% of 8 codes |",
+                "| tokenizer cosine to teacher (held-out) | 0.771 |",
+                "| MIM held-out masked-token accuracy | 8.2%", "| linear probe top-1, pretrained backbone | 62.0% |",
+                "| linear probe pretraining gain | +21.0 points |", "| linear probe top-1, tokenizer encoder | 55.0% |",
+                "| fine-tune pretraining gain | +9.0 points |", "| tokenizer | 120.5 |",
+                "![loss curves](report/loss_curves.png)"):
+        assert row in report
+    assert "beats the random one on the linear probe by a clear margin" in report and "+21.0 points." in report
+    assert "missing" not in report
+    for name in ("loss_curves", "accuracy", "codebook_usage", "token_maps"):
+        assert_png(out / "report" / f"{name}.png")
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporary file behind
+
+
+def test_torn_last_line_is_skipped(out):
+    rows = demo_report.read_jsonl(str(out / "tokenizer/metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_missing_optional_inputs_leave_rows_out_with_a_note(out):
+    os.remove(out / "transfer/knn_random.json")
+    os.remove(out / "tokenizer/test_tokens.npy")
+    write(out, "transfer/linear_probe_random.json", {"top1": 0.60, "top5": 0.9, "history": []})
+    assert demo_report.main(str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn"] == {"pretrained": 0.58} and "knn" not in results["pretraining_gain"]
+    report = (out / "report.md").read_text()
+    assert "k-NN top-1, random backbone" not in report and "k-NN pretraining gain" not in report
+    assert "`transfer/knn_random.json` missing" in report and "`tokenizer/test_tokens.npy` missing" in report
+    assert not (out / "report/token_maps.png").exists()
+    assert "does not beat the random one on the linear probe" in report and "+2.0 points." in report
+
+
+def test_missing_required_input_fails_with_one_line(out, capsys):
+    os.remove(out / "mim/metrics.jsonl")
+    assert demo_report.main(str(out)) == 1
+    err = capsys.readouterr().err
+    assert err == f"demo_report: {out / 'mim/metrics.jsonl'} missing: run make demo first\n"
+    assert not (out / "results.json").exists()
