@@ -41,7 +41,7 @@ def test_a_tiny_fine_tune_learns_fashion_mnist_and_evaluates_the_same_through_th
     assert again["loss"] == pytest.approx(ev["loss"], rel=1e-5)
 
 
-def test_knn_on_two_ranks_equals_one_process_and_probes_beat_chance(learned, tmp_path):
+def test_knn_on_two_ranks_equals_one_process_and_probes_beat_chance(learned, tmp_path, monkeypatch):
     from finetune.probe import knn, linear_probe
     data = '{"source": "fashion_mnist", "limit": 1001, "eval_images": 301}'
     ckpt = str(learned / "classifier.pt")
@@ -52,9 +52,17 @@ def test_knn_on_two_ranks_equals_one_process_and_probes_beat_chance(learned, tmp
     assert two["test_images"] == one["test_images"] == 301
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])   # uneven shards merged exactly
     assert one["top1"] > 0.4
-    probe = linear_probe(ckpt, pooling="mean", data_cfg=json.loads(data), epochs=5, batch_size=128, eval_crop=1.0)
+    cache = tmp_path / "features"
+    probe = linear_probe(ckpt, pooling="mean", data_cfg=json.loads(data), epochs=5, batch_size=128, eval_crop=1.0,
+                         cache_dir=str(cache))
     assert probe["top1"] > 0.4 and len(probe["history"]) == 5
     assert probe["history"][-1]["loss"] < probe["history"][0]["loss"]
+    # The cached features serve k-NN without computing anything again, and give the same answer.
+    from finetune.features import FrozenFeatures
+    monkeypatch.setattr(FrozenFeatures, "forward", lambda *a: pytest.fail("features computed again"))
+    cached = knn(ckpt, pooling="mean", data_cfg=json.loads(data), eval_crop=1.0, cache_dir=str(cache))
+    assert (cached["top1"], cached["top5"]) == (one["top1"], one["top5"])
+    assert len(list(cache.glob("*/*.done"))) == 2   # train and test of one feature kind, one rank
 
 
 def test_a_killed_fine_tune_resumes_with_the_same_losses(tmp_path, fashion_mnist_available):
