@@ -6,6 +6,10 @@ tokenizers load as they are. Differences from the official quantizer, none of wh
 - k-means initialisation is distributed: rank 0 draws the seeds, every rank assigns its own vectors, and the
   statistics are all-reduced, so every rank ends with the same codebook;
 - optional dead-code restart re-seeds rarely used codes from current encoder outputs, identically on every rank;
+- a batch with a non-finite vector on any rank leaves every buffer as it was (k-means init included): the engine
+  skips the optimizer step of such a batch, but these updates run in the forward pass, and one NaN in the EMA
+  never washes out. It is decided on the device, with no collective of its own: a NaN or inf in any rank's
+  vectors survives the all-reduced sum, so every rank reads the same flag there;
 - inference touches no statistics and makes no collective calls.
 """
 from __future__ import annotations
@@ -69,6 +73,11 @@ class NormEMAQuantizer(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_restarted", torch.zeros((), dtype=torch.long))
         self._host_initted: bool | None = None   # mirrors the buffers, read once, to avoid a sync per step
+        # Update attempts, read from `num_updates` once, then counted on the host; they time the dead-code checks
+        # and seed their draw. Skipped (non-finite) batches count too, as the host cannot see the flag without a
+        # sync: after k of them the checks fall k updates earlier in `num_updates`, on every rank alike, still
+        # `restart_interval` steps apart (only a resumed run, which re-reads `num_updates`, then checks at other
+        # steps than an uninterrupted one would).
         self._host_updates: int | None = None
 
     # ---- public -------------------------------------------------------------------------------------------
@@ -130,43 +139,49 @@ class NormEMAQuantizer(nn.Module):
                     else torch.randint(0, n, (self.num_codes,), generator=g, device=flat.device))
             means.copy_(flat[pick])
         dist_utils.broadcast_(means, src=0)
+        finite = means.isfinite().all()
         counts = torch.zeros(self.num_codes, device=flat.device)
         for _ in range(self.kmeans_iters):
             assign = (flat @ means.t()).argmax(dim=1)
             counts, sums = self._counts_and_sums(flat, assign)
+            finite &= sums.isfinite().all()
             new = l2norm(sums / counts.clamp(min=1).unsqueeze(1))
             means = torch.where((counts > 0).unsqueeze(1), new, means)
-        self.embedding.weight.copy_(means)
-        self.embedding.initted.fill_(1.0)
-        self._host_initted = True
+        w, initted = self.embedding.weight, self.embedding.initted
+        w.copy_(torch.where(finite, means, w))
+        initted.copy_(torch.where(finite, torch.ones_like(initted), initted))
+        # k-means runs on the first batch only (again after a skipped one): one sync per run, not per step.
+        self._host_initted = bool(finite)
 
     @torch.no_grad()
     def ema_update_(self, flat: torch.Tensor, indices: torch.Tensor) -> dict:
         counts, sums = self._counts_and_sums(flat.detach(), indices)
+        finite = sums.isfinite().all()   # the same on every rank: see the module docstring
         d = self.decay
-        self.cluster_size.mul_(d).add_(counts, alpha=1 - d)
-        used = (counts > 0).unsqueeze(1)
+        self.cluster_size.copy_(torch.where(finite, self.cluster_size.mul(d).add_(counts, alpha=1 - d),
+                                            self.cluster_size))
+        used = (counts > 0).unsqueeze(1) & finite
         means = l2norm(sums / counts.clamp(min=1).unsqueeze(1))
         w = self.embedding.weight
         w.copy_(torch.where(used, l2norm(w * d + means * (1 - d)), w))
-        self.num_updates.add_(1)
-        if self._host_updates is None:
+        if self._host_updates is None:   # once per run (and after a load); see __init__
             self._host_updates = int(self.num_updates.item())
-        else:
-            self._host_updates += 1
+        self._host_updates += 1
+        self.num_updates.add_(finite.long())
         if self.dead_code_threshold > 0 and self._host_updates % self.restart_interval == 0:
-            self.restart_dead_codes_(flat.detach())
+            self.restart_dead_codes_(flat.detach(), finite)
         usage, perplexity = codebook_stats(counts)
         return {"codebook_usage": usage, "perplexity": perplexity, "codes_restarted": self.num_restarted.float()}
 
     @torch.no_grad()
-    def restart_dead_codes_(self, flat: torch.Tensor) -> None:
+    def restart_dead_codes_(self, flat: torch.Tensor, finite: torch.Tensor) -> None:
         """Re-seed codes whose usage EMA fell under the threshold with encoder outputs of this step.
 
         Every rank contributes the same number of candidate vectors; the draw uses a generator seeded from
         (seed, update count), so every rank writes the same new codebook without an extra broadcast.
+        `finite` (0-d bool, agreed by every rank) False makes it a no-op, still with the same collective calls.
         """
-        dead = self.cluster_size < self.dead_code_threshold
+        dead = (self.cluster_size < self.dead_code_threshold) & finite
         g = torch.Generator(device=flat.device).manual_seed(self.seed * 1_000_003 + self._host_updates)
         per_rank = min(flat.shape[0], self.num_codes)
         local = flat[torch.randperm(flat.shape[0], device=flat.device)[:per_rank]]  # local choice: any vectors do
