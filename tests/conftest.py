@@ -35,6 +35,23 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {block}-{block + 999}")
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _keep_launcher_variables_out_of_later_tests():
+    """A stage run in process joins a one-rank process group and writes RANK, MASTER_PORT, ... into os.environ; a
+    later test's subprocess would inherit them and try to listen on the port this process still holds. Put them
+    back as they were after every test."""
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_available():
     if not os.path.exists(FASHION_MNIST):
