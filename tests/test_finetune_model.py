@@ -17,6 +17,7 @@ from finetune.model import build_classifier, load_classifier, save_classifier
 from pretrain.mim import build_mim_model, export_to_timm, save_checkpoint
 from tests.conftest import ROOT
 from tests.dist_util import run_ranks
+from tests.test_mim_model import tiny
 
 OFFICIAL_KEYS = os.path.join(ROOT, "reference", "official_state_dict_keys.json")
 TINY = "beitv2_tiny_test"   # 32 px, 8 px patches (4 x 4 grid), width 64, 3 blocks, 2 heads
@@ -28,13 +29,8 @@ NUM_CLASSES = 10
 def tiny_mim(**overrides):
     """A tiny MIM model whose zero-initialised tensors (shared table, q/v biases, final norm) hold other values,
     so that a route that drops, shares or re-initialises them the wrong way shows."""
-    torch.manual_seed(0)
-    model = build_mim_model(TINY, **overrides)
+    model = tiny(**overrides)   # shared table and q/v biases already drawn
     with torch.no_grad():
-        model.rel_pos_bias.relative_position_bias_table.normal_()
-        for name, p in model.named_parameters():
-            if name.endswith(("q_bias", "v_bias")):
-                p.normal_(std=0.1)
         model.norm.weight.fill_(2.0)   # must not reach fc_norm: official fine-tuning starts it fresh
         model.norm.bias.fill_(0.5)
     return model.eval()
