@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import sys
 import typing
@@ -104,6 +105,8 @@ def _checked_value(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"--{name} must be a number, got {value!r}")
+        if not math.isfinite(value):   # fire reads 1e999 as inf
+            raise ConfigError(f"--{name} must be a finite number, got {value!r}")
         return float(value)
     if hint is str and not isinstance(value, str):   # `spell_flags` quotes str arguments; this is a backstop
         raise ConfigError(f"--{name} must be text, got {value!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -40,6 +41,8 @@ class OptimConfig:
                "must be two numbers in [0, 1)")
         _check(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
+               self.weight_decay_end, "must be >= 0 (or null for a constant weight decay)")
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
 
@@ -88,6 +91,8 @@ class RunConfig:
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
 
     def validate(self, prefix: str = "run") -> None:
+        _check(bool(self.output_dir.strip()), f"{prefix}.output_dir", self.output_dir,
+               "must name a folder for the run's checkpoints and logs")
         _check(self.precision in PRECISIONS, f"{prefix}.precision", self.precision,
                f"must be one of {', '.join(PRECISIONS)}")
         _check(self.compile_mode in COMPILE_MODES, f"{prefix}.compile_mode", self.compile_mode,
@@ -176,6 +181,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):   # 1e999 parses as inf: it would train on NaN weights without a word
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -28,6 +28,11 @@ def test_recipe_then_overrides():
     ({"optim.betas": [0.9]}, "'optim.betas' must be a list of 2 values"),
     ({"arch": "vqkd_giant"}, "'arch' = 'vqkd_giant' must be one of"),
     ({"teacher.name": "clip_b16"}, "'teacher.weights' is required"),
+    ({"optim.weight_decay": 1e999}, "'optim.weight_decay' must be a finite number, got inf"),
+    ({"optim.lr": float("nan")}, "'optim.lr' must be a finite number, got nan"),
+    ({"schedule.epochs": 1e999}, "'schedule.epochs' must be a finite number"),
+    ({"optim.weight_decay_end": -5.0}, "'optim.weight_decay_end' = -5.0 must be >= 0"),
+    ({"run.output_dir": ""}, "'run.output_dir' = '' must name a folder"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
@@ -124,7 +129,8 @@ def test_command_flags_are_checked_against_their_types(capsys):
     for args, error in ((["--augment=maybe"], "--augment must be true or false, got 'maybe'"),
                         (["--batch=abc"], "--batch must be an integer, got 'abc'"),
                         (["--batch=1.5"], "--batch must be an integer, got 1.5"),
-                        (["--lr=fast"], "--lr must be a number, got 'fast'")):
+                        (["--lr=fast"], "--lr must be a number, got 'fast'"),
+                        (["--lr=1e999"], "--lr must be a finite number, got inf")):
         assert run_cli(command, args) == 2
         assert capsys.readouterr().err.strip() == f"error: {error}"
     assert len(seen) == len(words) + 8   # no bad call ran
