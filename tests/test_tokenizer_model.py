@@ -212,3 +212,19 @@ def test_a_file_that_is_not_a_tokenizer_is_a_one_line_error(tmp_path):
                           ("junk.safetensors", "cannot read")):
         with pytest.raises(ValueError, match=message):
             load_tokenizer(str(tmp_path / name))
+
+
+def test_an_arch_less_file_loads_only_as_the_registered_arch_of_its_shapes(tmp_path):
+    # vqkd_tiny_test has 2 heads of width 32: guessing width // 64 = 1 head would load and give other codes.
+    torch.manual_seed(0)
+    model = build_tokenizer("vqkd_tiny_test", kmeans_init=False).eval()
+    torch.save(_official_style(model), tmp_path / "tiny.pth")
+    loaded = load_tokenizer(str(tmp_path / "tiny.pth"))
+    assert loaded.encoder.blocks[0].attn.num_heads == 2
+    images = torch.rand(4, 3, model.img_size, model.img_size)
+    assert torch.equal(loaded.get_codebook_indices(images), model.get_codebook_indices(images))
+    other = build_tokenizer("vqkd_tiny_test", num_codes=32, kmeans_init=False)   # no registered arch is shaped so
+    torch.save(_official_style(other), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="match no registered tokenizer.*--tokenizer_arch") as err:
+        load_tokenizer(str(tmp_path / "other.pth"))
+    assert "\n" not in str(err.value)

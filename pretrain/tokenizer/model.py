@@ -199,10 +199,16 @@ def _infer_arch(sd: dict, path: str) -> dict:
     except (KeyError, ValueError):
         raise ValueError(f"{path} is not a VQ-KD tokenizer checkpoint (expected encoder/decoder/quantize keys)") \
             from None
-    heads = max(1, width // 64)
-    return dict(img_size=int(math.isqrt(num_patches)) * patch, patch_size=patch, encoder_width=width,
-                encoder_depth=enc_depth, encoder_heads=heads, decoder_width=dec_width, decoder_depth=dec_depth,
-                decoder_heads=max(1, dec_width // 64), num_codes=codes, code_dim=code_dim, teacher_dim=teacher_dim)
+    shape = dict(img_size=int(math.isqrt(num_patches)) * patch, patch_size=patch, encoder_width=width,
+                 encoder_depth=enc_depth, decoder_width=dec_width, decoder_depth=dec_depth, num_codes=codes,
+                 code_dim=code_dim, teacher_dim=teacher_dim)
+    # The weights do not record the head count (a guess such as width // 64 silently builds another function):
+    # only a registered architecture of exactly these shapes says it.
+    for arch in ARCHS.values():
+        if all(arch.get(k) == v for k, v in shape.items()):
+            return dict(arch)
+    raise ValueError(f"{path} records no arch and its shapes ({shape}) match no registered tokenizer, so its head "
+                     f"count is unknown: pass the arch (--tokenizer_arch=NAME, load_tokenizer(path, arch=NAME))")
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict | None]:
