@@ -20,6 +20,12 @@ from finetune.model import build_classifier, load_classifier
 OFFICIAL_EVAL_CROP = 224 / 256   # resize 256, centre crop 224
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`[hits@1, hits@5]` (float, on the device) of class scores `[n, C]` against labels `[n]`."""
+    hits = scores.topk(min(5, scores.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)
+    return torch.stack([hits[:, 0].sum(), hits.sum()]).float()
+
+
 @torch.no_grad()
 def classification_metrics(model: nn.Module, batches: Iterable[dict], dtype: torch.dtype = torch.float32) -> dict:
     """`images`, `top1`, `top5` (fractions) and mean cross-entropy `loss` over `batches` of all ranks."""
@@ -29,9 +35,8 @@ def classification_metrics(model: nn.Module, batches: Iterable[dict], dtype: tor
     for batch in batches:
         logits = model(batch["image"].to(dtype)).float()
         labels = batch["label"]
-        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)
-        totals += torch.stack([torch.tensor(float(len(labels)), device=logits.device), hits[:, 0].sum(), hits.sum(),
-                               F.cross_entropy(logits, labels, reduction="sum")]).to(totals)
+        ce = F.cross_entropy(logits, labels, reduction="sum")
+        totals += torch.cat([ce.new_tensor([len(labels)]), topk_hits(logits, labels), ce[None]]).to(totals)
     dist_utils.all_reduce_sum_(totals)
     model.train(was_training)
     n, top1, top5, loss = totals.tolist()

@@ -51,7 +51,7 @@ class Mixup:
         if box is not None:
             y1, y2, x1, x2 = box
             images = images.clone()
-            images[..., y1:y2, x1:x2] = images.flip(0)[..., y1:y2, x1:x2]
+            images[..., y1:y2, x1:x2] = images[..., y1:y2, x1:x2].flip(0)   # flips only the box (a copy)
         elif lam < 1.0:
             images = images.mul(lam).add_(images.flip(0), alpha=1.0 - lam)
         return images, mixup_target(labels, self.num_classes, lam, self.smoothing)

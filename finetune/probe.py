@@ -28,6 +28,7 @@ from engine import distributed as dist_utils
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config, to_dict
 from engine.evaluation import eval_device, write_result
+from finetune.evaluate import topk_hits
 from finetune.features import FeatureFile, FrozenFeatures, extract
 
 OPTIMIZERS = ("lars", "sgd")
@@ -64,9 +65,8 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
 
 
 def _topk_counts(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[images, hits@1, hits@5] of class scores [n, C] against labels [n]."""
-    hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels.unsqueeze(1)
-    return torch.tensor([len(labels), hits[:, 0].sum().item(), hits.sum().item()], dtype=torch.float64)
+    """[images, hits@1, hits@5] of class scores [n, C] against labels [n], float64 on the device."""
+    return torch.cat([scores.new_tensor([len(labels)]), topk_hits(scores, labels)]).double()
 
 
 def _summed(counts: torch.Tensor) -> dict:
