@@ -1,12 +1,15 @@
 """Timing helpers shared by the benchmarks: synchronised wall-clock timing and peak memory."""
 from __future__ import annotations
 
+import gc
 import json
+import os
 import resource
 import time
 
 import torch
 
+from engine.cli import check_counts
 from engine.files import write_text_atomically
 
 
@@ -93,3 +96,70 @@ def add_speedups(results: dict) -> tuple[str, dict]:
     for r in measured.values():
         r["speedup_vs_baseline"] = r["images_per_s"] / measured[base]["images_per_s"]
     return base, measured
+
+
+# ------------------------------------------------------------------ transfer stages through their real train()
+# Variants of a transfer stage's training loop (bench/finetune.py, bench/segment.py); the baseline is the official
+# attention formulation, the others change one thing each against `fused` (SDPA).
+STAGE_VARIANTS = {
+    "baseline": {"model.attention": "explicit"},
+    "fused": {},
+    "ckpt": {"run.grad_checkpointing": True},
+    "compile": {"run.compile": True},
+    # The lean step: fp32 weights under bf16 autocast at ZeRO-0, no host sync between log points.
+    "lean": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json"},
+    "lean_compile": {"run.precision": "bf16_autocast", "run.ds_config": "ds_configs/zero0.json", "run.compile": True},
+}
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def stage_variant_names(variants, zero: int, warmup: int, batch: int, arch: str, archs, what: str) -> list[str]:
+    """The benchmark's flags checked (one-line ValueErrors); returns the variant names in order."""
+    check_counts(warmup=warmup, **({"batch": batch} if batch else {}))   # batch 0: the default for the device
+    if isinstance(zero, bool) or zero not in ZERO_STAGES:
+        raise ValueError(f"--zero must be one of {', '.join(map(str, ZERO_STAGES))} (got {zero!r})")
+    names = variants.split(",") if isinstance(variants, str) else list(variants)
+    unknown = [n for n in names if n not in STAGE_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant '{unknown[0]}'; choose from {', '.join(STAGE_VARIANTS)}")
+    if arch and arch not in archs:
+        raise ValueError(f"unknown {what} arch '{arch}'; choose from {', '.join(archs)}")
+    return names
+
+
+def stage_overrides(*, arch: str, batch: int, precision: str, zero: int, warmup: int, eval_images: int,
+                    output_dir: str, variant: str) -> dict:
+    """Flags of one variant's run: random init on synthetic data, 2 x warmup steps, no checkpoints."""
+    return {"arch": arch, "init": "random", "data.source": "synthetic", "data.limit": batch * 4,
+            "data.eval_images": eval_images, "run.output_dir": output_dir,
+            "run.micro_batch_size": batch, "run.grad_accum_steps": 1, "run.precision": precision,
+            "run.ds_config": f"ds_configs/zero{zero}.json", "run.log_interval": warmup,
+            "run.save_interval": 10 ** 9, "run.save_final": False, "run.progress_bar": False,
+            "run.profile_steps": 0, "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1,
+            **STAGE_VARIANTS[variant]}
+
+
+def run_stage_variants(train, recipe: str, overrides: dict, configs: dict, warmup: int, device: torch.device,
+                       out: str, is_main: bool) -> tuple[dict, str]:
+    """Run `train(recipe, **overrides[name])` per variant and read its second log interval; a failing variant is
+    recorded with its error and the others still run; the JSON is rewritten after every variant, so a run cut
+    short (a lease ending) keeps what it measured. Returns (results, baseline name)."""
+    results = {}
+    for name, flags in overrides.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            train(recipe, **flags)
+            with open(os.path.join(flags["run.output_dir"], "metrics.jsonl")) as f:
+                last = next(row for row in map(json.loads, f) if row["step"] == 2 * warmup)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not cost the others' numbers
+            results[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
+        else:
+            results[name] = {k: last.get(k) for k in ("images_per_s", "mfu", "peak_mem_gib", "loss")}
+            results[name].update(precision=flags["run.precision"], ds_config=flags["run.ds_config"],
+                                 attention=configs[name].model.attention)
+        write_json({"partial": True, "variants": results}, out if is_main else "")
+        gc.collect()
+    base_name, _ = add_speedups(results)
+    return results, base_name

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.files import OutputPathError, write_atomically, write_text_atomically
+from engine.files import OutputPathError, writable_parent_problem, write_atomically, write_text_atomically
 
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
 # so that a too-large file is skipped with a clear reason instead of raising.
@@ -303,13 +303,9 @@ def _prepare_out(out: str, force: bool) -> None:
         raise ConvertError(f"{out}: the output name must end in .beton")
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise ConvertError(f"cannot create the output folder {parent} ({e.strerror}); pick a writable path") from None
-    if not os.access(parent, os.W_OK):
-        raise ConvertError(f"{parent} is not writable; pick another output path")
+    problem = writable_parent_problem(out)
+    if problem:
+        raise ConvertError(problem)
     for stale in (out + ".skipped.tsv",):
         if os.path.exists(stale):
             os.remove(stale)

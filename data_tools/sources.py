@@ -104,3 +104,41 @@ def labelled_batches(data: DataConfig, split: str, aug, batch_size: int, device:
             raise ConfigError(f"{path} has no class labels; convert it with its labels (python -m data_tools.convert "
                               f"imagefolder ...)")
         yield batch
+
+
+# ------------------------------------------------------------------------------------------------- segmentation
+def segmentation_arrays(data: DataConfig, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory images [N, S, S, 3] and annotation maps [N, S, S] (raw ids): Fashion-MNIST mosaics
+    (data_tools.mosaics; `data.limit` training / `data.eval_images` validation mosaics), or random pixels and labels
+    (synthetic: benchmarks only)."""
+    n = (data.limit or 2000) if split == "training" else (data.eval_images or 200)
+    if data.source == "synthetic":
+        rng = np.random.default_rng(0 if split == "training" else 1)
+        return (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                rng.integers(0, 12, (n, size, size), dtype=np.uint8))
+    from data_tools.mosaics import mosaic_arrays
+    return mosaic_arrays(split, n, size=size)
+
+
+def segmentation_source(data: DataConfig, split: str, aug, device: torch.device, *, size: int,
+                        micro_batch_size: int = 1, grad_accum_steps: int = 1, seed: int = 0):
+    """This rank's source of images with label maps: `data.train_path` / `data.eval_path` (.beton from
+    `python -m data_tools.convert ade20k`) or in-memory arrays (`segmentation_arrays`). `aug(images, labels, sizes,
+    g)` is applied on the device; `RawAug()` keeps the uint8 canvases (evaluation)."""
+    from data_tools.ffcv_loader import ArraySource, FFCVSource
+    common = dict(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, rank=dist_utils.rank(),
+                  world_size=dist_utils.world_size(), seed=seed, device=device)
+    if data.source != "beton":
+        images, labels = segmentation_arrays(data, split, size)
+        return ArraySource(images, labels, aug=aug, **common)
+    key = "train_path" if split == "training" else "eval_path"
+    path = getattr(data, key)
+    if not path:
+        raise ConfigError(f"config key 'data.{key}' is required with data.source=beton (a .beton from "
+                          f"python -m data_tools.convert ade20k)")
+    source = FFCVSource(path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
+                        limit=data.limit if split == "training" else data.eval_images, **common)
+    if "annotation" not in source.reader.field_names:
+        raise ConfigError(f"{path} has no label maps (fields {source.reader.field_names}); convert a segmentation "
+                          f"data set with python -m data_tools.convert ade20k")
+    return source

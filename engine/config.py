@@ -48,13 +48,18 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Per-step schedule: linear warm-up then cosine decay to `optim.min_lr`, measured in epochs or steps."""
+    """Per-step schedule, measured in epochs or steps: linear warm-up, then `decay` to `optim.min_lr`.
+
+    `decay`: `cosine` (pretraining, classification) starts after the warm-up; `poly` (mmseg's linear poly of the
+    segmentation recipes) runs from step 0 and the warm-up scales it, as mmcv's iteration-based schedule does."""
     epochs: float = 1.0
     warmup_epochs: float = 0.0
     total_steps: int | None = None    # overrides epochs when set
     warmup_steps: int | None = None   # overrides warmup_epochs when set
+    decay: str = "cosine"             # cosine | poly
 
     def validate(self, prefix: str = "schedule") -> None:
+        _check(self.decay in ("cosine", "poly"), f"{prefix}.decay", self.decay, "must be cosine or poly")
         _check(self.epochs > 0, f"{prefix}.epochs", self.epochs, "must be > 0")
         _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", self.warmup_epochs, "must be >= 0")
         _check(self.total_steps is None or self.total_steps > 0, f"{prefix}.total_steps", self.total_steps,
@@ -83,6 +88,9 @@ class RunConfig:
     keep_last: int = 2                         # checkpoints kept on disk
     save_final: bool = True                    # checkpoint (and export weights) when the run ends
     resume: bool = True                        # continue from the latest checkpoint in output_dir
+    # A resume whose settings differ from the run's config.json in a key that changes what is trained (seed, arch,
+    # tokenizer, lr, batch...) is an error unless this says the change is meant (engine.run_dir keeps the history).
+    allow_config_change: bool = False
     max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
     grad_checkpointing: bool = False
     compile: bool = False                      # torch.compile the model's forward

@@ -41,3 +41,16 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     write_atomically(path, write)
+
+
+def writable_parent_problem(path: str) -> str:
+    """'' when the folder that will hold `path` exists (created if needed) and is writable, else why not (one line,
+    naming the folder and what to do)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the output folder {parent} ({e.strerror}); pick a writable path"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable; pick another output path"
+    return ""

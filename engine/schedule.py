@@ -1,4 +1,4 @@
-"""Per-step learning-rate and weight-decay schedules (linear warm-up, then cosine), as in BEiT v2."""
+"""Per-step learning-rate and weight-decay schedules: linear warm-up, then cosine (BEiT v2) or linear poly (mmseg)."""
 from __future__ import annotations
 
 import math
@@ -20,8 +20,16 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
 
 
-def lr_at(step: int, optim: OptimConfig, total: int, warmup: int) -> float:
-    """0 -> lr linearly over `warmup` steps, then cosine lr -> min_lr over the remaining steps."""
+def poly(step: int, total: int, start: float, end: float, power: float = 1.0) -> float:
+    t = min(max(step, 0), total) / max(total, 1)
+    return end + (start - end) * (1 - t) ** power
+
+
+def lr_at(step: int, optim: OptimConfig, total: int, warmup: int, decay: str = "cosine") -> float:
+    """cosine: 0 -> lr linearly over `warmup` steps, then cosine lr -> min_lr over the remaining steps.
+    poly: lr -> min_lr linearly over all `total` steps, scaled by step / warmup during the warm-up (mmcv)."""
+    if decay == "poly":
+        return poly(step, total, optim.lr, optim.min_lr) * (min(step / warmup, 1.0) if warmup else 1.0)
     if step < warmup:
         return optim.lr * step / warmup
     return cosine(step - warmup, total - warmup, optim.lr, optim.min_lr)

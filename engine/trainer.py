@@ -15,12 +15,13 @@ from torch import nn
 from engine import distributed as dist_utils
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
-from engine.config import OptimConfig, RunConfig, ScheduleConfig, save_json
+from engine.config import OptimConfig, RunConfig, ScheduleConfig
 from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.export import save_final_weights
 from engine.interfaces import DataSource, FitResult, StepHook
 from engine.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
+from engine.run_dir import claims_output_dir, save_config
 
 
 def seed_everything(seed: int) -> None:
@@ -30,6 +31,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@claims_output_dir   # one run per output dir, and a resume may not change what is trained (engine.run_dir)
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
         keep_fp32_buffers: tuple[str, ...] = (), hooks: tuple[StepHook, ...] = (),
@@ -37,7 +39,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     """Train `model` to the end of `schedule` (resuming from `run.output_dir` when it holds a checkpoint).
 
     `final_weights=(filename, save_fn)`: after the last checkpoint, rank 0 consolidates it into one fp32 state
-    dict and calls `save_fn(<output_dir>/<filename>, state_dict)`.
+    dict and calls `save_fn(<output_dir>/<filename>, state_dict)`. Another run holding the output directory, or a
+    resume whose config changes what is trained, is a one-line ConfigError before the engine is built.
     """
     world = dist_utils.world_size()
     ckpt = CheckpointManager(run.output_dir, run.keep_last)
@@ -65,8 +68,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     if state:
         resplit_note = f" (re-split from {ckpt.saved_world_size(ckpt.latest_tag())} ranks)" if resplit else ""
         dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}{resplit_note}")
-    if dist_utils.is_main():   # only now: a run that cannot resume must not overwrite the config it was made with
-        save_json(cfg, f"{run.output_dir}/config.json")
+    # Only now: a run that cannot resume must not overwrite the config it was made with (the old one goes to history).
+    save_config(cfg, run.output_dir, start)
 
     logger = RunLogger(run.output_dir, total, start, run.progress_bar)
     meter = DeviceMeter()
@@ -80,7 +83,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     engine.train()
     try:
         for step in range(start, total):
-            lr = sched.lr_at(step, optim, total, warmup)
+            lr = sched.lr_at(step, optim, total, warmup, schedule.decay)
             wd = sched.weight_decay_at(step, optim, total)
             sched.apply(engine.optimizer.param_groups, lr, wd)
             # After two log intervals: the first holds compilation, the second is what a benchmark reads.

@@ -21,7 +21,7 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 
 from engine.export import load_strict, read_weights_file, save_weights_file
 from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.registry import build_from_registry
+from engine.registry import build_from_registry, load_registered
 from pretrain.mim.export import to_timm_state_dict
 from pretrain.mim.model import FILE_FORMAT as MIM_FILE_FORMAT
 
@@ -166,13 +166,8 @@ def build_classifier(arch: str | Mapping[str, Any], num_classes: int, checkpoint
 
 def load_classifier(path: str | os.PathLike, **overrides: Any) -> BeitClassifier:
     """A classifier written by `save_classifier` (a fine-tune run's `classifier.pt`), with its own arch."""
-    path = os.fspath(path)
-    sd, arch = read_weights_file(path, "fine-tuned classifier", FILE_FORMAT)
-    if not isinstance(arch, dict) or "num_classes" not in arch:
-        raise ValueError(f"{path} does not record its classifier arch; use build_classifier(arch, num_classes, "
-                         f"checkpoint) (evaluate: --arch and --num_classes)")
-    model = build_from_registry(BeitClassifier, CLS_ARCHS, arch, overrides, "classifier")
-    return load_strict(model, sd, path, "its saved classifier arch").eval()
+    return load_registered(BeitClassifier, CLS_ARCHS, os.fspath(path), "classifier", FILE_FORMAT, overrides,
+                           "use build_classifier(arch, num_classes, checkpoint) (evaluate: --arch and --num_classes)")
 
 
 def save_classifier(model: BeitClassifier, path: str | os.PathLike,

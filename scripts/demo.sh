@@ -4,9 +4,12 @@
 #   2. evaluate it on the held-out test split and encode a few test images to token ids,
 #   3. pretrain a small BEiT v2 (MIM + patch aggregation) against that tokenizer, export it to timm's layout,
 #   4. measure its masked-token accuracy on the held-out test split,
-#   5. and judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
+#   5. judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
 #      random weights and the tokenizer's encoder, and a short fine-tune from pretrained and from random weights,
-#      all on the held-out test split; results.json and report.md (with plots) sum it up.
+#      all on the held-out test split,
+#   6. and in semantic segmentation: UperNet on Fashion-MNIST mosaics (garments of the training / test split pasted on
+#      canvases, written in the ADE20K layout and converted to .beton) from the pretrained and from a random
+#      backbone, mIoU on the held-out mosaics; results.json and report.md (with plots) sum it up.
 # A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,26 +31,26 @@ launch() {  # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (i
   LOCAL_SIZE=$NPROC .venv/bin/deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29600}" --module "$@"
 }
 
-echo "== 1/6 VQ-KD tokenizer: training ($NPROC ranks, ZeRO-2, fp32) =="
+echo "== 1/7 VQ-KD tokenizer: training ($NPROC ranks, ZeRO-2, fp32) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \
   --run.progress_bar=false
 
-echo "== 2/6 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
+echo "== 2/7 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
 logged evaluate $PY -m pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
 
-echo "== 3/6 VQ-KD tokenizer: encoding 32 test images =="
+echo "== 3/7 VQ-KD tokenizer: encoding 32 test images =="
 logged encode $PY -m pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
   --count=32 --png="$OUT/tokenizer/test_tokens.png"
 
-echo "== 4/6 BEiT v2 MIM pretraining ($NPROC ranks, ZeRO-2, fp32) against the tokenizer, then export to timm =="
+echo "== 4/7 BEiT v2 MIM pretraining ($NPROC ranks, ZeRO-2, fp32) against the tokenizer, then export to timm =="
 logged mim launch pretrain.mim train beitv2_small_demo --tokenizer="$OUT/tokenizer/tokenizer.pt" \
   --run.output_dir="$OUT/mim" --run.progress_bar=false
 logged export $PY -m pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
 
-echo "== 5/6 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
+echo "== 5/7 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
 logged mim_evaluate $PY -m pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
 
-echo "== 6/6 Transfer on held-out Fashion-MNIST: linear probe, k-NN, fine-tuning (pretrained vs random) =="
+echo "== 6/7 Transfer on held-out Fashion-MNIST: linear probe, k-NN, fine-tuning (pretrained vs random) =="
 T=$OUT/transfer
 mkdir -p "$T"
 # The MIM stage's 12k training images and the whole 10k test split, seen whole (no centre crop at 28 px).
@@ -69,11 +72,29 @@ for init in pretrained random; do
     --run.output_dir="$T/finetune_$init" --data.eval_images=10000 --run.progress_bar=false
 done
 
+echo "== 7/7 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out) =="
+M=$OUT/mosaics
+# 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split; both writers
+# publish by rename, so a finished file is whole and a rerun skips it.
+[ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" --train=2000 --val=200 --force
+for split in training validation; do
+  [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
+    --split=$split --progress=false
+done
+for init in pretrained random; do
+  path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
+  # One process on both cores: faster than two ranks for this small model.
+  logged segment_$init env OMP_NUM_THREADS=2 $PY -m finetune.segment train upernet_beitv2_small_demo_mosaics \
+    --init="$path" --data.source=beton --data.train_path="$M/training.beton" --data.eval_path="$M/validation.beton" \
+    --run.output_dir="$T/segment_$init" --run.progress_bar=false
+done
+
 secs() { local t=0; for n in "$@"; do t=$((t + ${SECS[$n]:-0})); done; echo $t; }
 cat > "$OUT/seconds.json" <<JSON
 {"tokenizer": $(secs tokenizer evaluate encode), "mim": $(secs mim export mim_evaluate),
  "linear_probe": $(secs probe_pretrained probe_random probe_tokenizer), "knn": $(secs knn_pretrained knn_random),
- "finetune": $(secs finetune_pretrained finetune_random), "total": $SECONDS}
+ "finetune": $(secs finetune_pretrained finetune_random),
+ "segment": $(secs mosaics convert_training convert_validation segment_pretrained segment_random), "total": $SECONDS}
 JSON
 $PY scripts/demo_report.py "$OUT"
 
@@ -104,6 +125,11 @@ for kind in ("linear_probe", "knn", "finetune"):
     extra = f", tokenizer encoder {100 * row['tokenizer_encoder']:.1f}%" if "tokenizer_encoder" in row else ""
     print(f"{kind} top-1 on the 10,000 test images: pretrained {100 * row['pretrained']:.1f}%, random "
           f"{100 * row['random']:.1f}%{extra}")
+seg = res.get("segmentation", {})
+if seg:
+    print(f"segmentation mIoU on the held-out mosaics: pretrained {100 * seg.get('pretrained', float('nan')):.1f}%, "
+          f"random {100 * seg.get('random', float('nan')):.1f}%")
 print(f"outputs in {out}/: results.json, report.md (plots in report/), tokenizer/tokenizer.pt, mim/mim.pt, "
-      f"mim/backbone_timm.safetensors, transfer/*.json, transfer/finetune_*/classifier.pt, tensorboard logs in */tb")
+      f"mim/backbone_timm.safetensors, transfer/*.json, transfer/finetune_*/classifier.pt, "
+      f"transfer/segment_*/segmenter.pt, tensorboard logs in */tb")
 PY

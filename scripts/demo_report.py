@@ -2,7 +2,8 @@
 
     python scripts/demo_report.py runs/demo
 
-Reads what `scripts/demo.sh` leaves in OUT (tokenizer, MIM and transfer metrics and evaluations, per-stage seconds).
+Reads what `scripts/demo.sh` leaves in OUT (tokenizer, MIM and transfer metrics and evaluations, the segmentation
+fine-tunes' metrics and held-out mIoU / mAcc / aAcc, per-stage seconds).
 The tokenizer's and MIM's training metrics and the tokenizer evaluation are required; every other input is optional:
 a missing one drops its row or plot, and the report says which file was missing.
 """
@@ -20,6 +21,7 @@ REQUIRED = ("tokenizer/metrics.jsonl", "tokenizer/eval.json", "mim/metrics.jsonl
 PROBE_FEATURES = ("pretrained", "random", "tokenizer_encoder")
 BACKBONES = ("pretrained", "random")
 TRANSFER = {"linear_probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
+SEG_METRICS = ("mIoU", "mAcc", "aAcc")  # held-out segmentation measures, fractions; results.json's headline is mIoU
 CLEAR_MARGIN = 0.05  # a linear-probe gain of at least 5 points is read as a clear pretraining benefit
 DPI = 100
 
@@ -62,6 +64,8 @@ def load(out):
         "knn": {k: read_json(p(f"transfer/knn_{k}.json")) for k in BACKBONES},
         "finetune": {k: read_json(p(f"transfer/finetune_{k}/eval.json")) for k in BACKBONES},
         "finetune_rows": {k: read_jsonl(p(f"transfer/finetune_{k}/metrics.jsonl")) for k in BACKBONES},
+        "segment": {k: read_json(p(f"transfer/segment_{k}/eval.json")) for k in BACKBONES},
+        "segment_rows": {k: read_jsonl(p(f"transfer/segment_{k}/metrics.jsonl")) for k in BACKBONES},
         "seconds": read_json(p("seconds.json")),
     }
 
@@ -79,13 +83,19 @@ def missing_notes(data):
                   for k, v in data[stage].items() if v is None]
     notes += [f"fine-tune loss curve ({k}): `transfer/finetune_{k}/metrics.jsonl` missing"
               for k, v in data["finetune_rows"].items() if v is None]
+    notes += [f"segmentation ({k}): `transfer/segment_{k}/eval.json` missing" for k, v in data["segment"].items()
+              if v is None]
+    notes += [f"segmentation loss curve ({k}): `transfer/segment_{k}/metrics.jsonl` missing"
+              for k, v in data["segment_rows"].items() if v is None]
     if data["seconds"] is None:
         notes.append("stage seconds: `seconds.json` missing")
     return notes
 
 
 def summarize(data):
-    """The numbers of `results.json`: transfer values are top-1 accuracies as fractions, gains pretrained - random."""
+    """The numbers of `results.json`: transfer values are top-1 accuracies as fractions, `segmentation` values held-out
+    mIoU fractions (mAcc, aAcc and per-class IoU in `segmentation_detail`), gains pretrained - random (for
+    segmentation, of mIoU)."""
     tok = data["tok_eval"]
     results = {"tokenizer": {k: tok[k] for k in ("codebook_usage", "teacher_cosine", "perplexity", "num_codes")}}
     if data["mim_eval"] is not None:
@@ -95,6 +105,13 @@ def summarize(data):
     results["pretraining_gain"] = {  # rounded: no 0.1230000001 in the file
         stage: round(results[stage]["pretrained"] - results[stage]["random"], 6)
         for stage in TRANSFER if all(k in results[stage] for k in BACKBONES)}
+    seg = {k: v for k, v in data["segment"].items() if v is not None}
+    results["segmentation"] = {k: v["mIoU"] for k, v in seg.items()}
+    results["segmentation_detail"] = {
+        k: {**{m: v[m] for m in SEG_METRICS}, "images": v.get("images"),
+            "per_class_iou": {c["class"]: c["iou"] for c in v.get("per_class", [])}} for k, v in seg.items()}
+    if all(k in seg for k in BACKBONES):
+        results["pretraining_gain"]["segmentation"] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
     results["seconds"] = dict(data["seconds"] or {})
     return results
 
@@ -122,9 +139,10 @@ def plot_losses(data, path):
     panels = [("tokenizer", [("loss", data["tok_rows"], "loss"), ("reconstruction", data["tok_rows"], "rec_loss")]),
               ("MIM", [("total", data["mim_rows"], "loss"), ("masked-token CE", data["mim_rows"], "mim_loss"),
                        ("aggregation CE", data["mim_rows"], "agg_loss")])]
-    finetune = [(k, rows, "loss") for k, rows in data["finetune_rows"].items() if rows]
-    if finetune:
-        panels.append(("fine-tune", finetune))
+    for title, runs in (("fine-tune", data["finetune_rows"]), ("segmentation", data["segment_rows"])):
+        lines = [(k, rows, "loss") for k, rows in runs.items() if rows]
+        if lines:
+            panels.append((title, lines))
     probes = {k: v["history"] for k, v in data["linear_probe"].items() if v and v.get("history")}
     n = len(panels) + bool(probes)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
@@ -167,6 +185,30 @@ def plot_accuracy(results, chance, path):
     return save(fig, path)
 
 
+def plot_segmentation_iou(results, path):
+    """Grouped bars of held-out IoU per class, pretrained vs random; a class absent from the data (IoU null) gets no
+    bar."""
+    detail = results["segmentation_detail"]
+    if not detail:
+        return None
+    classes = seg_classes(detail)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(classes) + 1.5), 4))
+    width = 0.8 / len(detail)
+    for i, (kind, d) in enumerate(detail.items()):
+        ious = [d["per_class_iou"].get(c) for c in classes]
+        xs = [j + (i - (len(detail) - 1) / 2) * width for j, v in enumerate(ious) if v is not None]
+        ax.bar(xs, [v for v in ious if v is not None], width, label=f"{kind} (mIoU {pct(d['mIoU'])})")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="held-out IoU", ylim=(0, 1.05), title="segmentation IoU per class")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def seg_classes(detail):
+    """Class names in the eval files' order (the pretrained run's first), each once."""
+    return list(dict.fromkeys(c for d in detail.values() for c in d["per_class_iou"]))
+
+
 def plot_codebook(tok_eval, path):
     """Per-code held-out counts, most used first: a flat curve means the codebook is used evenly."""
     counts = np.sort(np.asarray(tok_eval["code_counts"]))[::-1]
@@ -200,8 +242,23 @@ def pct(x):  # fractions are reported as percentages with one decimal
     return f"{100 * x:.1f}%"
 
 
+def segmentation_table(detail):
+    """Markdown lines of the per-class held-out IoU, one column per segmentation run ('-' for a class absent from
+    the data); none without segmentation results."""
+    if not detail:
+        return []
+    kinds = list(detail)
+    lines = ["Segmentation IoU per class (held-out):", "",
+             "| class | " + " | ".join(f"{k} IoU" for k in kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for c in seg_classes(detail):
+        ious = [detail[k]["per_class_iou"].get(c) for k in kinds]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else pct(v) for v in ious) + " |")
+    return lines + [""]
+
+
 def report_md(results, data, plots, notes):
-    """Title, results table, notes on missing inputs, seconds per stage, the plots, and the one-sentence reading."""
+    """Title, results table, per-class segmentation IoU, notes on missing inputs, seconds per stage, the plots, and
+    the one-sentence reading."""
     tok, mim, gains = results["tokenizer"], results.get("mim"), results["pretraining_gain"]
     rows = [("tokenizer codebook usage (held-out)", f"{pct(tok['codebook_usage'])} of {tok['num_codes']} codes"),
             ("tokenizer cosine to teacher (held-out)", f"{tok['teacher_cosine']:.3f}")]
@@ -214,8 +271,14 @@ def report_md(results, data, plots, notes):
             rows.append((f"{name} pretraining gain", f"{100 * gains[stage]:+.1f} points"))
         if "tokenizer_encoder" in results[stage]:
             rows.append((f"{name} top-1, tokenizer encoder", pct(results[stage]["tokenizer_encoder"])))
+    for k, d in results["segmentation_detail"].items():
+        rows.append((f"segmentation mIoU, {k} backbone", f"{pct(d['mIoU'])} (mAcc {pct(d['mAcc'])}, aAcc "
+                     f"{pct(d['aAcc'])})"))
+    if "segmentation" in gains:
+        rows.append(("segmentation pretraining gain (mIoU)", f"{100 * gains['segmentation']:+.1f} points"))
     lines = ["# BEiT v2 demo results", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += segmentation_table(results["segmentation_detail"])
     if notes:
         lines += ["Not in this report:", ""] + [f"- {n}" for n in notes] + [""]
     if results["seconds"]:
@@ -261,6 +324,7 @@ def main(out_dir):
     at = lambda name: os.path.join(plot_dir, name)  # noqa: E731
     plots = [("loss curves", plot_losses(data, at("loss_curves.png"))),
              ("transfer accuracy", plot_accuracy(results, 1 / num_classes(data), at("accuracy.png"))),
+             ("segmentation IoU per class", plot_segmentation_iou(results, at("segmentation_iou.png"))),
              ("codebook usage", plot_codebook(data["tok_eval"], at("codebook_usage.png")))]
     if data["tokens"] is not None and len(data["tokens"]):
         num_codes = results["tokenizer"]["num_codes"]

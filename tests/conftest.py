@@ -68,3 +68,12 @@ def tiny_tokenizer_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
     save_tokenizer(build_tokenizer("vqkd_tiny_test", kmeans_init=False), str(path))
     return path
+
+
+def cli_error(capsys, commands: dict, *argv) -> str:
+    """Run a stage CLI in-process: it must exit 2 with `error: ...` as its last line of stderr; returns that line."""
+    from engine.cli import run_cli
+    assert run_cli(commands, list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the libraries' own warnings
+    assert err.startswith("error: ")
+    return err

@@ -137,3 +137,36 @@ def test_finetune_bench_reports_speed_memory_and_ratio(tmp_path, capsys):
         assert run_cli(main, args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(error), err
+
+
+def test_segment_bench_reports_speed_mfu_memory_and_ratio(tmp_path, capsys):
+    from bench.segment import main
+    from engine.cli import run_cli
+    from engine.metrics import device_peak_flops
+    out = tmp_path / "seg.json"
+    result = main(arch="upernet_beitv2_tiny_test", batch=4, warmup=1, precision="fp32", variants="baseline,fused",
+                  out=str(out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["synthetic"] is True and result["crop"] == 32 and result["recipe"] == "upernet_beitv2_tiny_test"
+    assert result["baseline_variant"] == "baseline" and result["flops_per_image"] > 0
+    assert set(result["variants"]) == {"baseline", "fused"}
+    for name, r in result["variants"].items():
+        assert "error" not in r, (name, r)
+        assert r["images_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["speedup_vs_baseline"] > 0, (name, r)
+        if device_peak_flops() is None:   # no known peak FLOP/s (a CPU): no MFU rather than a guess
+            assert r["mfu"] is None, (name, r)
+        else:
+            assert 0 < r["mfu"] < 1, (name, r)
+    base, fused = result["variants"]["baseline"], result["variants"]["fused"]
+    assert base["attention"] == "explicit" and fused["attention"] == "sdpa" and base["speedup_vs_baseline"] == 1.0
+    assert fused["speedup_vs_baseline"] == pytest.approx(fused["images_per_s"] / base["images_per_s"])
+    # Same weights, same batches, same augmentation: the explicit softmax computes what the fused kernel does.
+    assert fused["loss"] == pytest.approx(base["loss"], rel=1e-4)
+    capsys.readouterr()
+    # Bad flags are one-line errors before anything trains.
+    for args, error in ((["--arch=nope"], "error: unknown segmenter arch 'nope'; choose from upernet_"),
+                        (["--variants=fused,nope"], "error: unknown variant 'nope'; choose from baseline"),
+                        (["--batch=1"], "error: config key 'run.micro_batch_size' must be >= 2")):
+        assert run_cli(main, args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(error), err

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -60,8 +61,19 @@ def out(tmp_path):
               [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 6)])
         write(tmp_path, f"transfer/finetune_{kind}/eval.json", {"top1": top1, "top5": 0.95, "images": 200,
                                                                 "loss": 0.6})
+    classes = ["background", "T-shirt/top", "Trouser", "Bag"]
+    for kind, (miou, ious) in {"pretrained": (0.42, [0.93, 0.25, None, 0.08]),
+                               "random": (0.157, [0.90, 0.05, None, 0.0])}.items():
+        write(tmp_path, f"transfer/segment_{kind}/metrics.jsonl",
+              [{"step": s, "split": "train", "loss": 2.0 / s, "loss_decode": 1.5 / s, "loss_aux": 1.2 / s,
+                "pixel_acc": 0.6, "images_per_s": 80.0, "lr": 1e-4} for s in (20, 40, 60)]
+              + [{"step": 60, "split": "eval", "mIoU": miou}])  # a non-train row: not on the loss curve
+        write(tmp_path, f"transfer/segment_{kind}/eval.json", {
+            "images": 200, "mIoU": miou, "mAcc": miou + 0.1, "aAcc": 0.802, "pixels": 1800000,
+            "per_class": [{"class": c, "iou": iou, "acc": None if iou is None else 0.5, "pixels": 1000}
+                          for c, iou in zip(classes, ious)]})
     write(tmp_path, "seconds.json", {"tokenizer": 120.5, "mim": 200.0, "linear_probe": 30.0, "knn": 5.0,
-                                     "finetune": 90.0})
+                                     "finetune": 90.0, "segment": 300.0})
     return tmp_path
 
 
@@ -77,7 +89,12 @@ def test_full_report(out):
     assert results["tokenizer"]["codebook_usage"] == 0.75 and results["mim"]["mim_acc"] == 0.082
     assert results["linear_probe"] == {"pretrained": 0.62, "random": 0.41, "tokenizer_encoder": 0.55}
     assert results["knn"] == {"pretrained": 0.58, "random": 0.37}
-    assert results["pretraining_gain"] == pytest.approx({"linear_probe": 0.21, "knn": 0.21, "finetune": 0.09})
+    assert results["pretraining_gain"] == pytest.approx({"linear_probe": 0.21, "knn": 0.21, "finetune": 0.09,
+                                                         "segmentation": 0.263})
+    assert results["segmentation"] == {"pretrained": 0.42, "random": 0.157}
+    detail = results["segmentation_detail"]
+    assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
+    assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
     assert results["seconds"]["tokenizer"] == 120.5
     report = (out / "report.md").read_text()
     for row in ("| tokenizer codebook usage (held-out) | 75.0% of 8 codes |",
@@ -85,11 +102,17 @@ def test_full_report(out):
                 "| MIM held-out masked-token accuracy | 8.2%", "| linear probe top-1, pretrained backbone | 62.0% |",
                 "| linear probe pretraining gain | +21.0 points |", "| linear probe top-1, tokenizer encoder | 55.0% |",
                 "| fine-tune pretraining gain | +9.0 points |", "| tokenizer | 120.5 |",
-                "![loss curves](report/loss_curves.png)"):
+                "![loss curves](report/loss_curves.png)",
+                "| segmentation mIoU, pretrained backbone | 42.0% (mAcc 52.0%, aAcc 80.2%) |",
+                "| segmentation mIoU, random backbone | 15.7% (mAcc 25.7%, aAcc 80.2%) |",
+                "| segmentation pretraining gain (mIoU) | +26.3 points |",
+                "| class | pretrained IoU | random IoU |", "| background | 93.0% | 90.0% |",
+                "| T-shirt/top | 25.0% | 5.0% |", "| Trouser | - | - |", "| Bag | 8.0% | 0.0% |",
+                "| segment | 300.0 |", "![segmentation IoU per class](report/segmentation_iou.png)"):
         assert row in report
     assert "beats the random one on the linear probe by a clear margin" in report and "+21.0 points." in report
     assert "missing" not in report
-    for name in ("loss_curves", "accuracy", "codebook_usage", "token_maps"):
+    for name in ("loss_curves", "accuracy", "codebook_usage", "token_maps", "segmentation_iou"):
         assert_png(out / "report" / f"{name}.png")
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temporary file behind
 
@@ -111,6 +134,35 @@ def test_missing_optional_inputs_leave_rows_out_with_a_note(out):
     assert "`transfer/knn_random.json` missing" in report and "`tokenizer/test_tokens.npy` missing" in report
     assert not (out / "report/token_maps.png").exists()
     assert "does not beat the random one on the linear probe" in report and "+2.0 points." in report
+
+
+def test_segmentation_loss_curves_are_the_train_rows(out):
+    data = demo_report.load(str(out))
+    assert demo_report.train_curve(data["segment_rows"]["random"], "loss") == ([20, 40, 60], [0.1, 0.05, 2.0 / 60])
+
+
+def test_missing_segmentation_leaves_its_rows_out_with_a_note(out):
+    shutil.rmtree(out / "transfer/segment_random")
+    assert demo_report.main(str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["segmentation"] == {"pretrained": 0.42} and "segmentation" not in results["pretraining_gain"]
+    report = (out / "report.md").read_text()
+    assert "segmentation mIoU, random backbone" not in report and "segmentation pretraining gain" not in report
+    assert "| class | pretrained IoU |\n" in report and "| T-shirt/top | 25.0% |\n" in report
+    assert "`transfer/segment_random/eval.json` missing" in report
+    assert "`transfer/segment_random/metrics.jsonl` missing" in report
+
+    shutil.rmtree(out / "transfer/segment_pretrained")  # an old demo folder: no segmentation at all
+    (out / "report/segmentation_iou.png").unlink()
+    assert demo_report.main(str(out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["segmentation"] == {} and results["segmentation_detail"] == {}
+    assert results["linear_probe"]["pretrained"] == 0.62  # the rest of the report is untouched
+    report = (out / "report.md").read_text()
+    assert "segmentation mIoU" not in report and "| class |" not in report and "segmentation_iou.png" not in report
+    assert "`transfer/segment_pretrained/eval.json` missing" in report
+    assert not (out / "report/segmentation_iou.png").exists()
+    assert_png(out / "report/loss_curves.png")
 
 
 def test_missing_required_input_fails_with_one_line(out, capsys):

@@ -1,10 +1,10 @@
 """Classification fine-tuning, linear probe and k-NN end to end on real Fashion-MNIST images (tiny ViT, CPU ranks)."""
 import json
-import os
 
 import pytest
 import torch
 
+from tests.conftest import cli_error
 from tests.dist_util import kill_when, launch_stage, losses, run_stage
 
 pytestmark = pytest.mark.slow
@@ -88,12 +88,8 @@ def test_a_killed_fine_tune_resumes_with_the_same_losses(tmp_path, fashion_mnist
 
 
 def _cli_error(capsys, *argv):
-    from engine.cli import run_cli
     from finetune.classify import COMMANDS
-    assert run_cli(COMMANDS, list(argv)) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the libraries' own warnings
-    assert err.startswith("error: ")
-    return err
+    return cli_error(capsys, COMMANDS, *argv)
 
 
 def test_bad_inputs_are_one_line_errors(tiny_tokenizer_file, learned, capsys, tmp_path):

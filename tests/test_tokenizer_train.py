@@ -116,6 +116,13 @@ def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run(base + ["--arch=vqkd_small_demo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(   # the config check (engine.run_dir) comes first
+        f'error: resuming {tmp_path} with settings that change what is trained: arch "vqkd_tiny_test" -> '
+        f'"vqkd_small_demo"')
+    # Allowed on purpose, the change still meets a checkpoint it does not fit.
+    proc = subprocess.run(base + ["--arch=vqkd_small_demo", "--run.allow_config_change=true"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: checkpoint {tmp_path}/checkpoints/step_00000002 does not fit this run")
     assert "--run.resume=false" in last and "Traceback" not in proc.stderr

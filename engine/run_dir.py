@@ -1,0 +1,236 @@
+"""One training run per output directory, and resumes that cannot silently change what was trained.
+
+Two runs pointed at one output directory would both run to the end: their rows interleave in `metrics.jsonl`, the
+checkpoints and final weights come from whichever wrote last, and `config.json` names only one of them. A resume
+with another seed or tokenizer would continue from weights trained with the old ones and rewrite `config.json` as if
+the whole run had used the new. `claims_output_dir` wraps the engine's `fit` against both:
+
+- Lock: rank 0 holds an exclusive, non-blocking `flock` on `<output_dir>/.run.lock` for the whole of `fit`
+  (released on return and on exceptions) and writes into it who holds it (host, pid, start time, command line); a
+  second run stops with a one-line error naming that holder. The kernel drops a flock when its process dies, so the
+  file a killed run leaves does not block the next one. The file is written in place and never removed or renamed
+  (either would let two runs hold locks on two different files). Only training takes it: evaluation and export
+  only read a run directory, also while it trains. A filesystem without flock support (some network mounts) runs
+  without the lock, with a note.
+- Resume check: when a checkpoint is there and `run.resume` is set, the resolved config is compared with the saved
+  `config.json`. Any difference outside `HARMLESS` is a one-line error listing the first keys with old -> new,
+  unless `run.allow_config_change=true` says the change is meant. A key missing from the saved config (added to the
+  code since that run began) is compared with its default. Nothing about the number of ranks is in the config: a
+  resume on another number of ranks re-splits the checkpoint (engine.checkpoint) and passes.
+- History: before `config.json` is replaced by a different config (a resume with an allowed change, or a run that
+  starts over), the old one is appended to `<output_dir>/config_history.jsonl` as one JSON line
+  `{"resumed_at_step": <the new config's first step; 0 when the run started over>, "replaced_utc": ..., "config":
+  <old>}`, oldest first. Both files are rewritten atomically (engine.files).
+
+Rank 0 decides and one broadcast gives every rank the outcome, so no rank waits for a run that will not start.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import functools
+import json
+import os
+import shlex
+import socket
+import sys
+from typing import Any, Callable
+
+from engine import distributed as dist_utils
+from engine.checkpoint import LATEST
+from engine.config import ConfigError, save_json, to_dict
+from engine.files import write_text_atomically
+
+LOCK = ".run.lock"
+HISTORY = "config_history.jsonl"
+SHOWN = 3   # differing keys named in the error
+
+# Keys a resume may change without --run.allow_config_change: they change how the run reports, saves, is computed
+# or evaluated, not the weights it trains. Everything else (seed, arch, tokenizer, init, data, optimizer, schedule,
+# precision, ds_config, micro_batch_size and grad_accum_steps: the global batch) must match the saved config.
+# Not here on purpose: data.os_cache, which switches FFCV to another (page-blocked) sample order.
+HARMLESS = frozenset({
+    "run.output_dir",                       # the same folder by definition, however it is spelled
+    "run.log_interval", "run.progress_bar", "run.profile_steps",
+    "run.save_interval", "run.keep_last", "run.save_final",
+    "run.resume", "run.allow_config_change",
+    "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
+    "run.compile", "run.compile_mode", "run.grad_checkpointing", "model.attention",   # the same function, faster
+    "data.num_workers",                     # loader processes; the sample order is planned in the main process
+    "data.eval_images", "data.eval_path", "augment.eval_crop",   # evaluation after training only
+    "eval.stride", "eval.ratios", "eval.flip",                   # (segmentation's test-time view)
+})
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": shlex.join(sys.argv)}
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        command = " ".join(h["command"].split())   # one line, also for `python -c '<script>'`
+        command = command if len(command) <= 160 else command[:157] + "..."
+        return f"pid {h['pid']} on {h['host']}, since {h['started_utc']}: {command}"
+    except (ValueError, KeyError, TypeError):   # being written just now, or not ours
+        return "holder unknown"
+
+
+class RunLock:
+    """An exclusive flock on `<output_dir>/.run.lock`, held from `acquire` to `release` (or the process's end)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises:
+            ConfigError: another process holds it (one line naming the holder).
+            OSError: the folder cannot be made or the file cannot be opened.
+        """
+        os.makedirs(self.output_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+            os.close(fd)
+            raise ConfigError(f"output directory {self.output_dir} is in use by another run ({holder}); wait for it "
+                              f"to end, or use another --run.output_dir") from None
+        except OSError as e:   # no flock on this filesystem
+            os.close(fd)
+            dist_utils.log_main(f"cannot lock {self.path} ({e.strerror or e}); running without the guard against "
+                                f"a second run in this directory")
+            return
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)   # nobody holds it now; the empty file stays (see the module docstring)
+            fcntl.flock(fd, fcntl.LOCK_UN)   # explicitly: a worker forked meanwhile shares the open file
+        finally:
+            os.close(fd)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); restore it, or "
+                          f"delete it to resume without comparing settings") from None
+
+
+def config_changes(saved: dict, cfg: Any, run: Any) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key of `cfg` whose value differs from `saved`, in config order.
+    Keys are spelled as flags (`run.seed`), also when `cfg` is the RunConfig itself."""
+    prefix = "run." if cfg is run else ""
+    new, old = _flat(to_dict(cfg), prefix), _flat(saved, prefix)
+    try:
+        defaults = _flat(to_dict(type(cfg)()), prefix)
+    except TypeError:   # a config class without defaults for every field
+        defaults = {}
+    missing = object()
+    changes = []
+    for key, value in new.items():
+        before = old.get(key, defaults.get(key, missing))
+        if before != value:
+            changes.append((key, "(absent)" if before is missing else before, value))
+    return changes
+
+
+def _show(value: Any) -> str:
+    text = value if value == "(absent)" else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(cfg: Any, run: Any) -> None:
+    """Raises ConfigError when resuming from a checkpoint in `run.output_dir` with settings (outside `HARMLESS`)
+    that differ from its config.json, unless `run.allow_config_change` is set."""
+    path = os.path.join(run.output_dir, "config.json")
+    if not (run.resume and os.path.exists(os.path.join(run.output_dir, "checkpoints", LATEST))
+            and os.path.exists(path)):
+        return
+    changed = [c for c in config_changes(_load(path), cfg, run) if c[0] not in HARMLESS]
+    if not changed:
+        return
+    shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])
+    more = f" (and {len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
+    if run.allow_config_change:
+        dist_utils.log_main(f"resuming {run.output_dir} with changed settings (allowed): {shown}{more}; the old "
+                            f"config goes to {os.path.join(run.output_dir, HISTORY)}")
+        return
+    raise ConfigError(f"resuming {run.output_dir} with settings that change what is trained: {shown}{more} "
+                      f"(saved in {path}); resume with the saved settings, pass --run.allow_config_change=true if "
+                      f"the change is meant, or use another --run.output_dir")
+
+
+def save_config(cfg: Any, output_dir: str, step: int) -> None:
+    """Rank 0: write `config.json`; a different one already there is first appended to the history file."""
+    if not dist_utils.is_main():
+        return
+    path = os.path.join(output_dir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        try:
+            old = json.loads(text)
+        except json.JSONDecodeError:
+            old = {"unreadable_config_json": text}
+        if old != to_dict(cfg):
+            history = os.path.join(output_dir, HISTORY)
+            lines = []
+            if os.path.exists(history):
+                with open(history) as f:
+                    lines = f.read().splitlines()
+            replaced = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            lines.append(json.dumps({"resumed_at_step": step, "replaced_utc": replaced, "config": old},
+                                    sort_keys=True))
+            write_text_atomically(history, "\n".join(lines) + "\n")
+    save_json(cfg, path)
+
+
+def claims_output_dir(fit: Callable) -> Callable:
+    """`fit(cfg, run, ...)` under the lock of `run.output_dir`, after the resume check. Collective: every rank
+    raises the same one-line ConfigError when the run cannot start."""
+    @functools.wraps(fit)
+    def claimed(cfg, run, *args, **kwargs):
+        lock, error = RunLock(run.output_dir), ""
+        if dist_utils.is_main():
+            try:
+                lock.acquire()
+                check_resume(cfg, run)
+            except ConfigError as e:
+                error = str(e)
+            except OSError as e:   # the folder cannot be made, or the lock file not opened
+                error = f"cannot create {lock.path} ({e.strerror or e}); pick a writable --run.output_dir"
+            except Exception as e:   # noqa: BLE001 - any failure on rank 0 must reach the other ranks, not hang them
+                error = f"{type(e).__name__}: {e}"
+            if error:
+                lock.release()
+        error = dist_utils.broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        try:
+            return fit(cfg, run, *args, **kwargs)
+        finally:
+            lock.release()
+    return claimed

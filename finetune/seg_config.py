@@ -1,0 +1,169 @@
+"""Typed configuration and named recipes of semantic segmentation (UperNet, DESIGN.md 1.3; mmseg's ADE20K recipe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError, StageConfig, merge
+from finetune.model import CLS_ARCHS
+from finetune.upernet import SEG_ARCHS
+
+
+@dataclass
+class SegModelConfig:
+    """Args:
+        drop_path: stochastic depth of the backbone.
+        img_size: training crop side; None keeps the arch's (512 official); position tables are resized to it.
+        new_head: with a `segmenter.pt` of another class count as init, start fresh classifiers.
+        aux_weight: weight of the FCN auxiliary head's loss (0.4 official).
+        attention: `sdpa` or `explicit` softmax (the same function).
+    """
+    drop_path: float = 0.15
+    img_size: int | None = None
+    new_head: bool = False
+    aux_weight: float = 0.4
+    attention: str = "sdpa"
+
+    def validate(self, prefix: str = "model") -> None:
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
+        if self.attention not in ("sdpa", "explicit"):
+            raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be sdpa or explicit")
+        if self.aux_weight < 0:
+            raise ConfigError(f"config key '{prefix}.aux_weight' = {self.aux_weight} must be >= 0")
+
+
+@dataclass
+class SegAugmentConfig:
+    """mmseg's ADE20K training pipeline, batched on the device (data_tools/gpu_segment.py).
+
+    Args:
+        scale: (long, short) image scale; training resizes to it x a ratio from `ratio_range`, evaluation to it.
+        ratio_range: random resize ratios.
+        cat_max_ratio: a crop where one class covers more than this fraction is redrawn (up to 10 times).
+        photometric: brightness / contrast / saturation / hue distortion.
+        reduce_zero_label: annotation id 0 is "other" (ignored) and ids 1.. are the classes (ADE20K).
+    """
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    reduce_zero_label: bool = True
+
+    def validate(self, prefix: str = "augment") -> None:
+        if min(self.scale) < 1:
+            raise ConfigError(f"config key '{prefix}.scale' = {list(self.scale)} must be two sides >= 1")
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ConfigError(f"config key '{prefix}.ratio_range' = {list(self.ratio_range)} must be 0 < lo <= hi")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError(f"config key '{prefix}.cat_max_ratio' = {self.cat_max_ratio} must be in (0, 1]")
+
+
+@dataclass
+class SegEvalConfig:
+    """How held-out images are predicted (mmseg's test pipeline).
+
+    Args:
+        stride: sliding-window stride (341 of a 512 crop official).
+        ratios: test-scale ratios; [1.0] single scale, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] with flip = multi-scale.
+        flip: also predict the mirrored image and average.
+    """
+    stride: int = 341
+    ratios: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+
+    def validate(self, prefix: str = "eval") -> None:
+        if self.stride < 1:
+            raise ConfigError(f"config key '{prefix}.stride' = {self.stride} must be >= 1")
+        if not self.ratios or min(self.ratios) <= 0:
+            raise ConfigError(f"config key '{prefix}.ratios' = {self.ratios} must be a non-empty list of ratios > 0")
+
+
+@dataclass
+class SegmentConfig(StageConfig):
+    arch: str = "upernet_beitv2_small_demo"
+    num_classes: int = 11
+    # Backbone to start from: any checkpoint route of classification (mim.pt, official releases, timm, exported,
+    # classifier.pt), a segmenter.pt, or `random` for the from-scratch baseline.
+    init: str = ""
+    layer_decay: float = 0.75
+    # data.source=fashion_mnist: side of the in-memory Fashion-MNIST mosaics (data_tools.mosaics) trained on.
+    mosaic_size: int = 96
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+
+    @property
+    def crop(self) -> int:
+        return self.model.img_size or SEG_ARCHS[self.arch]["img_size"]
+
+    def validate(self) -> None:
+        if self.arch not in SEG_ARCHS:
+            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(SEG_ARCHS)}")
+        if not 2 <= self.num_classes <= 255:
+            raise ConfigError(f"config key 'num_classes' = {self.num_classes} must be in [2, 255] (label maps are "
+                              f"uint8 with 255 = ignore)")
+        if not self.init:
+            raise ConfigError("config key 'init' is required: a backbone checkpoint (e.g. runs/x/mim.pt, an "
+                              "official BEiT v2 file), a segmenter.pt, or 'random'")
+        patch = CLS_ARCHS[SEG_ARCHS[self.arch]["backbone"]]["patch_size"]
+        if self.crop % patch:
+            raise ConfigError(f"config key 'model.img_size' = {self.crop} must be a multiple of the patch size {patch} "
+                              f"of arch {self.arch}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"config key 'layer_decay' = {self.layer_decay} must be in (0, 1]")
+        if self.run.micro_batch_size < 2:
+            raise ConfigError("config key 'run.micro_batch_size' must be >= 2: batch norm of the pyramid pooling's "
+                              "1x1 level needs two images per rank (official: 2)")
+        if self.mosaic_size < 28:
+            raise ConfigError(f"config key 'mosaic_size' = {self.mosaic_size} must be >= 28 (one garment)")
+
+
+# DESIGN.md 1.3 / the official configs: 160k iterations at global batch 16 (8 ranks x 2), AdamW betas
+# (0.9, 0.999) wd 0.05, poly decay to 0 after a 1,500-iteration linear warm-up, 512 crops, ADE20K's 150 classes.
+_OFFICIAL = {
+    "num_classes": 150,
+    "data": {"source": "beton"},
+    "optim": {"min_lr": 0.0, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1e-8},
+    "schedule": {"total_steps": 160_000, "warmup_steps": 1500, "decay": "poly"},
+    "eval": {"stride": 341},
+    "run": {"precision": "bf16", "micro_batch_size": 2, "ds_config": "ds_configs/zero1.json",
+            "save_interval": 4000, "log_interval": 50},
+}
+
+
+def _official(arch: str, lr: float, layer_decay: float, drop_path: float, out: str) -> dict:
+    return merge(_OFFICIAL, {"arch": arch, "optim.lr": lr, "layer_decay": layer_decay,
+                             "model.drop_path": drop_path, "run.output_dir": out})
+
+
+RECIPES = {
+    "upernet_beitv2_base_ade20k": _official("upernet_beitv2_base", lr=5e-5, layer_decay=0.75, drop_path=0.15,
+                                            out="runs/upernet_beitv2_base_ade20k"),
+    "upernet_beitv2_large_ade20k": _official("upernet_beitv2_large", lr=4e-5, layer_decay=0.9, drop_path=0.2,
+                                             out="runs/upernet_beitv2_large_ade20k"),
+    # Two CPU cores: the demo backbone on Fashion-MNIST mosaics (96 px canvases of 1-3 garments, 11 classes) at its
+    # pretraining size of 48 px (crops of 50-100% scaled canvases). A run this short wants a much higher lr than the
+    # 160k-iteration recipe and a milder layer decay (as the demo's classification).
+    "upernet_beitv2_small_demo_mosaics": {
+        "arch": "upernet_beitv2_small_demo", "num_classes": 11, "layer_decay": 0.85,
+        "data": {"source": "fashion_mnist", "limit": 2000, "eval_images": 200},
+        "model": {"drop_path": 0.1, "img_size": 48},
+        "augment": {"scale": [96, 96], "ratio_range": [0.5, 1.0]},
+        "eval": {"stride": 32},
+        "optim": {"lr": 2e-3, "min_lr": 0.0, "betas": [0.9, 0.999], "weight_decay": 0.05},
+        "schedule": {"total_steps": 320, "warmup_steps": 20, "decay": "poly"},
+        "run": {"precision": "fp32", "micro_batch_size": 16, "ds_config": "ds_configs/zero2.json",
+                "output_dir": "runs/demo/segment", "save_interval": 100, "log_interval": 20},
+    },
+    "upernet_beitv2_tiny_test": {
+        "arch": "upernet_beitv2_tiny_test", "num_classes": 11, "init": "random", "mosaic_size": 48,
+        "data": {"source": "fashion_mnist", "limit": 64, "eval_images": 8, "num_workers": 0},
+        "model": {"drop_path": 0.0},
+        "augment": {"scale": [48, 48], "ratio_range": [0.75, 1.25]},
+        "eval": {"stride": 16},
+        "optim": {"lr": 2e-3, "min_lr": 0.0, "weight_decay": 0.05},
+        "schedule": {"total_steps": 8, "warmup_steps": 1, "decay": "poly"},
+        "run": {"precision": "fp32", "micro_batch_size": 4, "ds_config": "ds_configs/zero2.json",
+                "output_dir": "runs/seg_tiny", "save_interval": 4, "log_interval": 1, "progress_bar": False},
+    },
+}

@@ -1,0 +1,168 @@
+"""Semantic segmentation fine-tuning on the shared engine (UperNet on a BEiT v2 backbone, mmseg's ADE20K recipe):
+layer-wise lr decay, poly schedule, the mmseg training pipeline batched on the device, then mIoU on held-out images."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_tools.ffcv_loader import RawAug
+from data_tools.gpu_segment import IGNORE, SegTrainAug
+from data_tools.sources import segmentation_source
+from engine import distributed as dist_utils
+from engine.config import ConfigError, DataConfig, describe, resolve
+from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
+from engine.evaluation import write_result
+from engine.trainer import fit, seed_everything
+from finetune.seg_config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
+from finetune.seg_metrics import evaluate_segmenter, per_class_table
+from finetune.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter
+from pretrain.mim.attention import set_attention_kernel
+
+EVAL_BATCH = 8   # held-out images decoded per batch (each is then predicted on its own, window by window)
+
+
+def pixel_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """mmseg 0.x's loss: logits upsampled (bilinear) to the label map, cross-entropy averaged over all pixels,
+    ignored ones counting as 0 (so a crop with much padding weighs less, as officially)."""
+    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none").mean()
+
+
+class LabelRange:
+    """Out-of-range label ids (>= num_classes, not ignore) become ignore so the step stays valid (CUDA would abort on
+    them), and are remembered on the device; the flag is read on the first step and at every log interval (where the
+    engine synchronises anyway) and raised as a one-line error naming the data."""
+
+    def __init__(self, num_classes: int, source: str, log_interval: int):
+        self.num_classes, self.source, self.every = num_classes, source, log_interval
+        self.worst: Tensor | None = None
+        self.checked = False
+
+    def __call__(self, labels: Tensor, step: int, micro: int) -> Tensor:
+        bad = (labels >= self.num_classes) & (labels != IGNORE)
+        worst = torch.where(bad, labels, torch.zeros_like(labels)).amax()
+        self.worst = worst if self.worst is None else torch.maximum(self.worst, worst)
+        due = not self.checked or (micro == 0 and step % self.every == 0)
+        self.checked = True
+        if due and int(self.worst) > 0:
+            raise ConfigError(f"{self.source}: label id {int(self.worst)} (after reduce_zero_label) is outside the "
+                              f"model's {self.num_classes} classes, by step {step}; set num_classes to the data's "
+                              f"class count or fix the annotations")
+        return torch.where(bad, torch.full_like(labels, IGNORE), labels)
+
+
+class AverageBatchNormStats:
+    """Batch norm running statistics averaged over ranks after every optimizer step (one all-reduce of all of them),
+    where batch norm is not synchronised (CPU ranks): otherwise each rank's statistics drift apart, the checkpoint
+    keeps rank 0's, and the end-of-run evaluation (each rank its shard, its own statistics) disagrees with the saved
+    segmenter. With SyncBatchNorm (GPUs) they are equal already and the hook does nothing. Always registered (stateless),
+    so a run can resume on any number of ranks."""
+    name = "batch_norm_stats"
+
+    def __init__(self, model: nn.Module, active: bool):
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in (m.running_mean, m.running_var)] if active else []
+
+    def after_step(self, step: int) -> None:
+        if not self.buffers:
+            return
+        flat = torch._utils._flatten_dense_tensors(self.buffers)
+        dist_utils.all_reduce_sum_(flat).div_(dist_utils.world_size())
+        for buf, mean in zip(self.buffers, torch._utils._unflatten_dense_tensors(flat, self.buffers)):
+            buf.copy_(mean)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_model(cfg: SegmentConfig) -> BeitUperNet:
+    overrides = {"drop_path_rate": cfg.model.drop_path, "img_size": cfg.crop}
+    init = None if cfg.init == "random" else cfg.init
+    model = build_segmenter(cfg.arch, cfg.num_classes, init, new_head=cfg.model.new_head, **overrides)
+    set_attention_kernel(model.backbone.blocks, cfg.model.attention)
+    return model.train()
+
+
+def class_names(data: DataConfig, num_classes: int) -> list[str] | None:
+    if data.source == "fashion_mnist":
+        from data_tools.mosaics import CLASS_NAMES
+        return list(CLASS_NAMES) if len(CLASS_NAMES) == num_classes else None
+    return None
+
+
+def held_out_metrics(model: BeitUperNet, data: DataConfig, augment: SegAugmentConfig, ev: SegEvalConfig,
+                     mosaic_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """mIoU / mAcc / aAcc on the held-out split at the test scale `augment.scale`, predicted as `ev` says (crops of
+    the model's size), each rank its shard."""
+    was_training = model.training
+    model.eval()
+    source = segmentation_source(data, "validation", RawAug(), device, size=mosaic_size)
+    result = evaluate_segmenter(lambda x: model.predict(x.to(dtype)), source.eval_batches(EVAL_BATCH),
+                                model.num_classes, crop=model.img_size, stride=ev.stride, scale=augment.scale,
+                                ratios=ev.ratios, flip=ev.flip, reduce_zero=augment.reduce_zero_label,
+                                class_names=class_names(data, model.num_classes),
+                                source=data.eval_path or f"{data.source} validation data")
+    model.train(was_training)
+    return result
+
+
+def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dict:
+    """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
+    recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
+    cfg = resolve(SegmentConfig, RECIPES, recipe, overrides)
+    device = dist_utils.init()
+    seed_everything(cfg.run.seed)   # same seed on every rank: identical neck and heads
+    model = build_model(cfg).to(device)
+    if cfg.run.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    sync_bn = device.type == "cuda" and dist_utils.world_size() > 1   # official SyncBN (torch's needs a GPU)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    bn_stats = AverageBatchNormStats(model, active=dist_utils.world_size() > 1 and not sync_bn)
+    a = cfg.augment
+    aug = SegTrainAug(crop=cfg.crop, scale=tuple(a.scale), ratio_range=tuple(a.ratio_range),
+                      cat_max_ratio=a.cat_max_ratio, reduce_zero_label=a.reduce_zero_label, photometric=a.photometric)
+    source = segmentation_source(cfg.data, "training", aug, device, size=cfg.mosaic_size,
+                                 micro_batch_size=cfg.run.micro_batch_size, grad_accum_steps=cfg.run.grad_accum_steps,
+                                 seed=cfg.run.seed)
+    # The official constructor exempts 1-d parameters and biases only (its name list never matches the prefixed
+    # `backbone.cls_token`, so the CLS token is decayed there, and here).
+    groups = layer_decay_param_groups(model, cfg.layer_decay)
+    dtype = PARAM_DTYPES[cfg.run.precision]
+    guard = LabelRange(cfg.num_classes, cfg.data.train_path or f"{cfg.data.source} training data",
+                       cfg.run.log_interval)
+    seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank dropout and drop path from here on
+
+    def step_fn(engine, batch):
+        labels = guard(batch["label"], batch["step"], batch["micro"])
+        main, aux = engine(batch["image"].to(dtype))
+        loss_main, loss_aux = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
+        with torch.no_grad():
+            pred = F.interpolate(main.float(), size=labels.shape[-2:], mode="bilinear").argmax(1)
+            valid = labels != IGNORE
+            pixel_acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
+        loss = loss_main + cfg.model.aux_weight * loss_aux
+        return loss, {"loss_decode": loss_main.detach(), "loss_aux": loss_aux.detach(), "pixel_acc": pixel_acc}
+
+    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                 flops_per_image=model.flops_per_image(), hooks=(bn_stats,),
+                 final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
+    # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file instead (every rank reads it).
+    eval_model = model
+    if zero_stage(load_ds_json(cfg.run.ds_config)) == 3 and result.weights:
+        eval_model, dtype = load_segmenter(result.weights).to(device), torch.float32
+    held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device, dtype)
+    write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
+    dist_utils.log_main(f"held-out mIoU {100 * held_out['mIoU']:.2f}  mAcc {100 * held_out['mAcc']:.2f}  "
+                        f"aAcc {100 * held_out['aAcc']:.2f} ({held_out['images']} images)\n"
+                        f"{per_class_table(held_out)}")
+    return {**result.summary(), **{f"eval_{k}": held_out[k] for k in ("mIoU", "mAcc", "aAcc")}}
+
+
+train.__doc__ += "\n\n" + describe(SegmentConfig, RECIPES)

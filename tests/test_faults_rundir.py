@@ -1,0 +1,178 @@
+"""One run per output directory, and resumes that cannot silently change what was trained (engine.run_dir).
+
+The engine's loop runs in this process on one rank (a linear model, ZeRO-0, 2 steps with a checkpoint at step 2);
+one test runs the lock's collective on 2 gloo ranks, with a stand-in for `fit`.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from engine import distributed as dist_utils
+from engine.config import ConfigError, StageConfig
+from engine.ds_setup import param_groups
+from engine.run_dir import HISTORY, LOCK, RunLock, claims_output_dir
+from engine.trainer import fit
+from tests.conftest import ROOT
+from tests.dist_util import run_ranks
+
+
+class Numbers:
+    steps_per_epoch = 100
+
+    def micro_batches(self, start):
+        step = start
+        while True:
+            yield torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            step += 1
+
+
+def train(out, **changes) -> StageConfig:
+    """2 steps (resumed: none left to take) of the tiny model in `out`; `changes` are dotted config keys."""
+    cfg = StageConfig()
+    cfg.run.output_dir, cfg.run.ds_config, cfg.run.micro_batch_size = str(out), "ds_configs/zero0.json", 8
+    cfg.run.log_interval, cfg.run.save_interval, cfg.run.progress_bar = 1, 2, False
+    cfg.schedule.total_steps = 2
+    for key, value in changes.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    dist_utils.init()
+    torch.manual_seed(cfg.run.seed)
+    model = torch.nn.Linear(4, 1)
+    fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, param_groups(model), Numbers(),
+        lambda engine, x: (engine(x).pow(2).mean(), {}))
+    return cfg
+
+
+def saved(out) -> dict:
+    return json.loads((out / "config.json").read_text())
+
+
+def history(out) -> list[dict]:
+    return [json.loads(line) for line in (out / HISTORY).read_text().splitlines()]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    out = tmp_path / "run"
+    train(out)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    return out
+
+
+def test_a_second_run_on_a_held_directory_is_a_one_line_error_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    holder = RunLock(str(out))   # another open of the file: flock conflicts as with another process
+    holder.acquire()
+    try:
+        with pytest.raises(ConfigError) as err:
+            train(out)
+    finally:
+        holder.release()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"output directory {out} is in use by another run (pid "
+                                                      f"{os.getpid()} on ")
+    assert message.endswith("; wait for it to end, or use another --run.output_dir")
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
+    train(out)   # released: the directory is free again, and the run's own lock went with its end
+    assert (out / LOCK).read_text() == ""
+
+
+HOLD = textwrap.dedent('''
+    import sys, time
+    from engine.run_dir import RunLock
+    RunLock(sys.argv[1]).acquire()
+    print("HELD", flush=True)
+    time.sleep(120)
+''')
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "HELD"
+        assert json.loads((out / LOCK).read_text())["pid"] == proc.pid
+        with pytest.raises(ConfigError) as err:
+            train(out)
+        assert "\n" not in str(err.value) and f"in use by another run (pid {proc.pid} on " in str(err.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert json.loads((out / LOCK).read_text())["pid"] == proc.pid   # the file stays; its flock went with the pid
+    train(out)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_a_resume_with_another_seed_is_an_error_naming_old_and_new(trained):
+    before = (trained / "config.json").read_text()
+    with pytest.raises(ConfigError) as err:
+        train(trained, **{"run.seed": 1, "optim.lr": 1e-3, "data.limit": 5, "optim.min_lr": 1e-6})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"resuming {trained} with settings that change what is trained: data.limit 0 -> 5, optim.lr 0.0002 -> "
+        f"0.001, optim.min_lr 1e-05 -> 1e-06 (and 1 more) (saved in {trained}/config.json); ")
+    assert message.endswith("pass --run.allow_config_change=true if the change is meant, or use another "
+                            "--run.output_dir")
+    with pytest.raises(ConfigError, match=r"run\.seed 0 -> 1 \(saved in"):
+        train(trained, **{"run.seed": 1})
+    assert (trained / "config.json").read_text() == before and not (trained / HISTORY).exists()
+
+
+def test_an_allowed_change_resumes_and_keeps_the_old_config_in_the_history(trained, capsys):
+    train(trained, **{"run.seed": 1, "run.allow_config_change": True})
+    assert "with changed settings (allowed): run.seed 0 -> 1;" in capsys.readouterr().err
+    assert saved(trained)["run"]["seed"] == 1
+    [entry] = history(trained)
+    assert entry["resumed_at_step"] == 2 and entry["config"]["run"]["seed"] == 0
+    assert entry["replaced_utc"].endswith("Z")
+    train(trained, **{"run.seed": 2, "run.allow_config_change": True})   # history is appended, oldest first
+    assert [e["config"]["run"]["seed"] for e in history(trained)] == [0, 1]
+
+
+def test_a_resume_changing_only_harmless_keys_needs_no_flag(trained):
+    train(trained, **{"run.log_interval": 2, "run.keep_last": 5, "run.output_dir": f"{trained}/",
+                      "data.eval_images": 10})
+    assert saved(trained)["run"]["log_interval"] == 2
+    assert history(trained)[0]["config"]["run"]["log_interval"] == 1
+    train(trained, **{"run.log_interval": 2, "run.keep_last": 5, "run.output_dir": f"{trained}/",
+                      "data.eval_images": 10})   # the same again: nothing new to keep
+    assert len(history(trained)) == 1
+
+
+def test_a_run_that_starts_over_keeps_the_old_config_and_a_new_one_is_not_checked(trained, tmp_path):
+    train(trained, **{"run.seed": 3, "run.resume": False})
+    assert saved(trained)["run"]["seed"] == 3
+    assert [(e["resumed_at_step"], e["config"]["run"]["seed"]) for e in history(trained)] == [(0, 0)]
+    train(tmp_path / "fresh", **{"run.seed": 4})   # no checkpoint: nothing to compare with
+    assert not (tmp_path / "fresh" / HISTORY).exists()
+
+
+def _fit_on_two_ranks(rank, world, out):
+    @claims_output_dir
+    def stand_in(cfg, run):
+        raise AssertionError("must not start")
+    cfg = StageConfig()
+    cfg.run.output_dir = out
+    try:
+        stand_in(cfg, cfg.run)
+    except ConfigError as e:
+        assert "is in use by another run" in str(e), e
+    else:
+        raise AssertionError(f"rank {rank} started")
+
+
+def test_every_rank_learns_that_the_directory_is_held(tmp_path):
+    out = str(tmp_path / "run")
+    holder = RunLock(out)
+    holder.acquire()
+    try:
+        run_ranks(_fit_on_two_ranks, 2, out)   # rank 1 would hang (or start) without the broadcast
+    finally:
+        holder.release()
