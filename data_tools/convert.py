@@ -10,7 +10,6 @@ end; OUT.json records counts, class names, settings and the file's sha256.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from data_tools.beton_check import file_sha256
 from engine.files import OutputPathError, writable_parent_problem, write_atomically, write_text_atomically
 
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
@@ -276,7 +276,7 @@ def _write_beton(out: str, fields: dict, dataset, processes: int, chunksize: int
         DatasetWriter(tmp, fields, num_workers=processes).from_indexed_dataset(dataset, chunksize=chunksize)
         if check is not None:
             check()
-        digest.append(_sha256(tmp))
+        digest.append(file_sha256(tmp))   # what the loader's data.verify compares with
 
     ffcv_writer.tqdm = functools.partial(tqdm, disable=not progress, desc=desc, file=sys.stderr)
     try:
@@ -284,14 +284,6 @@ def _write_beton(out: str, fields: dict, dataset, processes: int, chunksize: int
     finally:
         ffcv_writer.tqdm = tqdm
     return digest[0]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: str, payload: dict) -> None:

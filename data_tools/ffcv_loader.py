@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_tools.beton_check import BlackImages, verify_sha256
 from data_tools.gpu_augment import EvalAug, TokenizerTrainAug, generator_for
 
 Aug = Callable[..., Any]   # (images, sizes, g) -> images, or for label maps (images, labels, sizes, g) -> (images, labels)
@@ -211,12 +212,17 @@ class FFCVSource(_PlannedSource):
     epoch iterator directly, so one numba compilation (12-20 s here) serves every epoch and every resume.
     os_cache=True reads through the OS page cache in uniform random order (data that fits in RAM); os_cache=False
     reads whole pages into process memory in a page-blocked quasi-random order (data larger than RAM).
+
+    Integrity (data_tools.beton_check): `verify=True` compares the file's sha256 with the one data_tools.convert
+    recorded before anything is read (the first process of each node hashes it: the whole file, minutes for a large
+    one); every decoded batch is checked, on the device, for images that came out entirely black, as damaged JPEGs
+    do, and more than 1% of them stop the run with a one-line error.
     """
 
     def __init__(self, path: str, aug: Aug, *, micro_batch_size: int, grad_accum_steps: int = 1,
                  world_size: int = 1, rank: int = 0, seed: int = 0, device: torch.device | str = "cpu",
                  num_workers: int = 2, os_cache: bool = True, pages_per_block: int = 32,
-                 batches_ahead: int = 3, limit: int = 0) -> None:
+                 batches_ahead: int = 3, limit: int = 0, verify: bool = False) -> None:
         from ffcv.reader import Reader
 
         from data_tools.ffcv_ops import LabelMapField
@@ -230,6 +236,8 @@ class FFCVSource(_PlannedSource):
         if IMAGE not in self.reader.field_names:
             raise ValueError(f"{path} has fields {self.reader.field_names}, no '{IMAGE}'; "
                              f"write it with `python -m data_tools.convert`")
+        if verify and int(os.environ.get("LOCAL_RANK", 0)) == 0:   # one hash per node: the file may be a local copy
+            verify_sha256(path)
         num_samples = int(self.reader.num_samples)
         num_samples = min(num_samples, limit) if limit else num_samples   # the file's first `limit` samples
         super().__init__(num_samples, aug, micro_batch_size=micro_batch_size,
@@ -242,6 +250,9 @@ class FFCVSource(_PlannedSource):
         self.batches_ahead = batches_ahead
         meta = self.reader.metadata[f"f{self.reader.field_names.index(IMAGE)}"]
         self._hw_all = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)
+        # Images smaller than the canvas leave stale pixels around them: the black check then masks by size.
+        self._fills_canvas = bool((self._hw_all == self._hw_all.max(0)).all()) if len(self._hw_all) else True
+        self.black_images = BlackImages(path, self.device)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self.os_cache:
@@ -285,15 +296,18 @@ class FFCVSource(_PlannedSource):
         names = list(loader.pipeline_specs)          # FFCV returns one output per enabled field, in this order
         it = EpochIterator(loader, order.astype(np.uint64))
         try:
-            for _ in range(math.ceil(len(order) / batch_size)):
+            for k in range(math.ceil(len(order) / batch_size)):
                 out = dict(zip(names, _next(it)))
                 images = out[IMAGE].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                sizes = None if self._fills_canvas else self._hw_all[order[k * batch_size:(k + 1) * batch_size]]
+                self.black_images.add(images, sizes)
                 labels = out.get(ANNOTATION)
                 if LABEL in out:    # FFCV reuses its output buffers a few batches later: copy what is kept as is
                     labels = out[LABEL].reshape(-1).clone().to(self.device, non_blocking=True)
                 yield images, labels
         finally:
             it.close()
+        self.black_images.check()   # the end of a pass: a cheap moment to read the counter
 
     def _sizes(self, index: np.ndarray) -> np.ndarray:
         return self._hw_all[index]
@@ -319,11 +333,12 @@ def _next(it: Any, poll_s: float = 1.0) -> tuple:
 
 # ------------------------------------------------------------------------------------------- held-out images
 def eval_image_batches(path: str, *, img_size: int = 224, batch_size: int = 64, device: torch.device | str = "cpu",
-                       limit: int = 0, num_workers: int = 2, aug: Optional[Aug] = None) -> Iterator[Tensor]:
+                       limit: int = 0, num_workers: int = 2, aug: Optional[Aug] = None,
+                       verify: bool = False) -> Iterator[Tensor]:
     """Held-out images of a .beton, by default un-augmented (short side resized to img_size, center crop), float
-    [0, 1]; `aug` replaces that view (its randomness comes from one fixed generator)."""
+    [0, 1]; `aug` replaces that view (its randomness comes from one fixed generator). `verify`: see FFCVSource."""
     src = FFCVSource(path, aug or EvalAug(img_size, crop_fraction=1.0, normalized=False), micro_batch_size=1,
-                     device=device, num_workers=num_workers)
+                     device=device, num_workers=num_workers, verify=verify)
     for batch in src.eval_batches(batch_size, limit):
         yield batch["image"]
 

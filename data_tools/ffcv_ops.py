@@ -30,7 +30,9 @@ def canvas_shape(metadata: np.ndarray) -> Tuple[int, int]:
 class CanvasRGBDecoder(SimpleRGBImageDecoder):
     """Decode an RGBImageField (jpg or raw) into the top-left corner of a (max_h, max_w, 3) uint8 canvas.
 
-    Subclasses FFCV's default decoder only because FFCV recognises a pipeline's decoder by that type.
+    Subclasses FFCV's default decoder only because FFCV recognises a pipeline's decoder by that type. A JPEG that
+    does not decode (libjpeg-turbo's error or warning) becomes an all-black image: FFCV's own decoder drops the
+    return code and leaves whatever the reused buffer held, another sample's pixels.
     """
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
@@ -56,8 +58,10 @@ class CanvasRGBDecoder(SimpleRGBImageDecoder):
                 w = np.int64(field["width"])
                 if field["mode"] == jpg:
                     buf = temp_storage[dst_ix]
-                    imdecode_c(data, buf, np.uint32(h), np.uint32(w), np.uint32(h), np.uint32(w), 0, 0, 1, 1,
-                               False, False)
+                    failed = imdecode_c(data, buf, np.uint32(h), np.uint32(w), np.uint32(h), np.uint32(w), 0, 0, 1,
+                                        1, False, False)
+                    if failed:   # damaged data: a black image (data_tools.beton_check counts them), not stale pixels
+                        buf[:3 * h * w] = 0
                     img = buf[:3 * h * w].reshape(h, w, 3)
                 else:
                     img = data.reshape(h, w, 3)

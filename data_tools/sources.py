@@ -43,7 +43,7 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
         raise ConfigError("config key 'data.train_path' is required with data.source=beton (a .beton from "
                           "python -m data_tools.convert)")
     return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
-                      limit=data.limit, **common)
+                      limit=data.limit, verify=data.verify, **common)
 
 
 def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device, aug=None):
@@ -65,7 +65,7 @@ def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch
             raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) with source=beton")
         from data_tools.ffcv_loader import eval_image_batches
         yield from eval_image_batches(data.eval_path, img_size=img_size, batch_size=batch_size, device=device,
-                                      limit=data.eval_images, aug=aug)
+                                      limit=data.eval_images, aug=aug, verify=data.verify)
     elif data.source == "synthetic":
         yield from array_eval_batches(synthetic(data.eval_images or 256, img_size), img_size, batch_size, device,
                                       aug)
@@ -92,7 +92,7 @@ def labelled_batches(data: DataConfig, split: str, aug, batch_size: int, device:
         if not path:
             raise ConfigError(f"config key 'data.{'train_path' if split == 'train' else 'eval_path'}' is required "
                               f"with data.source=beton (a labelled .beton from python -m data_tools.convert)")
-        source = FFCVSource(path, num_workers=data.num_workers, **common)
+        source = FFCVSource(path, num_workers=data.num_workers, verify=data.verify, **common)
     elif data.source == "synthetic":
         n = limit or 256
         source = ArraySource(synthetic(n, aug.size), synthetic_labels(n), **common)
@@ -137,7 +137,7 @@ def segmentation_source(data: DataConfig, split: str, aug, device: torch.device,
         raise ConfigError(f"config key 'data.{key}' is required with data.source=beton (a .beton from "
                           f"python -m data_tools.convert ade20k)")
     source = FFCVSource(path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
-                        limit=data.limit if split == "training" else data.eval_images, **common)
+                        limit=data.limit if split == "training" else data.eval_images, verify=data.verify, **common)
     if "annotation" not in source.reader.field_names:
         raise ConfigError(f"{path} has no label maps (fields {source.reader.field_names}); convert a segmentation "
                           f"data set with python -m data_tools.convert ade20k")

@@ -15,6 +15,10 @@ A run resumed on another number of ranks re-splits sharded optimizer states thro
 checkpoint: rank 0 converts the checkpoint once into `<tag>_universal/` (removed by the next save), and the engine
 loads that with `checkpoint.load_universal`. (DeepSpeed's files do not record their folder's name: a renamed folder
 loads, converts and consolidates like one written in place.)
+
+Every file is read weights-only (`engine.safe_load`), DeepSpeed's reads included: a checkpoint file holding pickled
+objects other than weights stops the resume with a one-line error naming it (no fallback to an older checkpoint of
+the same directory), and nothing in it runs.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 from engine import distributed as dist_utils
 from engine.files import write_atomically, write_text_atomically
 from engine.guards import TrainingDiverged
+from engine.safe_load import REFUSED, UntrustedCheckpoint, deepspeed_loads_weights_only, load, load_deepspeed_file
 
 LATEST = "latest"
 UNIVERSAL = "_universal"
@@ -48,6 +53,8 @@ def _step(tag: str) -> int:
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, UntrustedCheckpoint):   # already one line, naming the file
+        return str(e)
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
@@ -58,10 +65,14 @@ def _to_universal(folder: str, target: str) -> str:
     tmp = target + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     workers = str(max(1, min(4, os.cpu_count() or 1)))
-    # `inject_missing_state`: the converter expects Megatron-DeepSpeed's parallelism record; a plain model has none.
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
-                           "--output_folder", tmp, "--num_extract_workers", workers, "--num_merge_workers", workers,
-                           "--inject_missing_state"], capture_output=True, text=True)
+    # Through `engine.safe_load`: the converter's own loads would unpickle anything. `inject_missing_state`: the
+    # converter expects Megatron-DeepSpeed's parallelism record; a plain model has none.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", folder, "--output_folder", tmp, "--num_extract_workers", workers,
+                           "--num_merge_workers", workers, "--inject_missing_state"],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -77,7 +88,7 @@ def _repair_stage3_universal_load(optimizer: torch.optim.Optimizer, folder: str)
     """DeepSpeed's stage-3 universal loader (0.19.8) copies the first parameter group's hyper-parameters (here
     `wd_scale`, so no-decay parameters would decay) to every group and gives all groups one shared `step` tensor,
     which fused AdamW then advances once per group per step. Put back each group's own values and counters."""
-    saved = torch.load(os.path.join(folder, "zero", "optimizer_state.pt"), weights_only=False)
+    saved = load_deepspeed_file(os.path.join(folder, "zero", "optimizer_state.pt"))
     groups = saved["optimizer_state_dict"]["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(f"{folder}: {len(groups)} saved optimizer groups for {len(optimizer.param_groups)} "
@@ -211,6 +222,8 @@ class CheckpointManager:
             error = self._resplit(tag, world_size)
             if not error:
                 return True
+            if REFUSED in error:   # the converter's last line: one of its files holds pickled objects
+                raise ValueError(error)
             self._failed[tag] = self._resplit_error(tag, world_size, error)
         if self._failed:
             raise ValueError(self._none_loads())
@@ -306,19 +319,22 @@ class CheckpointManager:
         # First every file is checked (each rank a share) and the ranks agree: damage must be found on every rank
         # alike before DeepSpeed's load, which at ZeRO-3 and from a re-split copy has collectives inside.
         error = _agree(self._damage(source, folder))
+        _stop_if_refused(error)
         if error:
             return self._load_error(folder, error, "is damaged ({}); restore it, or start over with "
                                                    "--run.resume=false"), None
         client_state, error = None, ""
         try:
             set_rng_state(rng_before)   # a checkpoint passed over may have set it
-            _, client_state = engine.load_checkpoint(self.dir, tag=os.path.basename(source),
-                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+            with deepspeed_loads_weights_only():   # the files were checked above; this covers DeepSpeed's reads too
+                _, client_state = engine.load_checkpoint(self.dir, tag=os.path.basename(source),
+                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:   # noqa: BLE001 - another model, ZeRO layout, optimizer or number of ranks
             error = _first_line(e)
             if universal or engine.zero_optimization_stage() == 3:
                 # The other ranks may wait inside DeepSpeed's collectives, where no agreement reaches them: this
                 # rank stops the run (theirs fail as its connections close), as it did before fallbacks existed.
+                _stop_if_refused(error)
                 raise ValueError(self._load_error(folder, error, FITS)[1]) from None
         if not error:
             try:
@@ -328,10 +344,11 @@ class CheckpointManager:
                     _repair_stage3_universal_load(engine.optimizer.optimizer, source)
                 rng_path = os.path.join(folder, f"rng_rank{dist_utils.rank()}.pt")
                 if os.path.exists(rng_path):
-                    set_rng_state(torch.load(rng_path, weights_only=True))
+                    set_rng_state(load(rng_path))
             except Exception as e:   # noqa: BLE001
                 error = _first_line(e)
         error = _agree(error)   # a later checkpoint overwrites whatever this one left half-loaded
+        _stop_if_refused(error)
         if not error:
             return None, client_state
         return self._load_error(folder, error, FITS), None
@@ -368,20 +385,29 @@ class CheckpointManager:
         for path in paths[dist_utils.rank()::dist_utils.world_size()]:
             try:
                 _check_file(path)
+            except UntrustedCheckpoint as e:   # not damage: names the file itself
+                return str(e)
             except Exception as e:   # noqa: BLE001 - torn, empty or garbled: whatever torch says, one line
                 return f"{os.path.relpath(path, self.dir)}: {_first_line(e)}"
         return ""
 
 
+def _stop_if_refused(error: str) -> None:
+    """An agreed error that is a refusal (`engine.safe_load`) stops the resume on every rank: falling back would
+    read more files of the same untrusted directory."""
+    if REFUSED in error:
+        raise ValueError(error)
+
+
 def _check_file(path: str) -> None:
-    """Open one checkpoint file and check it holds what its name says (raises if not)."""
+    """Open one checkpoint file (weights only) and check it holds what its name says (raises if not)."""
     name = os.path.basename(path)
     if name.startswith("rng_rank"):
-        state = torch.load(path, weights_only=True)
+        state = load(path)
         if not (isinstance(state, dict) and {"torch", "python", "numpy"} <= state.keys()):
             raise ValueError("holds no RNG state")
         return
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    state = load_deepspeed_file(path, map_location="cpu", mmap=True)
     if name.endswith("optim_states.pt") and not (isinstance(state, dict) and isinstance(
             state.get("optimizer_state_dict"), dict)):
         raise ValueError("holds no optimizer state")

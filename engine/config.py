@@ -122,6 +122,10 @@ class DataConfig:
         eval_images: held-out images used by evaluation (0 = all).
         num_workers: loader worker processes.
         os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
+        verify: FFCV: before training, compare each .beton's sha256 with the one `data_tools.convert` recorded in
+            `<file>.json` (a mismatch or a missing record is a one-line error). Off by default: it reads the whole
+            file, minutes for a 150 GB .beton. Decoded batches are always checked for all-black images
+            (data_tools.beton_check), which damaged JPEGs turn into.
     """
     source: str = "fashion_mnist"
     train_path: str = ""
@@ -130,6 +134,7 @@ class DataConfig:
     eval_images: int = 2000
     num_workers: int = 2
     os_cache: bool = True
+    verify: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         if self.source not in ("fashion_mnist", "beton", "synthetic"):

@@ -33,13 +33,24 @@ def loop_owns_step(precision: str, stage: int) -> bool:
 
 
 def load_ds_json(path: str) -> dict:
+    """The JSON object in `path`; anything else (no such file, a folder, not JSON, not an object) is a one-line
+    ConfigError."""
     try:
         with open(path) as f:
-            return json.load(f)
+            ds = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config not found: {path} (pick one of ds_configs/*.json)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"DeepSpeed config {path} is a folder; give a JSON file (one of ds_configs/*.json)"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:   # a binary file fails to decode before it parses
+        where = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({where})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object ({{...}}), not {json.dumps(ds)[:40]}")
+    return ds
 
 
 def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:

@@ -1,6 +1,6 @@
 """Weights in and out of a run: consolidate the newest DeepSpeed checkpoint into one fp32 state dict (any ZeRO
 stage, any precision), write and read the stages' weights files, and load a state dict strictly with a one-line
-error."""
+error. Every file is read weights-only (`engine.safe_load`): one holding pickled objects is refused, not run."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +15,7 @@ from torch import nn
 from engine import distributed as dist_utils
 from engine.checkpoint import CheckpointManager
 from engine.files import write_atomically
+from engine.safe_load import UntrustedCheckpoint, deepspeed_loads_weights_only, load, load_deepspeed_file
 
 
 def consolidated_state_dict(output_dir: str) -> dict[str, torch.Tensor]:
@@ -26,11 +27,12 @@ def consolidated_state_dict(output_dir: str) -> dict[str, torch.Tensor]:
     folder = os.path.join(ckpt.dir, tag)
     if any(f.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) and "optim_states" in f for f in os.listdir(folder)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with contextlib.redirect_stdout(io.StringIO()):   # it narrates every step on stdout
+        # It narrates every step on stdout, and reads DeepSpeed's files with `weights_only=False`.
+        with contextlib.redirect_stdout(io.StringIO()), deepspeed_loads_weights_only():
             sd = get_fp32_state_dict_from_zero_checkpoint(ckpt.dir, tag=tag)
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     # ZeRO-0 in fp32: the model file holds the full weights.
-    states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    states = load_deepspeed_file(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu")
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
@@ -91,7 +93,9 @@ def read_weights_file(path: str | os.PathLike, what: str, file_format: str | tup
             raise ValueError(f"cannot read {path} as safetensors ({e})") from None
         return sd, json.loads(meta["arch"]) if "arch" in meta else None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load(path, map_location="cpu")
+    except UntrustedCheckpoint:   # one line naming the file and what it holds
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear message
         raise ValueError(f"cannot read {path} as a weights-only checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict):

@@ -5,7 +5,11 @@ of one. (Per-step metric rows are appended; a row torn by a kill is dropped on r
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable
+
+# How Rust's I/O errors end (safetensors writes in Rust and raises its own SafetensorError, not OSError).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 class OutputPathError(ValueError):
@@ -22,7 +26,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
+        _write_reporting_os_errors(write, tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -34,6 +38,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_reporting_os_errors(write: Callable[[str], object], tmp: str) -> None:
+    """`write(tmp)`; a writer in native code that reports a failed write (disk full, read-only file system) in
+    an exception of its own raises it as the OSError it is."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as e:
+        match = _RUST_OS_ERROR.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code)) from e
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -15,8 +15,9 @@ the whole run had used the new. `claims_output_dir` wraps the engine's `fit` aga
 - Resume check: when a checkpoint is there and `run.resume` is set, the resolved config is compared with the saved
   `config.json`. Any difference outside `HARMLESS` is a one-line error listing the first keys with old -> new,
   unless `run.allow_config_change=true` says the change is meant. A key missing from the saved config (added to the
-  code since that run began) is compared with its default. Nothing about the number of ranks is in the config: a
-  resume on another number of ranks re-splits the checkpoint (engine.checkpoint) and passes.
+  code since that run began) is compared with its default. The batch is compared as the global batch (micro x
+  accum x ranks, engine.global_batch): a resume on another number of ranks re-splits the checkpoint
+  (engine.checkpoint) and passes when the stage kept the global batch by adjusting the accumulation.
 - History: before `config.json` is replaced by a different config (a resume with an allowed change, or a run that
   starts over), the old one is appended to `<output_dir>/config_history.jsonl` as one JSON line
   `{"resumed_at_step": <the new config's first step; 0 when the run started over>, "replaced_utc": ..., "config":
@@ -40,6 +41,7 @@ from engine import distributed as dist_utils
 from engine.checkpoint import LATEST
 from engine.config import ConfigError, save_json, to_dict
 from engine.files import write_text_atomically
+from engine.global_batch import resume_changes
 
 LOCK = ".run.lock"
 HISTORY = "config_history.jsonl"
@@ -47,7 +49,8 @@ SHOWN = 3   # differing keys named in the error
 
 # Keys a resume may change without --run.allow_config_change: they change how the run reports, saves, is computed
 # or evaluated, not the weights it trains. Everything else (seed, arch, tokenizer, init, data, optimizer, schedule,
-# precision, ds_config, micro_batch_size and grad_accum_steps: the global batch) must match the saved config.
+# precision, ds_config) must match the saved config; micro_batch_size and grad_accum_steps are compared through
+# the global batch they make (engine.global_batch.resume_changes).
 # Not here on purpose: data.os_cache, which switches FFCV to another (page-blocked) sample order.
 HARMLESS = frozenset({
     "run.output_dir",                       # the same folder by definition, however it is spelled
@@ -57,6 +60,7 @@ HARMLESS = frozenset({
     "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
     "run.compile", "run.compile_mode", "run.grad_checkpointing", "model.attention",   # the same function, faster
     "data.num_workers",                     # loader processes; the sample order is planned in the main process
+    "data.verify",                          # checks the .beton's sha256 before training, reads the same samples
     "data.eval_images", "data.eval_path", "augment.eval_crop",   # evaluation after training only
     "eval.stride", "eval.ratios", "eval.flip",                   # (segmentation's test-time view)
 })
@@ -169,7 +173,7 @@ def check_resume(cfg: Any, run: Any) -> None:
     if not (run.resume and os.path.exists(os.path.join(run.output_dir, "checkpoints", LATEST))
             and os.path.exists(path)):
         return
-    changed = [c for c in config_changes(_load(path), cfg, run) if c[0] not in HARMLESS]
+    changed = resume_changes(run, [c for c in config_changes(_load(path), cfg, run) if c[0] not in HARMLESS])
     if not changed:
         return
     shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])

@@ -18,6 +18,7 @@ from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig
 from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.export import save_final_weights
+from engine.global_batch import record as record_global_batch
 from engine.interfaces import DataSource, FitResult, StepHook
 from engine.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag
 from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
@@ -40,7 +41,9 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
 
     `final_weights=(filename, save_fn)`: after the last checkpoint, rank 0 consolidates it into one fp32 state
     dict and calls `save_fn(<output_dir>/<filename>, state_dict)`. Another run holding the output directory, or a
-    resume whose config changes what is trained, is a one-line ConfigError before the engine is built.
+    resume whose config changes what is trained (the global batch included: a stage resuming on another number of
+    ranks calls `engine.global_batch.keep_global_batch` before it builds `data`), is a one-line ConfigError
+    before the engine is built.
     """
     world = dist_utils.world_size()
     ckpt = CheckpointManager(run.output_dir, run.keep_last)
@@ -70,6 +73,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
         dist_utils.log_main(f"resumed from {ckpt.dir} at step {start}/{total}{resplit_note}")
     # Only now: a run that cannot resume must not overwrite the config it was made with (the old one goes to history).
     save_config(cfg, run.output_dir, start)
+    record_global_batch(run, world)   # what a later resume keeps (engine.global_batch)
 
     logger = RunLogger(run.output_dir, total, start, run.progress_bar)
     meter = DeviceMeter()

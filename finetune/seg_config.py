@@ -151,7 +151,7 @@ RECIPES = {
         "augment": {"scale": [96, 96], "ratio_range": [0.5, 1.0]},
         "eval": {"stride": 32},
         "optim": {"lr": 2e-3, "min_lr": 0.0, "betas": [0.9, 0.999], "weight_decay": 0.05},
-        "schedule": {"total_steps": 320, "warmup_steps": 20, "decay": "poly"},
+        "schedule": {"total_steps": 280, "warmup_steps": 20, "decay": "poly"},
         "run": {"precision": "fp32", "micro_batch_size": 16, "ds_config": "ds_configs/zero2.json",
                 "output_dir": "runs/demo/segment", "save_interval": 100, "log_interval": 20},
     },

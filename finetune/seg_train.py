@@ -15,6 +15,7 @@ from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, resolve
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
 from engine.evaluation import write_result
+from engine.global_batch import keep_global_batch
 from engine.trainer import fit, seed_everything
 from finetune.seg_config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.seg_metrics import evaluate_segmenter, per_class_table
@@ -117,6 +118,7 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
     cfg = resolve(SegmentConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
+    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical neck and heads
     model = build_model(cfg).to(device)
     if cfg.run.grad_checkpointing:

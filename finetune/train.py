@@ -15,6 +15,7 @@ from engine import distributed as dist_utils
 from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
 from engine.evaluation import write_result
+from engine.global_batch import keep_global_batch
 from engine.trainer import fit, seed_everything
 from finetune.config import RECIPES, ClassifyConfig
 from finetune.evaluate import held_out_metrics
@@ -60,6 +61,7 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     if cfg.model.ema_decay and zero_stage(load_ds_json(cfg.run.ds_config)) == 3:
         raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 (--run.ds_config)")
     device = dist_utils.init()
+    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical new head
     model = build_model(cfg).to(device)   # on the device before the EMA copies it
     ema = WeightsEma(model, cfg.model.ema_decay) if cfg.model.ema_decay else None

@@ -75,11 +75,12 @@ done
 echo "== 7/7 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out) =="
 M=$OUT/mosaics
 # 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split; both writers
-# publish by rename, so a finished file is whole and a rerun skips it.
+# publish by rename, so a finished file is whole and a rerun skips it. Stored raw (75 MB): no JPEG decoding competes
+# with training for the two cores.
 [ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" --train=2000 --val=200 --force
 for split in training validation; do
   [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
-    --split=$split --progress=false
+    --split=$split --mode=raw --progress=false
 done
 for init in pretrained random; do
   path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -68,3 +69,14 @@ def kill_when(proc: subprocess.Popen, metrics_path, rows: int, timeout: float = 
                     break
         time.sleep(0.02)
     proc.communicate()
+
+
+class StepNumbers:
+    """A data source of fixed numbers per step (every rank the same), for engine tests on a tiny linear model."""
+    steps_per_epoch = 100
+
+    def micro_batches(self, start):
+        step = start
+        while True:
+            yield torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            step += 1

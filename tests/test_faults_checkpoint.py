@@ -34,13 +34,7 @@ SCRIPT = textwrap.dedent('''
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
 
-    class Numbers:   # every rank sees the same numbers, a fixed function of the step
-        steps_per_epoch = 100
-        def micro_batches(self, start):
-            step = start
-            while True:
-                yield torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
-                step += 1
+    from tests.dist_util import StepNumbers as Numbers   # every rank the same numbers, a fixed function of the step
 
     engines = []
 

@@ -19,17 +19,9 @@ from engine.ds_setup import param_groups
 from engine.run_dir import HISTORY, LOCK, RunLock, claims_output_dir
 from engine.trainer import fit
 from tests.conftest import ROOT
-from tests.dist_util import run_ranks
+from tests.dist_util import StepNumbers as Numbers, run_ranks
 
 
-class Numbers:
-    steps_per_epoch = 100
-
-    def micro_batches(self, start):
-        step = start
-        while True:
-            yield torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
-            step += 1
 
 
 def train(out, **changes) -> StageConfig:

@@ -13,6 +13,7 @@ from engine import distributed as dist_utils
 from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.export import load_strict
+from engine.global_batch import keep_global_batch
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
@@ -112,6 +113,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
     cfg = resolve(MIMConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
+    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     if cfg.model.attention == "flex" and device.type != "cuda":
         raise ConfigError("model.attention=flex trains on CUDA only (FlexAttention has no CPU backward); use "
                           "--model.attention=sdpa here")

@@ -13,6 +13,7 @@ from engine.config import DataConfig, config_section, describe, resolve, saved_r
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
+from engine.global_batch import keep_global_batch
 from engine.metrics import forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
@@ -32,6 +33,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
     cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
     device = dist_utils.init()
+    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
     teacher = build_teacher(cfg.teacher).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
     model = build_model(cfg, teacher.out_dim)
