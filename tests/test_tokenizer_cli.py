@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.tokenizer import load_tokenizer
 from tests.conftest import ROOT
@@ -56,6 +57,32 @@ def test_encode_a_folder_and_bad_input(tmp_path, tiny_tokenizer_file):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: image folder not found: {tmp_path / 'nope'}")
+
+
+def test_encode_reads_images_as_convert_does_and_names_a_bad_file(tmp_path):
+    """16-bit PNGs keep their grey levels (not saturated white); a zero-byte, a corrupt file or a symlink loop is a
+    one-line error naming it (synthetic images)."""
+    from PIL import Image
+
+    from pretrain.tokenizer.data import images_for_encoding
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp = np.tile(np.arange(0, 64, dtype=np.uint16) * 1024, (32, 1))   # 16-bit grey ramp 0..64512
+    Image.fromarray(ramp).save(folder / "a16.png")   # uint16: a 16-bit grey PNG
+    Image.fromarray((ramp >> 8).astype(np.uint8), "L").save(folder / "b8.png")
+    pixels = images_for_encoding(str(folder), "test", 1, 32)
+    assert pixels.shape == (2, 3, 32, 32)
+    assert torch.allclose(pixels[0], pixels[1], atol=1 / 255)   # the same image at 16 and at 8 bits
+    assert pixels[0].max() < 1.0 and pixels[0].mean() < 0.6     # a ramp, not saturated white
+    for name, make in [("empty.png", lambda p: p.write_bytes(b"")),
+                       ("corrupt.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff" + b"junk" * 50)),
+                       ("loop.png", lambda p: p.symlink_to(p))]:
+        bad = folder / name
+        make(bad)
+        with pytest.raises(ValueError) as err:
+            images_for_encoding(str(folder), "test", 1, 32)
+        assert str(bad) in str(err.value) and len(str(err.value).splitlines()) == 1
+        bad.unlink()
 
 
 @pytest.mark.parametrize("module", ["pretrain.tokenizer", "pretrain.mim"])

@@ -16,6 +16,9 @@ def train_source(cfg, img_size: int, device: torch.device):
     return sources.train_source(cfg.data, cfg.run, TokenizerTrainAug(size=img_size), device)
 
 
+ENCODE_MAX_SIDE = 1024   # larger images are first downscaled while decoding (they end at the tokenizer's size)
+
+
 def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> torch.Tensor:
     """Images to encode, RGB in [0, 1] on the CPU: every image file in `folder` (sorted), or the first `count`
     Fashion-MNIST images of `split`."""
@@ -25,6 +28,8 @@ def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> t
         images, _ = sources.fashion_mnist(split, count)
         return _to_float(images, img_size)
     from PIL import Image
+
+    from data_tools.convert import BadImage, load_rgb
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
@@ -32,8 +37,14 @@ def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> t
         raise ValueError(f"no image files (.png/.jpg/.jpeg/.bmp/.webp) in {folder}")
     arrays = []
     for name in names:
-        with Image.open(os.path.join(folder, name)) as im:
-            arrays.append(np.asarray(im.convert("RGB").resize((img_size, img_size), Image.BICUBIC)))
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):   # a folder named like an image, a dangling link, a symlink loop
+            raise ValueError(f"{path} is not a readable image file; remove it from the folder or fix the link")
+        try:   # convert's decoder: size limits, 16-bit scaled to 8 bits, alpha over grey, damaged files refused
+            rgb = load_rgb(path, max_side=ENCODE_MAX_SIDE)
+        except BadImage as e:
+            raise ValueError(f"{path}: {e}; fix or remove it") from None
+        arrays.append(np.asarray(Image.fromarray(rgb).resize((img_size, img_size), Image.BICUBIC)))
     return _to_float(np.stack(arrays), img_size)
 
 
