@@ -34,25 +34,35 @@ def pixel_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 class LabelRange:
     """Out-of-range label ids (>= num_classes, not ignore) become ignore so the step stays valid (CUDA would abort on
-    them), and are remembered on the device; the flag is read on the first step and at every log interval (where the
-    engine synchronises anyway) and raised as a one-line error naming the data."""
+    them) and are remembered on the device, without a sync; as an engine step hook the flag is read after the first
+    step and at every log interval, next to the engine's own sync there, and raised as a one-line error naming the
+    data. Stateless: a resumed run checks again from its first step."""
+    name = "label_range"
 
     def __init__(self, num_classes: int, source: str, log_interval: int):
         self.num_classes, self.source, self.every = num_classes, source, log_interval
         self.worst: Tensor | None = None
         self.checked = False
 
-    def __call__(self, labels: Tensor, step: int, micro: int) -> Tensor:
+    def __call__(self, labels: Tensor) -> Tensor:
         bad = (labels >= self.num_classes) & (labels != IGNORE)
         worst = torch.where(bad, labels, torch.zeros_like(labels)).amax()
         self.worst = worst if self.worst is None else torch.maximum(self.worst, worst)
-        due = not self.checked or (micro == 0 and step % self.every == 0)
+        return torch.where(bad, torch.full_like(labels, IGNORE), labels)
+
+    def after_step(self, step: int) -> None:
+        due = not self.checked or step % self.every == 0
         self.checked = True
-        if due and int(self.worst) > 0:
+        if due and self.worst is not None and int(self.worst) > 0:
             raise ConfigError(f"{self.source}: label id {int(self.worst)} (after reduce_zero_label) is outside the "
                               f"model's {self.num_classes} classes, by step {step}; set num_classes to the data's "
                               f"class count or fix the annotations")
-        return torch.where(bad, torch.full_like(labels, IGNORE), labels)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class AverageBatchNormStats:
@@ -142,7 +152,7 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank dropout and drop path from here on
 
     def step_fn(engine, batch):
-        labels = guard(batch["label"], batch["step"], batch["micro"])
+        labels = guard(batch["label"])
         main, aux = engine(batch["image"].to(dtype))
         loss_main, loss_aux = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
         with torch.no_grad():
@@ -153,7 +163,7 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
         return loss, {"loss_decode": loss_main.detach(), "loss_aux": loss_aux.detach(), "pixel_acc": pixel_acc}
 
     result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(), hooks=(bn_stats,),
+                 flops_per_image=model.flops_per_image(), hooks=(bn_stats, guard),
                  final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
     # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file instead (every rank reads it).
     eval_model = model
