@@ -16,7 +16,7 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test).
 APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo bench clean
 setup: $(VENV)/.done
 
 $(VENV)/.done: setup.cfg setup.py
@@ -34,13 +34,18 @@ $(VENV)/.done: setup.cfg setup.py
 	touch $@
 
 test: setup
-	$(PYTEST) -rs tests
+	$(PYTEST) -rs --durations=15 tests
 
 test-fast: setup
 	$(PYTEST) -m "not slow" tests
 
 demo: setup
 	bash scripts/demo.sh
+
+# Loader, tokenizer and pretraining benchmarks at the device's sizes (CPU here, GPU on a CUDA host): one JSON and one
+# Markdown table in bench/results (docs/bench.md).
+bench: setup
+	$(PY) -m bench.suite
 
 clean:
 	rm -rf runs .pytest_cache

@@ -433,6 +433,8 @@ def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: i
 
 
 COMMANDS = {"imagefolder": imagefolder, "fashion_mnist": fashion_mnist, "ade20k": ade20k}
+# Failures a user fixes from the message alone, beyond engine.cli.USER_ERRORS: `beitv2 convert` prints them in one line.
+CLI_ERRORS = (ConvertError,)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -140,16 +140,34 @@ class _PlannedSource:
                 yield batch
             step = (epoch + 1) * self.steps_per_epoch
 
-    def eval_batches(self, batch_size: Optional[int] = None, limit: int = 0) -> Iterator[dict]:
+    def eval_batches(self, batch_size: Optional[int] = None, limit: int = 0, whole_batches: bool = False
+                     ) -> Iterator[dict]:
         """Every sample of this rank's shard (index % world_size == rank) once, in index order, the last batch
-        possibly smaller; for evaluation. `limit` keeps the first `limit` samples of the dataset (0 = all)."""
+        possibly smaller; for evaluation. `limit` keeps the first `limit` samples of the dataset (0 = all).
+
+        `whole_batches`: shard by batch instead. The dataset in index order is cut into batches of `batch_size`;
+        this rank takes batches rank, rank + world_size, ... and augments each from a generator keyed by its batch
+        number `batch` (a key of the dicts), not by the rank: any number of ranks sees the batches, the random
+        views and the batch numbers (for randomness the caller draws per batch, such as masks) of one process.
+        """
         p = self.plan
         n = min(limit, p.num_samples) if limit else p.num_samples
-        order = np.arange(p.rank, n, p.world_size)
         bs = batch_size or p.micro_batch_size
-        g = generator_for(p.seed, EVAL_STEP, p.rank, 0, self.device)
-        for k, (images, labels) in enumerate(self._fetch(order, bs)):
-            yield self._finish(images, labels, order[k * bs:(k + 1) * bs], g)
+        if not whole_batches:
+            order = np.arange(p.rank, n, p.world_size)
+            g = generator_for(p.seed, EVAL_STEP, p.rank, 0, self.device)
+            for k, (images, labels) in enumerate(self._fetch(order, bs)):
+                yield self._finish(images, labels, order[k * bs:(k + 1) * bs], g)
+            return
+        mine = list(range(p.rank, -(-n // bs), p.world_size))
+        if not mine:   # fewer batches than ranks
+            return
+        order = np.concatenate([np.arange(b * bs, min((b + 1) * bs, n)) for b in mine])
+        for k, (images, labels) in enumerate(self._fetch(order, bs)):   # the last batch is the only short one
+            g = generator_for(p.seed, EVAL_STEP, mine[k], 1, self.device)
+            batch = self._finish(images, labels, order[k * bs:(k + 1) * bs], g)
+            batch["batch"] = mine[k]
+            yield batch
 
     def _finish(self, images: Tensor, labels: Optional[Tensor], index: np.ndarray, g: torch.Generator) -> dict:
         sizes_np = self._sizes(index)
@@ -331,17 +349,5 @@ def _next(it: Any, poll_s: float = 1.0) -> tuple:
     return result
 
 
-# ------------------------------------------------------------------------------------------- held-out images
-def eval_image_batches(path: str, *, img_size: int = 224, batch_size: int = 64, device: torch.device | str = "cpu",
-                       limit: int = 0, num_workers: int = 2, aug: Optional[Aug] = None,
-                       verify: bool = False) -> Iterator[Tensor]:
-    """Held-out images of a .beton, by default un-augmented (short side resized to img_size, center crop), float
-    [0, 1]; `aug` replaces that view (its randomness comes from one fixed generator). `verify`: see FFCVSource."""
-    src = FFCVSource(path, aug or EvalAug(img_size, crop_fraction=1.0, normalized=False), micro_batch_size=1,
-                     device=device, num_workers=num_workers, verify=verify)
-    for batch in src.eval_batches(batch_size, limit):
-        yield batch["image"]
-
-
-__all__ = ["ArraySource", "FFCVSource", "RawAug", "ShardPlan", "eval_image_batches", "page_blocked_permutation",
+__all__ = ["ArraySource", "FFCVSource", "RawAug", "ShardPlan", "page_blocked_permutation",
            "uniform_permutation"]

@@ -332,6 +332,10 @@ def write_ade20k(out_dir: str, train: int = 2000, val: int = 200, height: int = 
     return meta
 
 
+# A one-command stage: `beitv2 mosaics --out ...` (engine.main) calls it directly.
+COMMANDS = write_ade20k
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import fire
 

@@ -57,21 +57,27 @@ def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, devic
         yield batch["image"]
 
 
-def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch.device, aug=None):
-    """Held-out images (Fashion-MNIST's test split or `data.eval_path`), un-augmented unless `aug` is given, RGB in
-    [0, 1]."""
+def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch.device, aug=None, rank: int = 0,
+                 world_size: int = 1):
+    """This rank's whole batches of the held-out images (Fashion-MNIST's test split, the first `data.eval_images`,
+    or `data.eval_path`) as `{"image", "batch"}` dicts: RGB in [0, 1], un-augmented unless `aug` is given, and the
+    global batch number. Ranks take batches in turn and each batch's random view is keyed by its number, so the
+    batches of all ranks together are those of one process (`_PlannedSource.eval_batches(whole_batches=True)`)."""
+    from data_tools.ffcv_loader import ArraySource, FFCVSource
+    from data_tools.gpu_augment import EvalAug
+    view = aug or EvalAug(img_size, crop_fraction=1.0, normalized=False)
+    common = dict(aug=view, micro_batch_size=1, rank=rank, world_size=world_size, device=device)
     if data.source == "beton":
         if not data.eval_path:
             raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) with source=beton")
-        from data_tools.ffcv_loader import eval_image_batches
-        yield from eval_image_batches(data.eval_path, img_size=img_size, batch_size=batch_size, device=device,
-                                      limit=data.eval_images, aug=aug, verify=data.verify)
+        source, limit = FFCVSource(data.eval_path, num_workers=data.num_workers, verify=data.verify, **common), \
+            data.eval_images
     elif data.source == "synthetic":
-        yield from array_eval_batches(synthetic(data.eval_images or 256, img_size), img_size, batch_size, device,
-                                      aug)
+        source, limit = ArraySource(synthetic(data.eval_images or 256, img_size), **common), 0
     else:
-        images, _ = fashion_mnist("test", data.eval_images)
-        yield from array_eval_batches(images, img_size, batch_size, device, aug)
+        source, limit = ArraySource(fashion_mnist("test", data.eval_images)[0], **common), 0
+    for batch in source.eval_batches(batch_size, limit, whole_batches=True):
+        yield {"image": batch["image"], "batch": batch["batch"]}
 
 
 def labelled_batches(data: DataConfig, split: str, aug, batch_size: int, device: torch.device, rank: int = 0,

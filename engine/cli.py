@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import fire
 
-from engine.config import ConfigError
+from engine.config import CONFIG_KEY, ConfigError
 from engine.guards import Preempted, TrainingDiverged
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
@@ -43,16 +43,21 @@ def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
     Fire reads each argument's text as a Python literal: `--force=false` becomes the string 'false' (a true value),
     `--out=1e3` the float 1000.0 and a file named `True` a bool. Here `--flag=false` / `--flag false` for a bool
     parameter become the bool (anything but a yes/no word after `=` is a one-line ConfigError), and the text of a
-    str parameter, given as a flag or by position, is passed quoted, so it arrives exactly as typed.
+    str parameter, given as a flag or by position, is passed quoted, so it arrives exactly as typed. `commands` may
+    nest groups (`{"mim": {"train": fn}}`): the leading words of `args` pick the command.
     """
-    head = args[:1] if isinstance(commands, dict) and args else []
-    fn = commands.get(args[0]) if head else commands
+    head, fn = [], commands
+    while isinstance(fn, dict) and len(head) < len(args) and args[len(head)] in fn:   # group words, then command
+        fn = fn[args[len(head)]]
+        head.append(args[len(head)])
     try:
         params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):   # no command named yet: a group's help
         return args
     bools = {name for name, p in params.items() if p.annotation in (bool, "bool")}
     strings = {name for name, p in params.items() if p.annotation in (str, "str")}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and CONFIG_KEY not in params:
+        strings.add(CONFIG_KEY)   # a train command's `--config=FILE` (engine.config.resolve) is a path, not a literal
     out, rest, positional, named = list(head), list(args[len(head):]), [], set()
     while rest:
         a = rest.pop(0)
@@ -133,10 +138,38 @@ def typed_command(fn: Callable) -> Callable:
     return checked
 
 
-def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
-    """Run `commands` (a dict of sub-commands, or one function) with fire; return the exit status.
+def _typed(commands: dict | Callable) -> dict | Callable:
+    return {k: _typed(v) for k, v in commands.items()} if isinstance(commands, dict) else typed_command(commands)
 
-    Bad input (`USER_ERRORS`) prints `error: <message>` on one line and returns 2; a dict result prints as JSON.
+
+def _check_command(commands: dict | Callable, argv: list[str], name: str | None) -> list[str]:
+    """`argv` when its leading words name a command of `commands`; a group's help when they stop at a group with
+    nothing after them. Fire would print a whole usage page for a misspelt command and return a bare group as the
+    result: here a misspelt or missing command is a one-line ConfigError listing the choices."""
+    node, depth = commands, 0
+    while isinstance(node, dict) and depth < len(argv) and argv[depth] in node:
+        node, depth = node[argv[depth]], depth + 1
+    if not isinstance(node, dict):
+        return argv
+    rest = argv[depth:]
+    if not rest:
+        return argv + ["--", "--help"]
+    if rest[0] == "--":   # help asked for
+        return argv
+    what = f"unknown command '{rest[0]}'" if not rest[0].startswith("-") else f"{rest[0]}: name a command first"
+    where = " ".join(([name] if name else []) + argv[:depth])
+    choices = ", ".join(node)
+    raise ConfigError(f"{what}; `{where}` takes one of: {choices} (`{where} --help` lists them)" if where
+                      else f"{what}; choose one of: {choices} (--help lists them)")
+
+
+def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: str | None = None,
+            errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run `commands` (one function, a dict of sub-commands, or a dict of groups of them) with fire; return the exit
+    status.
+
+    Bad input (`USER_ERRORS`, and a stage's own `errors`) prints `error: <message>` on one line and returns 2; a dict
+    result prints as JSON. `name` is the command as the user types it, for fire's help.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher passes --local_rank=N ahead of the sub-command; LOCAL_RANK in the environment
@@ -146,14 +179,13 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None) -> int:
         # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
+        argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
-        typed = {k: typed_command(v) for k, v in commands.items()} if isinstance(commands, dict) \
-            else typed_command(commands)
-        result = fire.Fire(typed, command=argv, serialize=lambda r: None)
+        result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
     except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix
         print(f"stopped: {e}", file=sys.stderr)
         return 143
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, *errors) as e:
         if os.environ.get("BEITV2_TRACEBACK"):   # for debugging: the whole stack instead of the one line
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses that reject unknown keys and impossible values, with named recipes.
 
 Every stage describes its run with a dataclass that nests `OptimConfig`, `ScheduleConfig` and `RunConfig`.
-A recipe is a plain dict of overrides applied on top of the defaults; command-line flags are applied last.
+A recipe is a plain dict of overrides applied on top of the defaults, then an optional config file (`--config`, a
+saved config.json or YAML), then the command-line flags (`resolve`).
 The resolved config is written as JSON beside the run so that the run can be reproduced and resumed.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ class OptimConfig:
     grad_clip: float = 0.0                  # global grad-norm clip; 0 is off
 
     def validate(self, prefix: str = "optim") -> None:
-        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        # Adam moves every weight by about lr per step whatever the gradient's scale: above 1 no weight survives.
+        _check(0 < self.lr <= 1, f"{prefix}.lr", self.lr, "must be in (0, 1] (e.g. 1.5e-3)")
         _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", self.min_lr, "must be in [0, lr]")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas,
                "must be two numbers in [0, 1)")
@@ -44,6 +46,11 @@ class OptimConfig:
         _check(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
                self.weight_decay_end, "must be >= 0 (or null for a constant weight decay)")
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        # Decoupled decay multiplies each weight by (1 - lr x weight_decay) per step: at >= 1 the weights flip sign
+        # and grow without bound (a 1e6 decay turned most tensors non-finite within a few steps).
+        decay = max(self.weight_decay, self.weight_decay_end or 0.0)
+        _check(self.lr * decay < 1, f"{prefix}.weight_decay", decay,
+               f"times optim.lr ({self.lr}) must be < 1: each step scales the weights by 1 - lr x weight_decay")
 
 
 @dataclass
@@ -108,6 +115,8 @@ class RunConfig:
         for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
                     "max_nonfinite_steps"):
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
+        _check(0 <= self.seed < 2 ** 32, f"{prefix}.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
+        _check(self.profile_steps >= 0, f"{prefix}.profile_steps", self.profile_steps, "must be >= 0 (0 is off)")
 
 
 @dataclass
@@ -140,8 +149,8 @@ class DataConfig:
         if self.source not in ("fashion_mnist", "beton", "synthetic"):
             raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist, beton or "
                               f"synthetic")
-        if self.limit < 0 or self.eval_images < 0:
-            raise ConfigError(f"config keys '{prefix}.limit' and '{prefix}.eval_images' must be >= 0")
+        for key in ("limit", "eval_images", "num_workers"):
+            _check(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0")
 
 
 @dataclass
@@ -239,14 +248,104 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# A train command's `--config=FILE`: `train(recipe, **overrides)` passes it on inside `overrides`, and `resolve` takes
+# it out, so every stage reads config files without code of its own (no stage config has a field of this name).
+CONFIG_KEY = "config"
+
+
+def _check_keys(values: Any, path: str, prefix: str = "") -> None:
+    """YAML allows keys that are numbers, lists or null; a config's keys are names."""
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"config file {path}: key {key!r} under '{prefix or '(top level)'}' is not a name")
+            _check_keys(value, path, f"{prefix}.{key}" if prefix else key)
+
+
+def load_config_file(path: str) -> dict:
+    """The (nested or dotted) config keys in `path`: a run's saved config.json, or a JSON/YAML file with the same
+    keys. `.yaml`/`.yml` files are read as YAML, everything else as JSON. Unknown keys are checked by `resolve`."""
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"--config must name a config file (a run's config.json, or .yaml), got {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass the config.json inside it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text; pass a config.json or a .yaml file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+    if path.lower().endswith((".yaml", ".yml")):
+        import yaml   # PyYAML comes with timm; only YAML configs need it
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config file {path} is not valid YAML ({problem}{where})") from None
+        kind = "YAML"
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); YAML files "
+                              f"must end in .yaml or .yml") from None
+        kind = "JSON"
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a {kind} object of config keys (as a run's config.json "
+                          f"does), got {type(values).__name__}")
+    _check_keys(values, path)
+    return values
+
+
+def _output_dir_of(values: Mapping[str, Any]) -> Any:
+    """`run.output_dir` as set (nested or dotted) in `values`, else None."""
+    run = merge({}, values).get("run")
+    return run.get("output_dir") if isinstance(run, dict) else None
+
+
+def _holds_run(output_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(output_dir, name)) for name in ("config.json", "checkpoints"))
+
+
 def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
-            overrides: Mapping[str, Any]) -> Any:
-    """Defaults of `cls`, then the named recipe, then `overrides`; validated before anything runs."""
+            overrides: Mapping[str, Any], config_file: str | None = None) -> Any:
+    """The run config: defaults of `cls` < the named recipe < `config_file` < `overrides` (the flags); validated
+    before anything runs.
+
+    `config_file` (a train command's `--config=FILE`, also accepted as the `config` key of `overrides`) is a saved
+    `config.json` or a YAML/JSON file with the same keys; a key unknown to `cls` is a one-line error naming the file.
+    A saved config.json sets every key, so the recipe then only fills keys added to the code since that run. Its
+    `run.output_dir` names the old run: when that folder already holds a run and the flags do not set
+    `run.output_dir`, this is an error asking for one (pass the old folder itself to continue that run).
+    """
+    overrides = dict(overrides)
+    if CONFIG_KEY in overrides:
+        if config_file is not None:
+            raise ConfigError("give the config file once: either config_file or the 'config' override")
+        config_file = overrides.pop(CONFIG_KEY)
     values = to_dict(cls())
     if recipe is not None:
         if recipe not in recipes:
             raise ConfigError(f"unknown recipe '{recipe}'; choose one of: {', '.join(sorted(recipes))}")
         values = merge(values, recipes[recipe])
+    if config_file is not None:
+        from_file = load_config_file(config_file)
+        try:   # the file's keys and types on their own, so that an error names the file
+            values = merge(values, from_file)
+            from_dict(cls, values)
+        except ConfigError as e:
+            raise ConfigError(f"config file {config_file}: {e}") from None
+        old_dir = _output_dir_of(from_file)
+        if isinstance(old_dir, str) and old_dir.strip() and _output_dir_of(overrides) is None and _holds_run(old_dir):
+            raise ConfigError(f"config file {config_file} sets run.output_dir={old_dir}, which already holds a run; "
+                              f"pass --run.output_dir=NEW_DIR for a new run (or --run.output_dir={old_dir} to "
+                              f"continue that one)")
     values = merge(values, overrides)
     cfg = from_dict(cls, values)
     validate(cfg)
@@ -265,7 +364,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 def describe(cls: type, recipes: Mapping[str, Any]) -> str:
     """Recipes and every config key with its default, for a command's --help."""
-    lines = [f"Recipes: {', '.join(recipes)}.", "", "Config keys (defaults before the recipe):"]
+    lines = [f"Recipes: {', '.join(recipes)}.", "",
+             "--config=FILE starts from a saved config.json (or YAML with the same keys): defaults < recipe < "
+             "FILE < flags.", "", "Config keys (defaults before the recipe):"]
 
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
@@ -319,5 +420,6 @@ def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: st
     return cfg
 
 
-__all__ = ["ConfigError", "DataConfig", "StageConfig", "config_section", "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge", "resolve",
-           "to_dict", "validate", "save_json", "load_json", "field"]
+__all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "DataConfig", "StageConfig", "config_section",
+           "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
+           "resolve", "to_dict", "validate", "save_json", "load_json", "field"]

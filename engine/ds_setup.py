@@ -3,10 +3,38 @@
 The typed config is the single source of truth for batch sizes, accumulation, clipping, precision and the
 optimizer. The JSON in `ds_configs/` holds what only DeepSpeed knows about (ZeRO stage, bucket sizes, offload,
 communication). A key both define with different values is an error rather than a silent override.
+
+ZeRO settings DeepSpeed would otherwise take from its defaults are derived from the model at startup
+(`zero_settings_for`), for every key of `zero_optimization` the JSON leaves out (a key the JSON sets wins), so one
+`zero3.json` fits ViT-B and ViT-L alike. DeepSpeed's defaults are sized for billion-parameter models and cost more
+than they save on a ViT (measured in docs/scale.md with `python -m bench.memory`):
+
+- `reduce_bucket_size` (and `allgather_bucket_size` at ZeRO-1/2): 1/8 of the trainable elements, at least the
+  largest tensor, at most 5e7. DeepSpeed's 5e8 is a 2 GB fp32 buffer, bigger than ViT-B's whole gradient, which
+  ZeRO-3 allocates up front and fills with every gradient before it reduces any.
+- `stage3_max_reuse_distance`: one layer. DeepSpeed's 1e9 keeps every gathered layer alive from the forward until
+  its backward, so at ZeRO-3 each rank ends up holding the whole unpartitioned model.
+- `stage3_max_live_parameters`: two layers (the one computing and the one prefetched); `stage3_prefetch_bucket_size`:
+  one layer. A layer is the largest entry of the model's ModuleLists (a transformer block).
+- `sub_group_size`: each rank's partition in about 4 optimizer sub-groups. At startup ZeRO-3 zeroes a gradient
+  buffer as large as the largest sub-group's unpartitioned size; with DeepSpeed's 1e9 that is the whole model.
+- `overlap_comm`: on under NCCL, off under gloo. On a GPU the reduction runs on its own stream and hides behind
+  the backward (`python -m bench.memory step_time`: ViT-B, 128 images per rank, 8 ranks, bf16 gradients over
+  25 GB/s links at 40% MFU: 42 ms of compute and 17 ms of all-reduce per step, 1.35x faster with overlap). Under
+  gloo the same CPU cores compute and communicate, so nothing overlaps (2 CPU ranks, ViT-B, 2 images: ~5 s of
+  compute against ~0.09 s of all-reduce at 5 GB/s, under 2% to win), while overlap costs a second reduction
+  bucket at ZeRO-1/2.
+
+After the engine is built on a CPU run, freed host memory goes back to the operating system (`malloc_trim`): ZeRO
+copies the model into flat partitions, and glibc would otherwise keep the whole model's former pages. Measuring
+memory (`bench.memory`) also fixes glibc's mmap threshold (`BEITV2_FIXED_MMAP_THRESHOLD=1`) so that resident memory
+follows what the tensors hold; training does not, as mapping and unmapping every large tensor made CPU steps about
+15% slower (the small tokenizer, 2 cores).
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterable
 
 import torch
@@ -35,11 +63,13 @@ def loop_owns_step(precision: str, stage: int) -> bool:
 def load_ds_json(path: str) -> dict:
     """The JSON object in `path`; anything else (no such file, a folder, not JSON, not an object) is a one-line
     ConfigError."""
+    from ds_configs import packaged_names, resolve_path
     try:
-        with open(path) as f:
+        with open(resolve_path(path)) as f:
             ds = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {path} (pick one of ds_configs/*.json)") from None
+        raise ConfigError(f"DeepSpeed config not found: {path} (pick one of ds_configs/{{"
+                          f"{','.join(packaged_names())}}} or give a path to your own JSON)") from None
     except IsADirectoryError:
         raise ConfigError(f"DeepSpeed config {path} is a folder; give a JSON file (one of ds_configs/*.json)"
                           ) from None
@@ -61,9 +91,63 @@ def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:
     ds[key] = value
 
 
-def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_universal: bool = False) -> dict:
+def _largest_layer(model: nn.Module) -> int:
+    """Elements of the largest entry of any ModuleList (a transformer block), else of the largest tensor."""
+    layers = [sum(p.numel() for p in m.parameters()) for lst in model.modules() if isinstance(lst, nn.ModuleList)
+              for m in lst]
+    return max(layers or [max((p.numel() for p in model.parameters()), default=0)])
+
+
+def zero_settings_for(stage: int, trainable: list[int], largest_layer: int, world_size: int, backend: str) -> dict:
+    """ZeRO settings for a model of `trainable` parameter tensor sizes (see the module docstring for why).
+
+    Args:
+        stage: ZeRO stage.
+        trainable: element count of every trainable parameter tensor.
+        largest_layer: elements of the largest layer ZeRO-3 gathers at once.
+        world_size: data-parallel ranks.
+        backend: torch.distributed backend (`nccl` overlaps communication, `gloo` does not).
+    """
+    if stage == 0 or not trainable:
+        return {}
+    total = sum(trainable)
+    bucket = int(min(5e7, max(max(trainable), total // 8)))
+    bucket = -(-bucket // 1024) * 1024   # ZeRO-1/2 want buckets that are a multiple of their alignment (2 or 4)
+    out = {"overlap_comm": backend == "nccl", "reduce_bucket_size": bucket}
+    if stage in (1, 2):
+        out["allgather_bucket_size"] = bucket
+    if stage == 3:
+        layer = max(largest_layer, max(trainable))
+        out.update(stage3_prefetch_bucket_size=layer, stage3_max_live_parameters=2 * layer,
+                   stage3_max_reuse_distance=layer,
+                   sub_group_size=int(min(1e9, max(1e6, -(-total // (4 * world_size))))))
+    return out
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_backend())
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_universal: bool = False, *,
+                    model: nn.Module | None = None, backend: str | None = None) -> dict:
+    """The DeepSpeed config of a run: the JSON, the run config's batch/precision/optimizer, and ZeRO settings the
+    JSON leaves out derived from `model` (when given) and the communication `backend` (default: the process
+    group's)."""
     path = run.ds_config
     ds = load_ds_json(path)
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: 'zero_optimization' must be a JSON object, not {json.dumps(zero)[:40]}")
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad] if model is not None else []
+    derived = zero_settings_for(zero_stage(ds), trainable, _largest_layer(model) if model is not None else 0,
+                                world_size, backend or _backend())
+    if model is None and zero_stage(ds) >= 1:   # no model to size buffers by: only the backend's choice
+        derived = {"overlap_comm": (backend or _backend()) == "nccl"}
+    if derived:
+        ds["zero_optimization"] = {**derived, **zero}
     if load_universal:   # resuming from a checkpoint re-split for another number of ranks (engine.checkpoint)
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if "scheduler" in ds:
@@ -154,10 +238,55 @@ def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: Opti
     """Return a DeepSpeed engine for `model`; the engine's optimizer holds `groups`."""
     import deepspeed
 
-    ds_config = build_ds_config(run, optim, world_size, load_universal)
+    ds_config = build_ds_config(run, optim, world_size, load_universal, model=model)
     cast_for_precision(model, run.precision, keep_fp32_buffers)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    share_fp32_master_weights(engine)
+    if not torch.cuda.is_available():
+        release_freed_host_memory(fixed_threshold=os.environ.get("BEITV2_FIXED_MMAP_THRESHOLD") == "1")
     return engine, ds_config
+
+
+def share_fp32_master_weights(engine) -> int:
+    """At ZeRO-3 with fp32 weights, let the optimizer step on the weight partitions themselves; returns the
+    partitions shared.
+
+    DeepSpeed 0.19 means to skip the fp32 master copy when the weights already are fp32 on the optimizer's device,
+    but its test compares a `torch.device` with a device-name string, which is never equal, so every rank keeps a
+    second fp32 copy of its partition. Pointing the master partition at the weight partition gives the intended
+    layout: the step updates the weights in place and DeepSpeed's copy back is a copy onto itself.
+    """
+    opt = engine.optimizer   # only DeepSpeed's ZeRO-3 optimizer has these two lists
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None)
+    weights = getattr(opt, "fp16_partitioned_groups_flat", None)
+    if not masters or not weights or getattr(opt, "offload_optimizer", False) or getattr(opt, "offload_param", False):
+        return 0
+    shared = 0
+    for master, weight in zip(masters, weights):
+        if (weight is not None and master.dtype == weight.dtype and master.device == weight.device
+                and master.shape == weight.shape and master.data_ptr() != weight.data_ptr()):
+            master.data = weight.data   # the clone is freed; the optimizer holds `master`, now a view of the weights
+            shared += 1
+    return shared
+
+
+def release_freed_host_memory(fixed_threshold: bool = False) -> None:
+    """Give pages glibc keeps after frees back to the OS (CPU runs; a no-op without glibc).
+
+    ZeRO copies the parameters into flat buffers and frees the originals, and every step frees its activations and
+    gathered layers. glibc serves blocks under its mmap threshold from heaps whose free pages it keeps, and it
+    raises that threshold to the largest block freed so far (up to 32 MB): a training process's resident memory
+    then grows by whatever its largest transient set was. `fixed_threshold` fixes it at 1 MB, so big tensors are
+    mapped on their own and unmapped on free (for measuring memory: it slows CPU steps).
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if fixed_threshold:
+            libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (fixing it also turns off the dynamic raise)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -4,12 +4,15 @@ disk and renamed, so a reader, or a run resumed after a crash, sees the old file
 of one. (Per-step metric rows are appended; a row torn by a kill is dropped on resume, see engine.metrics.)"""
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Callable
 
 # How Rust's I/O errors end (safetensors writes in Rust and raises its own SafetensorError, not OSError).
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# What torch.save's zip writer (C++) raises, as a RuntimeError without an errno, when a write comes up short.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
 
 
 class OutputPathError(ValueError):
@@ -49,10 +52,23 @@ def _write_reporting_os_errors(write: Callable[[str], object], tmp: str) -> None
         raise
     except Exception as e:
         match = _RUST_OS_ERROR.search(str(e))
-        if match is None:
+        if match is not None:
+            code = int(match.group(1))
+        elif any(marker in str(e) for marker in _TORCH_WRITE_FAILED):
+            code = _why_a_write_came_up_short(tmp)
+        else:
             raise
-        code = int(match.group(1))
         raise OSError(code, os.strerror(code)) from e
+
+
+def _why_a_write_came_up_short(tmp: str) -> int:
+    """The errno torch's writer did not report: a full disk when (almost) nothing is left where `tmp` was being
+    written (the half-written file still holds its space), else a plain I/O error."""
+    try:
+        stats = os.statvfs(os.path.dirname(os.path.abspath(tmp)))
+    except OSError:
+        return errno.EIO
+    return errno.ENOSPC if stats.f_bavail * stats.f_frsize < 2 ** 20 else errno.EIO
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -2,7 +2,11 @@
 loop's own clipping at ZeRO-0, and a scheduler's SIGTERM (agreed between ranks at the log interval)."""
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+from typing import Callable
 
 import torch
 
@@ -21,14 +25,21 @@ class PreemptionFlag:
     """SIGTERM (what schedulers send before they kill a job) asks the loop to checkpoint and stop.
 
     Ranks may see the signal at different steps, so they agree at the log interval, where the loop reads the
-    device anyway: one all-reduce of a flag, then every rank saves the same step.
+    device anyway: one all-reduce of a flag, then every rank saves the same step. A rank whose launcher is gone
+    (`LauncherWatch`) asks for the same stop.
     """
 
     def __init__(self):
         self.requested = False
+        self.reason = "SIGTERM"
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._watch = LauncherWatch.start(self._launcher_gone)
 
     def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def _launcher_gone(self, what: str) -> None:
+        self.reason = f"{what} exiting"
         self.requested = True
 
     def agreed(self) -> bool:
@@ -37,6 +48,67 @@ class PreemptionFlag:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+        if self._watch is not None:
+            self._watch.stop()
+
+
+class LauncherWatch(threading.Thread):
+    """Notices when the processes that launched this rank are gone, and calls `on_gone(name)` once.
+
+    The `deepspeed` command runs `deepspeed.launcher.launch`, which starts the ranks. SIGTERM to the `deepspeed`
+    process ends it at once (it forwards nothing on a single node), so without this the ranks would train on as
+    orphans to the end. Each rank watches its parent (torchrun's agent or DeepSpeed's per-node launcher) and, under
+    DeepSpeed's launcher, the `deepspeed` command above it; a process counts as gone when its pid is free, reused
+    (another start time) or a zombie. Polling once a second costs nothing next to a training step.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, watched: list[tuple[str, "psutil.Process"]], on_gone: Callable[[str], None]):
+        super().__init__(name="launcher-watch", daemon=True)
+        self.watched, self.on_gone = watched, on_gone
+        self._stopped = threading.Event()
+
+    @classmethod
+    def start(cls, on_gone: Callable[[str], None]) -> "LauncherWatch | None":
+        """Watch this rank's launchers when it was started by one (LOCAL_RANK set), else return None."""
+        if "LOCAL_RANK" not in os.environ:
+            return None
+        try:
+            import psutil
+            parent = psutil.Process(os.getppid())
+            watched = [("the launcher", parent)]
+            if any("deepspeed.launcher.launch" in part for part in parent.cmdline()):
+                grand = parent.parent()
+                if grand is not None and grand.pid > 1:
+                    watched.append(("the deepspeed command", grand))
+            for _, process in watched:   # read the start time now: `is_running` compares it with the pid's later
+                process.create_time()
+        except Exception:   # no psutil, no /proc: run without the watch rather than not at all
+            return None
+        watch = cls(watched, on_gone)
+        threading.Thread.start(watch)
+        return watch
+
+    @staticmethod
+    def _gone(process) -> bool:
+        import psutil
+        try:
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.POLL_S):
+            for name, process in self.watched:
+                if self._gone(process):
+                    print(f"rank {os.environ.get('RANK', '0')}: {name} (pid {process.pid}) is gone; checkpointing "
+                          f"at the next log interval and stopping", file=sys.stderr, flush=True)
+                    self.on_gone(name)
+                    return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class NonFiniteSteps:

@@ -109,6 +109,67 @@ class RunLogger:
             self.tb.close()
 
 
+class TensorboardPictures:
+    """Pictures in tensorboard every `every` optimizer steps, drawn by a stage from its step function.
+
+    The stage calls this at the top of its step function with the engine and the batch's images; it keeps the first
+    `count` images of the first batch it sees as the fixed set to draw. When DeepSpeed's step count
+    (`engine.global_steps`, restored on resume) reaches a multiple of `every` (not the step the process started
+    at), rank 0 calls `render(module, images)` -> `{tag: uint8 [H, W, 3]}` with the module in eval mode and no
+    grad, and writes the images to `<output_dir>/tb` at that step, where the run's scalars are (a second event
+    file, `*.pictures`). Between picture steps a call is one integer test: no device work, no host sync.
+
+    Not a `StepHook`: hooks' state is checkpointed and required on resume, so a checkpoint written before pictures
+    existed could no longer resume. Under ZeRO-3 each rank holds a shard of the weights and a rank-0 forward
+    cannot run; such runs get no pictures.
+
+    Args:
+        output_dir: the run's output directory.
+        every: steps between pictures (0 turns them off).
+        render: draws the pictures of the fixed images with the current weights.
+        count: fixed images kept from the first batch.
+    """
+
+    def __init__(self, output_dir: str, every: int, render, count: int = 4):
+        self.dir, self.every, self.render, self.count = os.path.join(output_dir, "tb"), every, render, count
+        self.active = every > 0 and dist_utils.is_main()
+        self.images = None
+        self._first = self._last = None
+        self._tb = None
+
+    def __call__(self, engine, images: torch.Tensor) -> None:
+        if not self.active:
+            return
+        step = engine.global_steps
+        if self.images is None:
+            self.images, self._first = images[:self.count].detach().clone(), step
+            self.active = engine.zero_optimization_stage() < 3
+        if step % self.every or step in (self._first, self._last) or not self.active:
+            return
+        self._last = step   # the other micro-batches of this step draw nothing
+        module = engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                pictures = self.render(module, self.images)
+        finally:
+            module.train(was_training)
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+            # No purge_step: tensorboard reads event files in name order, and a purge mark in this later file would
+            # drop the scalars this run already logged. RunLogger's file, opened first, purges for both on resume.
+            self._tb = SummaryWriter(self.dir, filename_suffix=".pictures")
+        for tag, image in pictures.items():
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
 @torch.no_grad()
 def forward_flops_per_image(fn, image: torch.Tensor) -> float:
     """FLOPs of `fn(image[None])` counted by torch's FlopCounterMode (matmuls, convolutions, attention), for the

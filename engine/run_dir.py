@@ -3,9 +3,10 @@
 Two runs pointed at one output directory would both run to the end: their rows interleave in `metrics.jsonl`, the
 checkpoints and final weights come from whichever wrote last, and `config.json` names only one of them. A resume
 with another seed or tokenizer would continue from weights trained with the old ones and rewrite `config.json` as if
-the whole run had used the new. `claims_output_dir` wraps the engine's `fit` against both:
+the whole run had used the new. `claims_output_dir` wraps the engine's `fit` against both (and a stage whose run
+writes files after `fit`, such as eval.json, holds `claimed_output_dir` around both):
 
-- Lock: rank 0 holds an exclusive, non-blocking `flock` on `<output_dir>/.run.lock` for the whole of `fit`
+- Lock: rank 0 holds an exclusive, non-blocking `flock` on `<output_dir>/.run.lock` for the whole of the claim
   (released on return and on exceptions) and writes into it who holds it (host, pid, start time, command line); a
   second run stops with a one-line error naming that holder. The kernel drops a flock when its process dies, so the
   file a killed run leaves does not block the next one. The file is written in place and never removed or renamed
@@ -27,6 +28,7 @@ Rank 0 decides and one broadcast gives every rank the outcome, so no rank waits 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import functools
@@ -212,29 +214,47 @@ def save_config(cfg: Any, output_dir: str, step: int) -> None:
     save_json(cfg, path)
 
 
+# Output folders this process holds the lock of: a stage that claims its folder for what it writes after `fit`
+# (eval.json, EMA weights) runs `fit` inside its claim, and `fit` must not try to take the lock a second time.
+_CLAIMED: set[str] = set()
+
+
+@contextlib.contextmanager
+def claimed_output_dir(cfg, run):
+    """Hold the lock of `run.output_dir` (after the resume check) for the `with` body; nested claims of the same
+    folder are free. Collective: every rank raises the same one-line ConfigError when the run cannot start."""
+    key = os.path.realpath(run.output_dir)
+    if key in _CLAIMED:
+        yield
+        return
+    lock, error = RunLock(run.output_dir), ""
+    if dist_utils.is_main():
+        try:
+            lock.acquire()
+            check_resume(cfg, run)
+        except ConfigError as e:
+            error = str(e)
+        except OSError as e:   # the folder cannot be made, or the lock file not opened
+            error = f"cannot create {lock.path} ({e.strerror or e}); pick a writable --run.output_dir"
+        except Exception as e:   # noqa: BLE001 - any failure on rank 0 must reach the other ranks, not hang them
+            error = f"{type(e).__name__}: {e}"
+        if error:
+            lock.release()
+    error = dist_utils.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    _CLAIMED.add(key)
+    try:
+        yield
+    finally:
+        _CLAIMED.discard(key)
+        lock.release()
+
+
 def claims_output_dir(fit: Callable) -> Callable:
-    """`fit(cfg, run, ...)` under the lock of `run.output_dir`, after the resume check. Collective: every rank
-    raises the same one-line ConfigError when the run cannot start."""
+    """`fit(cfg, run, ...)` inside `claimed_output_dir(cfg, run)`."""
     @functools.wraps(fit)
     def claimed(cfg, run, *args, **kwargs):
-        lock, error = RunLock(run.output_dir), ""
-        if dist_utils.is_main():
-            try:
-                lock.acquire()
-                check_resume(cfg, run)
-            except ConfigError as e:
-                error = str(e)
-            except OSError as e:   # the folder cannot be made, or the lock file not opened
-                error = f"cannot create {lock.path} ({e.strerror or e}); pick a writable --run.output_dir"
-            except Exception as e:   # noqa: BLE001 - any failure on rank 0 must reach the other ranks, not hang them
-                error = f"{type(e).__name__}: {e}"
-            if error:
-                lock.release()
-        error = dist_utils.broadcast_object(error)
-        if error:
-            raise ConfigError(error)
-        try:
+        with claimed_output_dir(cfg, run):
             return fit(cfg, run, *args, **kwargs)
-        finally:
-            lock.release()
     return claimed

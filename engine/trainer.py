@@ -131,8 +131,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             if done % run.save_interval == 0 or (done == total and run.save_final) or stop:
                 ckpt.save(engine, done, {hook.name: hook.state_dict() for hook in hooks})
             if stop:
-                raise Preempted(f"stopped by SIGTERM after step {done}; checkpoint saved in {ckpt.dir}, run the same "
-                                f"command again to resume")
+                raise Preempted(f"stopped by {preemption.reason} after step {done}; checkpoint saved in {ckpt.dir}, "
+                                f"run the same command again to resume")
     finally:
         preemption.restore()
         if profiler is not None:

@@ -114,6 +114,9 @@ class SegmentConfig(StageConfig):
         if self.run.micro_batch_size < 2:
             raise ConfigError("config key 'run.micro_batch_size' must be >= 2: batch norm of the pyramid pooling's "
                               "1x1 level needs two images per rank (official: 2)")
+        if self.eval.stride > self.crop:
+            raise ConfigError(f"config key 'eval.stride' = {self.eval.stride} must be <= the crop {self.crop}: "
+                              f"windows further apart leave pixels unpredicted")
         if self.mosaic_size < 28:
             raise ConfigError(f"config key 'mosaic_size' = {self.mosaic_size} must be >= 28 (one garment)")
 

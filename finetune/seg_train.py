@@ -16,6 +16,7 @@ from engine.config import ConfigError, DataConfig, describe, resolve
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
+from engine.run_dir import claimed_output_dir
 from engine.trainer import fit, seed_everything
 from finetune.seg_config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.seg_metrics import evaluate_segmenter, per_class_table
@@ -25,11 +26,12 @@ from pretrain.mim.attention import set_attention_kernel
 EVAL_BATCH = 8   # held-out images decoded per batch (each is then predicted on its own, window by window)
 
 
-def pixel_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+def pixel_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """mmseg 0.x's loss: logits upsampled (bilinear) to the label map, cross-entropy averaged over all pixels,
-    ignored ones counting as 0 (so a crop with much padding weighs less, as officially)."""
+    ignored ones counting as 0 (so a crop with much padding weighs less, as officially). Returns (loss, the
+    upsampled logits), which the step's pixel accuracy reuses instead of upsampling a second time."""
     logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none").mean()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none").mean(), logits
 
 
 class LabelRange:
@@ -154,23 +156,24 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     def step_fn(engine, batch):
         labels = guard(batch["label"])
         main, aux = engine(batch["image"].to(dtype))
-        loss_main, loss_aux = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
+        (loss_main, full_size), (loss_aux, _) = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
         with torch.no_grad():
-            pred = F.interpolate(main.float(), size=labels.shape[-2:], mode="bilinear").argmax(1)
+            pred = full_size.argmax(1)
             valid = labels != IGNORE
             pixel_acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
         loss = loss_main + cfg.model.aux_weight * loss_aux
         return loss, {"loss_decode": loss_main.detach(), "loss_aux": loss_aux.detach(), "pixel_acc": pixel_acc}
 
-    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(), hooks=(bn_stats, guard),
-                 final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
-    # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file instead (every rank reads it).
-    eval_model = model
-    if zero_stage(load_ds_json(cfg.run.ds_config)) == 3 and result.weights:
-        eval_model, dtype = load_segmenter(result.weights).to(device), torch.float32
-    held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device, dtype)
-    write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
+    with claimed_output_dir(cfg, cfg.run):   # eval.json, written after training, belongs to this run too
+        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                     flops_per_image=model.flops_per_image(), hooks=(bn_stats, guard),
+                     final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
+        # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file (every rank reads it).
+        eval_model = model
+        if zero_stage(load_ds_json(cfg.run.ds_config)) == 3 and result.weights:
+            eval_model, dtype = load_segmenter(result.weights).to(device), torch.float32
+        held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device, dtype)
+        write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
     dist_utils.log_main(f"held-out mIoU {100 * held_out['mIoU']:.2f}  mAcc {100 * held_out['mAcc']:.2f}  "
                         f"aAcc {100 * held_out['aAcc']:.2f} ({held_out['images']} images)\n"
                         f"{per_class_table(held_out)}")

@@ -1,11 +1,12 @@
-"""`python -m finetune.segment train|evaluate ...` (see --help of each)."""
+"""`python -m finetune.segment train|evaluate ...` (see --help of each); also `beitv2 segment ...`."""
 import sys
 
 from engine.cli import run_cli
 from finetune.seg_evaluate import evaluate
 from finetune.seg_train import train
 
+# `beitv2 segment ...` (engine.main) reads this dict too, so a command added here shows up there.
 COMMANDS = {"train": train, "evaluate": evaluate}
 
 if __name__ == "__main__":
-    sys.exit(run_cli(COMMANDS))
+    sys.exit(run_cli(COMMANDS, name="python -m finetune.segment"))

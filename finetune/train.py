@@ -16,6 +16,7 @@ from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
+from engine.run_dir import claimed_output_dir
 from engine.trainer import fit, seed_everything
 from finetune.config import RECIPES, ClassifyConfig
 from finetune.evaluate import held_out_metrics
@@ -90,18 +91,19 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
             train_acc = (logits.argmax(-1) == labels).float().mean()
         return soft_ce(logits, targets), {"train_acc": train_acc}
 
-    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(), hooks=(ema,) if ema else (),
-                 final_weights=("classifier.pt", lambda path, sd: save_classifier(model, path, sd)))
-    held_out = held_out_metrics(model, cfg.data, a.eval_crop, EVAL_BATCH, device, dtype)
-    summary = {**result.summary(), **{f"eval_{k}": v for k, v in held_out.items()}}
-    if ema is not None:
-        if dist_utils.is_main() and cfg.run.save_final:
-            save_classifier(model, os.path.join(cfg.run.output_dir, "classifier_ema.pt"), ema.state_dict())
-        ema_held_out = held_out_metrics(ema.ema.module, cfg.data, a.eval_crop, EVAL_BATCH, device)
-        held_out["ema"] = ema_held_out
-        summary.update({f"eval_ema_{k}": v for k, v in ema_held_out.items()})
-    write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
+    with claimed_output_dir(cfg, cfg.run):   # the files written after training belong to this run too
+        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                     flops_per_image=model.flops_per_image(), hooks=(ema,) if ema else (),
+                     final_weights=("classifier.pt", lambda path, sd: save_classifier(model, path, sd)))
+        held_out = held_out_metrics(model, cfg.data, a.eval_crop, EVAL_BATCH, device, dtype)
+        summary = {**result.summary(), **{f"eval_{k}": v for k, v in held_out.items()}}
+        if ema is not None:
+            if dist_utils.is_main() and cfg.run.save_final:
+                save_classifier(model, os.path.join(cfg.run.output_dir, "classifier_ema.pt"), ema.state_dict())
+            ema_held_out = held_out_metrics(ema.ema.module, cfg.data, a.eval_crop, EVAL_BATCH, device)
+            held_out["ema"] = ema_held_out
+            summary.update({f"eval_ema_{k}": v for k, v in ema_held_out.items()})
+        write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
     return summary
 
 

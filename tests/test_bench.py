@@ -170,3 +170,110 @@ def test_segment_bench_reports_speed_mfu_memory_and_ratio(tmp_path, capsys):
         assert run_cli(main, args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(error), err
+
+
+# ------------------------------------------------------------------ bench.suite: rows, table, one run of the suite
+# Results shaped like what the benchmarks write (the keys they set), so the row builders run on nothing measured.
+CPU_INFO = {"device": "cpu", "threads": 1, "torch": "2.x"}
+LOADER_RESULT = {"jpegs": 384, "synthetic": True, "batch": 64, "workers": 2, "cores": 2, **CPU_INFO,
+                 "ours_host": {"images_per_s": 1955.9, "images_per_cpu_s": 1028.6, "speedup_per_cpu_s": 6.67},
+                 "ours_host_plus_device_on_cpu": {"images_per_s": 255.4, "images_per_cpu_s": 151.6},
+                 "official_dataloader": {"images_per_s": 295.3, "images_per_cpu_s": 154.2}}
+TOKENIZER_RESULT = {"arch": "vqkd_small_demo", "batch": 32, "precision": "fp32", **CPU_INFO,
+                    "train_images_per_s": 40.0, "train_peak_mem_gib": 1.5, "official_train_images_per_s": 32.0,
+                    "official_train_peak_mem_gib": 1.75, "quantizer_ms": 2.0, "one_hot_baseline_quantizer_ms": 5.0}
+PRETRAIN_RESULT = {"arch": "beitv2_tiny_test", "batch_per_rank": 16, "precision": "fp32", "zero": 1, "world_size": 1,
+                   **CPU_INFO, "baseline_variant": "baseline", "tokenizer_ms_per_batch": 3.0,
+                   "variants": {"baseline": {"images_per_s": 50.0, "peak_mem_gib": 2.0},
+                                "fused": {"images_per_s": 60.0, "peak_mem_gib": 1.9},
+                                "flex_compile": {"error": "RuntimeError: flex attention trains on CUDA only"},
+                                "fused_compile": {"images_per_s": 75.0, "peak_mem_gib": 2.5}}}
+
+
+def test_suite_rows_are_ours_over_the_baseline_for_each_benchmark():
+    from bench.suite import rows_for
+    loader = rows_for("loader", {"result": LOADER_RESULT})
+    # Host part and host + device part on the CPU, each per CPU-second and per wall second.
+    assert [(r["metric"], r["ours_images_per_s"], r["baseline_images_per_s"]) for r in loader] == [
+        ("images per CPU-second", 1028.6, 154.2), ("images/s (wall)", 1955.9, 295.3),
+        ("images per CPU-second", 151.6, 154.2), ("images/s (wall)", 255.4, 295.3)]
+    assert loader[0]["ratio"] == pytest.approx(1028.6 / 154.2) and loader[3]["ratio"] == pytest.approx(255.4 / 295.3)
+    assert "official PIL DataLoader" in loader[0]["comparison"] and "on the CPU" in loader[2]["comparison"]
+    assert loader[0]["hardware"].startswith("cpu, 2 cores, 1 torch thread")
+
+    step, quant = rows_for("tokenizer", {"result": TOKENIZER_RESULT})
+    assert step["ratio"] == pytest.approx(40.0 / 32.0) and "official formulation" in step["comparison"]
+    assert (step["ours_peak_mem_gib"], step["baseline_peak_mem_gib"]) == (1.5, 1.75)
+    # The quantizer is timed per batch: images/s = batch / seconds, so the ratio is the one-hot's time over ours.
+    assert quant["ours_images_per_s"] == pytest.approx(32 / 2e-3) and quant["ratio"] == pytest.approx(5.0 / 2.0)
+
+    pretrain = {r["comparison"].split(" vs ")[0]: r for r in rows_for("pretrain", {"result": PRETRAIN_RESULT})}
+    assert len(pretrain) == 3   # every variant but the baseline, the failed one as an error row
+    fused, best = pretrain["fused SDPA attention"], pretrain["fused attention + torch.compile (best)"]
+    assert fused["ratio"] == pytest.approx(60.0 / 50.0) and best["ratio"] == pytest.approx(75.0 / 50.0)
+    assert (best["ours_peak_mem_gib"], best["baseline_peak_mem_gib"]) == (2.5, 2.0)
+    assert "official formulation" in best["comparison"].split(" vs ")[1]
+    [failed] = [r for r in pretrain.values() if r["error"]]
+    assert failed["error"] == "flex_compile: RuntimeError: flex attention trains on CUDA only"
+    assert failed["ratio"] is None
+
+
+def test_a_failed_benchmark_is_an_error_row_and_the_table_has_a_line_per_row():
+    from bench.suite import build_suite, markdown_table, one_line_error
+    stderr = "Traceback (most recent call last):\n  ...\nsome | log\nerror: --batch must be a whole number >= 1\n"
+    assert one_line_error(stderr, 2) == "--batch must be a whole number >= 1"
+    assert one_line_error("Traceback ...\nRuntimeError: boom\n", 1) == "RuntimeError: boom"
+    assert one_line_error("", -9) == "exit status -9"
+    suite = build_suite({"loader": {"error": "RuntimeError: no | FFCV"}, "tokenizer": {"result": TOKENIZER_RESULT},
+                         "pretrain": {"result": PRETRAIN_RESULT}}, {"device_type": "cpu"})
+    rows = suite["rows"]
+    assert [r["benchmark"] for r in rows] == ["loader"] + ["tokenizer"] * 2 + ["pretrain"] * 3
+    assert rows[0]["error"] == "RuntimeError: no | FFCV" and rows[0]["ratio"] is None
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[1].startswith("|---|")
+    n_columns = table[0].count(" | ")
+    assert all(line.count(" | ") == n_columns for line in table[2:]), table   # the pipe in the error is escaped
+    assert "**failed**: RuntimeError: no \\| FFCV" in table[2]
+    assert f"**{40.0 / 32.0:.2f}x**" in table[3]
+    # A partial result whose every variant failed: the variants' errors are the rows (not the summary again too).
+    partial = {"partial": True, "variants": {"baseline": {"error": "AssertionError: x"}}}
+    only = build_suite({"pretrain": {"error": "every variant failed: ...", "result": partial}}, {})["rows"]
+    assert [r["error"] for r in only] == ["baseline: AssertionError: x"]
+
+
+def test_the_suite_rebuilds_its_tables_from_results_already_written(tmp_path, capsys):
+    from bench.suite import main
+    from engine.cli import run_cli
+    gpu = {**PRETRAIN_RESULT, "device": "NVIDIA H200", "threads": 16}
+    for name, result in (("cpu_loader", LOADER_RESULT), ("cpu_tokenizer", TOKENIZER_RESULT), ("h200_pretrain", gpu),
+                         ("not_a_bench", {"modes": {}})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    assert run_cli(main, [f"--from_json={tmp_path}", f"--out_dir={tmp_path}"]) == 0
+    cpu, cuda = (json.loads((tmp_path / f"suite_{d}.json").read_text()) for d in ("cpu", "cuda"))
+    assert {r["benchmark"] for r in cpu["rows"]} == {"loader", "tokenizer"} and len(cpu["rows"]) == 6
+    assert {r["benchmark"] for r in cuda["rows"]} == {"pretrain"} and cuda["machine"]["device"] == "NVIDIA H200"
+    assert (tmp_path / "suite_cuda.md").read_text().count("| pretrain |") == 3
+    # Again, with the suite files now in the folder: each result still counts once.
+    assert run_cli(main, [f"--from_json={tmp_path}", f"--out_dir={tmp_path}"]) == 0
+    assert len(json.loads((tmp_path / "suite_cpu.json").read_text())["rows"]) == 6
+    capsys.readouterr()
+    for args, error in ((["--benches=loader,nope"], "error: unknown benchmark 'nope'; choose from loader, "),
+                        ([f"--from_json={tmp_path / 'missing'}"], "error: no JSON results in ")):
+        assert run_cli(main, args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(error), err
+
+
+@pytest.mark.slow
+def test_the_suite_runs_each_benchmark_in_its_own_process_and_writes_one_table(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.suite", "--quick=true", "--benches=tokenizer,pretrain",
+                           f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suite = json.loads((tmp_path / "suite_cpu.json").read_text())
+    assert set(suite["benches"]) == {"tokenizer", "pretrain"} and suite["machine"]["quick"] is True
+    assert suite["benches"]["pretrain"]["result"]["variants"]["fused"]["images_per_s"] > 0
+    assert suite["rows"] and all(r["error"] is None and r["ratio"] > 0 for r in suite["rows"]), suite["rows"]
+    assert {r["benchmark"] for r in suite["rows"]} == {"tokenizer", "pretrain"}
+    table = (tmp_path / "suite_cpu.md").read_text()
+    assert "| tokenizer |" in table and "| pretrain |" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(suite["rows"])

@@ -1,9 +1,11 @@
 """Typed config and DeepSpeed-config merging: unknown keys, bad values and conflicts fail before compute."""
 import json
+import re
 
 import pytest
 
-from engine.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig, load_json, resolve, save_json
+from engine.config import (ConfigError, OptimConfig, RunConfig, ScheduleConfig, load_json, resolve, save_json,
+                           to_dict)
 from engine.ds_setup import build_ds_config, param_groups
 from engine.schedule import lr_at, total_and_warmup_steps, weight_decay_at
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
@@ -21,7 +23,11 @@ def test_recipe_then_overrides():
 @pytest.mark.parametrize("overrides,message", [
     ({"optim.lrr": 1}, "unknown config key 'optim.lrr'"),
     ({"nope": 1}, "unknown config key 'nope'"),
-    ({"optim.lr": -1.0}, "'optim.lr' = -1.0 must be > 0"),
+    ({"optim.lr": -1.0}, "'optim.lr' = -1.0 must be in (0, 1]"),
+    ({"optim.lr": 1e30}, "'optim.lr' = 1e+30 must be in (0, 1]"),
+    ({"optim.weight_decay": 1e6}, "'optim.weight_decay' = 1000000.0 times optim.lr (0.002) must be < 1"),
+    ({"optim.weight_decay_end": 600.0}, "'optim.weight_decay' = 600.0 times optim.lr (0.002) must be < 1"),
+    ({"run.seed": 2 ** 40}, "'run.seed' = 1099511627776 must be in [0, 2**32)"),
     ({"run.precision": "fp8"}, "'run.precision' = 'fp8' must be one of"),
     ({"run.compile_mode": "fast"}, "'run.compile_mode' = 'fast' must be one of default, reduce-overhead"),
     ({"run.micro_batch_size": "many"}, "'run.micro_batch_size' must be an integer"),
@@ -35,9 +41,40 @@ def test_recipe_then_overrides():
     ({"run.output_dir": ""}, "'run.output_dir' = '' must name a folder"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
         resolve(TokenizerConfig, RECIPES, "vqkd_tiny_test", overrides)
     assert "\n" not in str(err.value)
+
+
+def _numeric_keys(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _numeric_keys(value, f"{prefix}{key}.")
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            yield f"{prefix}{key}"
+
+
+def _stages():
+    from finetune.config import RECIPES as CLS_RECIPES, ClassifyConfig
+    from finetune.seg_config import RECIPES as SEG_RECIPES, SegmentConfig
+    from pretrain.mim.config import RECIPES as MIM_RECIPES, MIMConfig
+    return [(TokenizerConfig, RECIPES, "vqkd_tiny_test", {}),
+            (MIMConfig, MIM_RECIPES, "beitv2_tiny_test", {"tokenizer": "tok.pt"}),
+            (ClassifyConfig, CLS_RECIPES, "beitv2_tiny_test_ft", {}),
+            (SegmentConfig, SEG_RECIPES, "upernet_beitv2_tiny_test", {})]
+
+
+@pytest.mark.parametrize("stage", range(4))
+def test_every_number_of_every_stage_refuses_negatives_and_non_finite_values(stage):
+    """No count, rate or size of any stage means anything below zero: each is a one-line error naming its key."""
+    cls, recipes, recipe, base = _stages()[stage]
+    keys = list(_numeric_keys(to_dict(resolve(cls, recipes, recipe, base))))
+    assert "optim.lr" in keys and "run.seed" in keys and len(keys) > 25
+    for key in keys:
+        for bad in (-1, float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match=f"'{re.escape(key)}'") as err:
+                resolve(cls, recipes, recipe, {**base, key: bad})
+            assert "\n" not in str(err.value)
 
 
 def test_unknown_recipe():

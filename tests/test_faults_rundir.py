@@ -16,7 +16,7 @@ import torch
 from engine import distributed as dist_utils
 from engine.config import ConfigError, StageConfig
 from engine.ds_setup import param_groups
-from engine.run_dir import HISTORY, LOCK, RunLock, claims_output_dir
+from engine.run_dir import HISTORY, LOCK, RunLock, claimed_output_dir, claims_output_dir
 from engine.trainer import fit
 from tests.conftest import ROOT
 from tests.dist_util import StepNumbers as Numbers, run_ranks
@@ -144,6 +144,23 @@ def test_a_run_that_starts_over_keeps_the_old_config_and_a_new_one_is_not_checke
     assert [(e["resumed_at_step"], e["config"]["run"]["seed"]) for e in history(trained)] == [(0, 0)]
     train(tmp_path / "fresh", **{"run.seed": 4})   # no checkpoint: nothing to compare with
     assert not (tmp_path / "fresh" / HISTORY).exists()
+
+
+def test_a_stage_holds_its_folder_around_fit_and_the_files_it_writes_after(tmp_path):
+    """Classification and segmentation write eval.json (and EMA weights) after `fit`: inside their claim, where the
+    nested claim of `fit` is free and a second run still cannot start."""
+    @claims_output_dir
+    def fit(cfg, run):
+        return "trained"
+    cfg = StageConfig()
+    cfg.run.output_dir = str(tmp_path / "run")
+    with claimed_output_dir(cfg, cfg.run):
+        assert fit(cfg, cfg.run) == "trained"
+        with pytest.raises(ConfigError, match="is in use by another run"):   # after fit, before the claim ends
+            RunLock(cfg.run.output_dir).acquire()
+    after = RunLock(cfg.run.output_dir)
+    after.acquire()
+    after.release()
 
 
 def _fit_on_two_ranks(rank, world, out):

@@ -12,6 +12,7 @@ Item 13: one-line errors for a DeepSpeed config that is a folder or not a JSON o
 folder or a full disk, and an empty `latest` file.
 """
 import errno
+import gc
 import json
 import os
 import shutil
@@ -315,3 +316,19 @@ def test_an_export_to_a_real_full_or_read_only_disk_is_one_line(capsys, mim_file
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     err = export_error(capsys, mim_file, out)
     assert err == f"error: cannot write {out} (Read-only file system); pick a writable location"
+
+
+def test_a_torch_save_to_a_full_disk_is_one_line(small_tmpfs):
+    """torch.save's C++ writer reports a full disk as 'unexpected pos 704 vs 598' (a RuntimeError): the final weights
+    and checkpoint files of a run say what happened instead."""
+    from engine.files import OutputPathError, write_atomically
+    path = small_tmpfs / "classifier.pt"
+    message = ""
+    try:
+        write_atomically(path, lambda tmp: torch.save({"w": torch.zeros(100_000)}, tmp))
+    except OutputPathError as e:
+        # Not the exception itself: its frames hold torch's writer, whose open file would keep the mount busy.
+        message = str(e)
+    gc.collect()
+    assert message == f"cannot write {path} (No space left on device); pick a writable location"
+    assert os.listdir(small_tmpfs) == []

@@ -109,6 +109,41 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     assert losses(tmp_path) == reference_losses
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(tmp_path):
+    """On one node the `deepspeed` command dies of SIGTERM without telling its per-node launcher: the ranks notice
+    (engine.guards.LauncherWatch), checkpoint and exit instead of training on as orphans."""
+    import os
+    import time
+
+    import psutil
+    from tests.conftest import free_port
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(free_port()), "--module", "pretrain.tokenizer", "train", *COMMON, "--schedule.total_steps=400",
+           "--run.save_interval=1000", f"--run.output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, "the run ended before it was signalled"
+            time.sleep(0.02)
+        below = psutil.Process(proc.pid).children(recursive=True)   # the per-node launcher and the two ranks
+        assert len(below) == 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)   # the ranks hold the output pipe open until they exit
+        _, alive = psutil.wait_procs(below, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:   # whatever is left of the session the test started (the ranks, when the watch failed)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "the deepspeed command (pid" in out and "stopped by the deepspeed command exiting after step" in out
+    saved = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 3 <= saved < 400 and max(losses(tmp_path)) == saved
+
+
 def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its_config(tmp_path):
     base = [sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test", f"--run.output_dir={tmp_path}",
             "--schedule.total_steps=2"]

@@ -1,9 +1,13 @@
-"""`python -m pretrain.mim train|evaluate|export ...` (see --help of each)."""
+"""`python -m pretrain.mim train|evaluate|export|visualize ...` (see --help of each); also `beitv2 mim ...`."""
 import sys
 
 from engine.cli import run_cli
 from pretrain.mim.evaluate import evaluate
 from pretrain.mim.train import export, train
+from pretrain.mim.visualize import visualize
+
+# The stage's commands; `beitv2 mim ...` (engine.main) reads this dict too, so a command added here shows up there.
+COMMANDS = {"train": train, "evaluate": evaluate, "export": export, "visualize": visualize}
 
 if __name__ == "__main__":
-    sys.exit(run_cli({"train": train, "evaluate": evaluate, "export": export}))
+    sys.exit(run_cli(COMMANDS, name="python -m pretrain.mim"))

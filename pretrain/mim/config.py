@@ -28,6 +28,12 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
+        if self.layer_scale_init is not None and self.layer_scale_init < 0:
+            raise ConfigError(f"config key '{prefix}.layer_scale_init' = {self.layer_scale_init} must be >= 0 "
+                              f"(0 disables layer scale)")
+        for key in ("early_layers", "head_layers"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"config key '{prefix}.{key}' = {getattr(self, key)} must be >= 1")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be one of "
                               f"{', '.join(ATTENTION_KERNELS)}")

@@ -2,17 +2,21 @@
 
 Training logs report these on training batches; this command measures them on images the model never saw, seen as
 training sees them (crop, flip and colour jitter) with augmentation and masks drawn from a fixed seed, so two
-checkpoints (or two runs) are compared on the same pixels and the same masked patches.
+checkpoints (or two runs) are compared on the same pixels and the same masked patches. Under a launcher each rank
+takes its share of the batches; a batch's view and masks are keyed by its number, not by the rank, so any number of
+ranks gives the numbers of one process.
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_tools import sources
 from data_tools.gpu_augment import MimAug, mim_views
+from engine import distributed as dist_utils
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
@@ -60,15 +64,17 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     k = mask_cfg.num_masked or model.num_masked_patches
     masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k,
                                min_num_patches=mask_cfg.min_patches, min_aspect=mask_cfg.min_aspect)
-    generator = torch.Generator().manual_seed(seed)
 
-    totals = torch.zeros(4, dtype=torch.float64, device=device)   # summed CE and hits of both heads
+    totals = torch.zeros(5, dtype=torch.float64, device=device)   # summed CE and hits of both heads, images
     label_counts = torch.zeros(model.lm_head.out_features, dtype=torch.long, device=device)
-    images_seen = 0
     img_size = model.patch_embed.img_size[0]
     view = MimAug(size=img_size) if augment else None
-    for x01 in sources.eval_batches(data, img_size, batch_size, device, aug=view):
+    for batch in sources.eval_batches(data, img_size, batch_size, device, aug=view, rank=dist_utils.rank(),
+                                      world_size=dist_utils.world_size()):
+        x01 = batch["image"]
         model_view, tokenizer_view = mim_views(x01)
+        batch_seed = int(np.random.SeedSequence([seed, batch["batch"]]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(batch_seed)
         mask = masks(x01.shape[0], generator=generator, device=torch.device("cpu")).to(device)
         labels = gather_masked(codes_of.get_codebook_indices(tokenizer_view), mask, k)
         logits, agg_logits = model(model_view, mask, num_masked=k)
@@ -76,11 +82,14 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
             totals[2 * i] += F.cross_entropy(head, labels, reduction="sum")
             totals[2 * i + 1] += (head.argmax(-1) == labels).sum()
         label_counts += torch.bincount(labels, minlength=label_counts.numel())
-        images_seen += x01.shape[0]
+        totals[4] += x01.shape[0]
+    dist_utils.all_reduce_sum_(totals)
+    dist_utils.all_reduce_sum_(label_counts)
+    images_seen = int(totals[4].item())
     tokens = images_seen * k
     if tokens == 0:
         raise ConfigError(f"no held-out images came from data source {data.source!r}; check --data_cfg")
-    mim_loss, mim_acc, agg_loss, agg_acc = (totals / tokens).tolist()
+    mim_loss, mim_acc, agg_loss, agg_acc = (totals[:4] / tokens).tolist()
     result = {"checkpoint": checkpoint, "tokenizer": tokenizer, "images": images_seen, "masked_tokens": tokens,
               "mim_loss": mim_loss, "mim_acc": mim_acc, "agg_loss": agg_loss, "agg_acc": agg_acc,
               "majority_code_acc": label_counts.max().item() / tokens, "num_codes": label_counts.numel()}

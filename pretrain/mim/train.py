@@ -14,13 +14,14 @@ from engine.config import ConfigError, describe, resolve
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.export import load_strict
 from engine.global_batch import keep_global_batch
-from engine.metrics import forward_flops_per_image
+from engine.metrics import TensorboardPictures, forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
 from pretrain.mim.masking import BlockMaskGenerator
 from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, read_checkpoint,
                                 save_checkpoint)
+from pretrain.mim.visualize import attention_pictures
 from pretrain.tokenizer import VQKD, load_tokenizer
 
 
@@ -132,7 +133,11 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     seed_everything(cfg.run.seed + dist_utils.rank())
     dtype = PARAM_DTYPES[cfg.run.precision]
 
+    # At checkpoint steps: a picture per log point would pile up thousands of images in a long run's event file.
+    pictures = TensorboardPictures(cfg.run.output_dir, cfg.run.save_interval, attention_pictures)
+
     def step_fn(engine, batch):
+        pictures(engine, batch["image"])
         model_view, tokenizer_view = mim_views(batch["image"])
         mask = batch["mask"]
         with torch.inference_mode():
@@ -147,9 +152,12 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
                        "agg_acc": (agg_logits.argmax(-1) == labels).float().mean()}
         return mim_loss + agg_loss, metrics
 
-    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image() + tokenizer_flops,
-                 final_weights=("mim.pt", lambda path, sd: save_checkpoint(model, path, sd)))
+    try:
+        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                     flops_per_image=model.flops_per_image() + tokenizer_flops,
+                     final_weights=("mim.pt", lambda path, sd: save_checkpoint(model, path, sd)))
+    finally:
+        pictures.close()
     return result.summary()
 
 

@@ -8,6 +8,7 @@ import torch
 
 from data_tools import sources
 from engine.files import write_atomically
+from pretrain.tokenizer.pictures import token_map_grid
 
 
 def train_source(cfg, img_size: int, device: torch.device):
@@ -17,6 +18,7 @@ def train_source(cfg, img_size: int, device: torch.device):
 
 
 ENCODE_MAX_SIDE = 1024   # larger images are first downscaled while decoding (they end at the tokenizer's size)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> torch.Tensor:
@@ -27,17 +29,37 @@ def images_for_encoding(folder: str, split: str, count: int, img_size: int) -> t
     if not folder:
         images, _ = sources.fashion_mnist(split, count)
         return _to_float(images, img_size)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return read_images(image_files(folder), img_size)
+
+
+def image_files(spec: str) -> list[str]:
+    """The image files `spec` names: a folder (its .png/.jpg/.jpeg/.bmp/.webp files, sorted), one file, or
+    comma-separated files. A name that does not exist is a one-line FileNotFoundError."""
+    if os.path.isdir(spec):
+        names = sorted(n for n in os.listdir(spec) if n.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise ValueError(f"no image files ({'/'.join(IMAGE_SUFFIXES)}) in {spec}")
+        return [os.path.join(spec, n) for n in names]
+    # A file whose name holds a comma is still one file.
+    paths = [spec] if os.path.lexists(spec) else [p.strip() for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise ValueError("no images given: name a folder, an image file or comma-separated image files")
+    for path in paths:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"image not found: {path}")
+    return paths
+
+
+def read_images(paths: list[str], img_size: int) -> torch.Tensor:
+    """The files decoded by data_tools.convert's decoder and resized (bicubic) to `img_size` x `img_size`: RGB in
+    [0, 1] on the CPU, `[N, 3, img_size, img_size]`. A file that cannot be used is a one-line ValueError naming it."""
     from PIL import Image
 
     from data_tools.convert import BadImage, load_rgb
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-    if not names:
-        raise ValueError(f"no image files (.png/.jpg/.jpeg/.bmp/.webp) in {folder}")
     arrays = []
-    for name in names:
-        path = os.path.join(folder, name)
+    for path in paths:
         if not os.path.isfile(path):   # a folder named like an image, a dangling link, a symlink loop
             raise ValueError(f"{path} is not a readable image file; remove it from the folder or fix the link")
         try:   # convert's decoder: size limits, 16-bit scaled to 8 bits, alpha over grey, damaged files refused
@@ -52,21 +74,19 @@ def _to_float(images: np.ndarray, img_size: int) -> torch.Tensor:
     return torch.cat(list(sources.array_eval_batches(images, img_size, 256, torch.device("cpu"))))
 
 
-def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, num_codes: int, path: str, columns: int = 8) -> None:
-    """A grid of (image | token map) pairs; each token id gets a fixed pseudo-random colour."""
+def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, path: str,
+                       columns: int = 8) -> None:
+    """Write a grid of (image | token map) pairs (`pictures.token_map_grid`); the format follows the suffix.
+
+    Args:
+        pixels: `[N, 3, side, side]` RGB in [0, 1].
+        ids: `[N, grid_h, grid_w]` token ids.
+        colours: uint8 `[num_codes, 3]`: `pictures.code_colours(codebook)` colours codes by the codebook's
+            geometry (nearby codes, nearby colours).
+        path: output image file.
+        columns: pairs per row.
+    """
     from PIL import Image
-    palette = np.random.default_rng(0).integers(0, 256, size=(num_codes, 3), dtype=np.uint8)
-    n, side = pixels.shape[0], pixels.shape[-1]
-    tiles = []
-    for i in range(n):
-        img = (pixels[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        token_map = palette[ids[i]].repeat(side // ids.shape[1], 0).repeat(side // ids.shape[2], 1)
-        pad = np.zeros((side, side - token_map.shape[1], 3), np.uint8) if token_map.shape[1] < side else None
-        if pad is not None:
-            token_map = np.concatenate([token_map, pad], 1)
-        tiles.append(np.concatenate([img, token_map[:side, :side]], 1))
-    rows = [np.concatenate(tiles[r:r + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[r:r + columns])),
-                           1) for r in range(0, n, columns)]
-    image = Image.fromarray(np.concatenate(rows, 0))
+    image = Image.fromarray(token_map_grid(pixels, ids, colours, columns))
     image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
     write_atomically(path, lambda tmp: image.save(tmp, format=image_format))

@@ -14,10 +14,11 @@ from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
 from engine.global_batch import keep_global_batch
-from engine.metrics import forward_flops_per_image
+from engine.metrics import TensorboardPictures, forward_flops_per_image
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
+from pretrain.tokenizer.pictures import code_colours, token_map_grid
 from pretrain.tokenizer.quantizer import codebook_stats
 from pretrain.tokenizer.model import VQKD, build_tokenizer, load_tokenizer, save_tokenizer
 from pretrain.tokenizer.teachers import TeacherConfig, build_teacher
@@ -27,6 +28,14 @@ def build_model(cfg: TokenizerConfig, teacher_dim: int) -> VQKD:
     return build_tokenizer(cfg.arch, teacher_dim=teacher_dim, decay=q.decay, beta=q.beta, kmeans_init=q.kmeans_init,
                            dead_code_threshold=q.dead_code_threshold, restart_interval=q.restart_interval,
                            seed=cfg.run.seed)
+
+
+def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Tensorboard picture of a training run: the fixed images beside their token maps, coloured by the current
+    codebook's principal components (`pictures.code_colours`)."""
+    ids = model.get_codebook_indices(images).view(-1, *model.grid).cpu().numpy()
+    colours = code_colours(model.quantize.embedding.weight)
+    return {"pictures/token_maps": token_map_grid(images, ids, colours, columns=len(images))}
 
 
 def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
@@ -46,15 +55,22 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     probe = torch.rand(3, model.img_size, model.img_size, device=device)
     teacher_flops = forward_flops_per_image(lambda x: teacher(x, model.grid), probe)   # it runs every step
 
+    # At checkpoint steps: a picture per log point would pile up thousands of images in a long run's event file.
+    pictures = TensorboardPictures(cfg.run.output_dir, cfg.run.save_interval, token_map_pictures)
+
     def step_fn(engine, batch):
         images = batch["image"]
+        pictures(engine, images)
         with torch.no_grad():   # frozen teacher: no graph; its output is a plain (non-inference) tensor
             target = teacher(images, model.grid)
         return engine(images, target)
 
-    result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                 flops_per_image=model.flops_per_image(teacher_flops), keep_fp32_buffers=("quantize.",),
-                 final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
+    try:
+        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+                     flops_per_image=model.flops_per_image(teacher_flops), keep_fp32_buffers=("quantize.",),
+                     final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
+    finally:
+        pictures.close()
     return result.summary()
 
 
@@ -64,7 +80,8 @@ train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES)
 @torch.no_grad()
 def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None = None, batch_size: int = 64,
              out: str = "") -> dict:
-    """Codebook usage (% of codes used), perplexity and mean cosine to the teacher on held-out images.
+    """Codebook usage (% of codes used), perplexity and mean cosine to the teacher on held-out images; under a
+    launcher each rank encodes its share of the batches and the counts are summed (the numbers of one process).
 
     Args:
         checkpoint: tokenizer file (ours or official).
@@ -80,17 +97,22 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
     model = load_tokenizer(checkpoint).to(device)
     teach = build_teacher(tcfg).to(device)
     counts = torch.zeros(model.num_codes, dtype=torch.long, device=device)
-    cos_sum, n = torch.zeros((), device=device), 0
-    for images in sources.eval_batches(dcfg, model.img_size, batch_size, device):
+    sums = torch.zeros(2, dtype=torch.float64, device=device)   # summed per-image teacher cosine, images
+    for batch in sources.eval_batches(dcfg, model.img_size, batch_size, device, rank=dist_utils.rank(),
+                                      world_size=dist_utils.world_size()):
+        images = batch["image"]
         z_q, _, codes, _ = model.encode(images)
         rec = model.decode(z_q)
         target = teach(images, model.grid)
-        cos_sum += F.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum()
+        sums[0] += F.cosine_similarity(rec.float(), target.float(), dim=-1).mean(1).sum()
+        sums[1] += images.shape[0]
         counts += torch.bincount(codes.flatten(), minlength=model.num_codes)
-        n += images.shape[0]
+    dist_utils.all_reduce_sum_(counts)
+    dist_utils.all_reduce_sum_(sums)
     usage, perplexity = codebook_stats(counts)
+    n = int(sums[1].item())
     result = {"images": n, "codebook_usage": usage.item(), "perplexity": perplexity.item(),
-              "teacher_cosine": cos_sum.item() / max(n, 1), "num_codes": model.num_codes}
+              "teacher_cosine": sums[0].item() / max(n, 1), "num_codes": model.num_codes}
     write_result({**result, "code_counts": counts.tolist()}, out)   # the file also holds each code's count
     return result
 
@@ -104,7 +126,8 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
         checkpoint: tokenizer file.
         out: .npy path for the ids.
         images: folder of image files; empty uses `count` Fashion-MNIST images of `split`.
-        png: optional PNG path: each image beside its token map (one colour per id).
+        png: optional PNG path: each image beside its token map; a code's colour comes from the codebook's first
+            three principal components (`pictures.code_colours`), so similar codes look alike.
     """
     check_counts(batch_size=batch_size)
     device = eval_device()
@@ -120,5 +143,5 @@ def encode(checkpoint: str, out: str, images: str = "", split: str = "test", cou
             np.save(f, ids)
     write_atomically(out, save_ids)
     if png:
-        data.save_token_map_png(pixels, ids, model.num_codes, png)
+        data.save_token_map_png(pixels, ids, code_colours(model.quantize.embedding.weight), png)
     return {"images": int(ids.shape[0]), "grid": list(model.grid), "ids": out, "png": png or None}
