@@ -190,5 +190,9 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # a launched rank: it exits next
+            from engine import distributed as dist_utils
+            dist_utils.shutdown()
     _print_result(result)
     return 0

@@ -39,6 +39,14 @@ def init() -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown() -> None:
+    """Tear the process group down while the interpreter is still whole, before a launched rank exits. Left to the
+    destructors that run at exit, gloo's communication threads can still be joinable when their objects die, and a
+    rank then aborts after its work is done ("terminate called without an active exception", seen in CI)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current_device() -> torch.device:
     """Where collectives expect tensors: the local GPU under nccl, the CPU under gloo."""
     if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":

@@ -33,7 +33,7 @@ class PreemptionFlag:
         self.requested = False
         self.reason = "SIGTERM"
         self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._watch = LauncherWatch.start(self._launcher_gone)
+        self._watch = LauncherWatch.watching(self._launcher_gone)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -70,7 +70,7 @@ class LauncherWatch(threading.Thread):
         self._stopped = threading.Event()
 
     @classmethod
-    def start(cls, on_gone: Callable[[str], None]) -> "LauncherWatch | None":
+    def watching(cls, on_gone: Callable[[str], None]) -> "LauncherWatch | None":
         """Watch this rank's launchers when it was started by one (LOCAL_RANK set), else return None."""
         if "LOCAL_RANK" not in os.environ:
             return None
@@ -87,7 +87,7 @@ class LauncherWatch(threading.Thread):
         except Exception:   # no psutil, no /proc: run without the watch rather than not at all
             return None
         watch = cls(watched, on_gone)
-        threading.Thread.start(watch)
+        watch.start()
         return watch
 
     @staticmethod
@@ -108,7 +108,9 @@ class LauncherWatch(threading.Thread):
                     return
 
     def stop(self) -> None:
+        """Ends the thread before the run goes on (it must not outlive the training loop into interpreter exit)."""
         self._stopped.set()
+        self.join(timeout=5)
 
 
 class NonFiniteSteps:
