@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 from bench.common import write_json
 from engine.cli import check_counts, run_cli
+from engine.host_memory import MODES as MMAP_MODES
 
 GIB = 2 ** 30
 PARAM_BYTES = {"fp32": 4, "bf16_autocast": 4, "bf16": 2, "fp16": 2}
@@ -441,9 +442,11 @@ def _free_port() -> int:
 
 
 def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, steps: int = 2,
-            grad_ckpt: bool = False, tokenizer: str = "", extra: str = "", timeout: int = 1800) -> dict:
+            grad_ckpt: bool = False, tokenizer: str = "", extra: str = "", timeout: int = 1800,
+            mmap_threshold: str = "fixed") -> dict:
     """One setup in fresh processes (`ranks` under torchrun): the per-rank timeline, inventory, split and
-    arithmetic."""
+    arithmetic. `mmap_threshold` (engine.host_memory): `fixed` maps big host blocks on their own throughout, so
+    resident memory follows the tensors; `dynamic` is what a training run does by default."""
     check_counts(micro=micro, ranks=ranks, steps=steps)
     work = tempfile.mkdtemp(prefix="bench_memory_")
     if not tokenizer:
@@ -455,8 +458,8 @@ def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, s
            f"--precision={precision}", f"--micro={micro}", f"--ds_config={ds_config}", f"--steps={steps}",
            f"--grad_ckpt={grad_ckpt}", f"--out_dir={os.path.join(work, 'run')}", f"--result={result}",
            f"--extra={extra or '{}'}"]
-    # Resident memory that follows the tensors: glibc maps big blocks on their own (engine.ds_setup).
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), BEITV2_FIXED_MMAP_THRESHOLD="1")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               BEITV2_MMAP_THRESHOLD=mmap_threshold)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not os.path.exists(result):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -470,6 +473,7 @@ def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, s
                  "process_peak": r["process_peak"], "timeline": r["marks"]} for r in raw["ranks"]]
     return {"arch": arch, "precision": precision, "micro": micro, "ds_config": ds_config, "ranks": ranks,
             "steps": steps, "grad_ckpt": grad_ckpt, "extra": json.loads(extra or "{}"), "source": raw["source"],
+            "mmap_threshold": mmap_threshold,
             "trainable_params": counts.trainable, "frozen_params": counts.frozen,
             "largest_module_params": counts.largest_module, "zero": asdict(zero),
             "arithmetic": expected_bytes(counts, precision, zero, ranks, touched_only=cpu), "per_rank": per_rank}
@@ -508,7 +512,7 @@ def markdown(results: list[dict]) -> str:
 
 def run(arch: str = "beitv2_tiny_test", precision: str = "fp32", micro: int = 2,
         setups: str = "1:zero0,2:zero1,2:zero2,2:zero3", steps: int = 2, grad_ckpt: bool = False,
-        extra: str = "", out: str = "bench/results/cpu_memory.json") -> dict:
+        extra: str = "", mmap_threshold: str = "fixed", out: str = "bench/results/cpu_memory.json") -> dict:
     """Measure each setup `RANKS:CONFIG` (CONFIG: a name in ds_configs/ or a JSON path); JSON to `out`, the table
     to `out` with .md.
 
@@ -520,8 +524,12 @@ def run(arch: str = "beitv2_tiny_test", precision: str = "fp32", micro: int = 2,
         steps: training steps per setup (the last one is reported; the first allocates the optimizer state).
         grad_ckpt: gradient checkpointing.
         extra: JSON object of more stage overrides, e.g. '{"masking.num_masked": 30}'.
+        mmap_threshold: host allocation on CPU (engine.host_memory): `fixed` (resident memory follows the tensors)
+            or `dynamic` (glibc's own rule, what training runs do by default).
         out: JSON path; the Markdown table goes next to it.
     """
+    if mmap_threshold not in MMAP_MODES:
+        raise ValueError(f"--mmap_threshold must be one of {', '.join(MMAP_MODES)} (got {mmap_threshold!r})")
     if arch not in TOKENIZER_FOR:
         raise ValueError(f"--arch must be one of {', '.join(TOKENIZER_FOR)} (got {arch!r})")
     results = []
@@ -531,15 +539,16 @@ def run(arch: str = "beitv2_tiny_test", precision: str = "fp32", micro: int = 2,
         if not ranks_text.isdigit() or not config:
             raise ValueError(f"--setups entries are RANKS:CONFIG, e.g. 2:zero3 (got {setup!r})")
         try:
-            r = measure(arch, precision, micro, path, int(ranks_text), steps, grad_ckpt, extra=extra)
+            r = measure(arch, precision, micro, path, int(ranks_text), steps, grad_ckpt, extra=extra,
+                        mmap_threshold=mmap_threshold)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             r = {"error": str(e).splitlines()[0]}
         r["setup"] = f"{ranks_text} x {os.path.basename(path)}"
         results.append(r)
         write_json({"partial": True, "results": results}, out)
     table = markdown(results)
-    write_json({"arch": arch, "precision": precision, "micro": micro, "grad_ckpt": grad_ckpt, "results": results,
-                "table": table}, out)
+    write_json({"arch": arch, "precision": precision, "micro": micro, "grad_ckpt": grad_ckpt,
+                "mmap_threshold": mmap_threshold, "results": results, "table": table}, out)
     if out:
         with open(os.path.splitext(out)[0] + ".md", "w") as f:
             f.write(table)

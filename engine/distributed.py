@@ -8,6 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from engine import host_memory
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -24,6 +26,7 @@ def init() -> torch.device:
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator; it falls back to gloo without oneCCL.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    host_memory.at_process_start()   # before the stage builds anything (engine.host_memory)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -15,7 +15,10 @@ than they save on a ViT (measured in docs/scale.md with `python -m bench.memory`
 - `stage3_max_reuse_distance`: one layer. DeepSpeed's 1e9 keeps every gathered layer alive from the forward until
   its backward, so at ZeRO-3 each rank ends up holding the whole unpartitioned model.
 - `stage3_max_live_parameters`: two layers (the one computing and the one prefetched); `stage3_prefetch_bucket_size`:
-  one layer. A layer is the largest entry of the model's ModuleLists (a transformer block).
+  one layer. A layer is the largest entry of the model's ModuleLists (a transformer block). Under gloo, where
+  nothing overlaps (below), one live layer, no prefetch, and a ZeRO-3 `reduce_bucket_size` of at most one layer:
+  prefetching only holds a second layer, and DeepSpeed's reduce-scatter copies its whole bucket once more (ViT-B,
+  2 CPU ranks: 0.08 GiB lower peak per rank).
 - `sub_group_size`: each rank's partition in about 4 optimizer sub-groups. At startup ZeRO-3 zeroes a gradient
   buffer as large as the largest sub-group's unpartitioned size; with DeepSpeed's 1e9 that is the whole model.
 - `overlap_comm`: on under NCCL, off under gloo. On a GPU the reduction runs on its own stream and hides behind
@@ -25,21 +28,18 @@ than they save on a ViT (measured in docs/scale.md with `python -m bench.memory`
   compute against ~0.09 s of all-reduce at 5 GB/s, under 2% to win), while overlap costs a second reduction
   bucket at ZeRO-1/2.
 
-After the engine is built on a CPU run, freed host memory goes back to the operating system (`malloc_trim`): ZeRO
-copies the model into flat partitions, and glibc would otherwise keep the whole model's former pages. Measuring
-memory (`bench.memory`) also fixes glibc's mmap threshold (`BEITV2_FIXED_MMAP_THRESHOLD=1`) so that resident memory
-follows what the tensors hold; training does not, as mapping and unmapping every large tensor made CPU steps about
-15% slower (the small tokenizer, 2 cores).
+On CPU runs, where glibc places big host tensors decides how much resident memory a ZeRO rank keeps after its engine
+start (`engine.host_memory`).
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from engine import host_memory
 from engine.config import ConfigError, OptimConfig, RunConfig
 
 # `bf16` and `fp16` are DeepSpeed's modes: 16-bit weights and gradients, fp32 master weights in the optimizer.
@@ -118,9 +118,13 @@ def zero_settings_for(stage: int, trainable: list[int], largest_layer: int, worl
         out["allgather_bucket_size"] = bucket
     if stage == 3:
         layer = max(largest_layer, max(trainable))
-        out.update(stage3_prefetch_bucket_size=layer, stage3_max_live_parameters=2 * layer,
-                   stage3_max_reuse_distance=layer,
+        overlap = out["overlap_comm"]
+        # Nothing overlaps under gloo: a prefetched layer, or a bucket larger than one layer, only holds memory.
+        out.update(stage3_prefetch_bucket_size=layer if overlap else 0,
+                   stage3_max_live_parameters=(2 if overlap else 1) * layer, stage3_max_reuse_distance=layer,
                    sub_group_size=int(min(1e9, max(1e6, -(-total // (4 * world_size))))))
+        if not overlap:
+            out["reduce_bucket_size"] = min(bucket, layer)
     return out
 
 
@@ -240,10 +244,10 @@ def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: Opti
 
     ds_config = build_ds_config(run, optim, world_size, load_universal, model=model)
     cast_for_precision(model, run.precision, keep_fp32_buffers)
+    host_memory.at_process_start()   # normally done by dist_utils.init; at the latest before ZeRO copies the model
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     share_fp32_master_weights(engine)
-    if not torch.cuda.is_available():
-        release_freed_host_memory(fixed_threshold=os.environ.get("BEITV2_FIXED_MMAP_THRESHOLD") == "1")
+    host_memory.after_engine_start()
     return engine, ds_config
 
 
@@ -268,25 +272,6 @@ def share_fp32_master_weights(engine) -> int:
             master.data = weight.data   # the clone is freed; the optimizer holds `master`, now a view of the weights
             shared += 1
     return shared
-
-
-def release_freed_host_memory(fixed_threshold: bool = False) -> None:
-    """Give pages glibc keeps after frees back to the OS (CPU runs; a no-op without glibc).
-
-    ZeRO copies the parameters into flat buffers and frees the originals, and every step frees its activations and
-    gathered layers. glibc serves blocks under its mmap threshold from heaps whose free pages it keeps, and it
-    raises that threshold to the largest block freed so far (up to 32 MB): a training process's resident memory
-    then grows by whatever its largest transient set was. `fixed_threshold` fixes it at 1 MB, so big tensors are
-    mapped on their own and unmapped on free (for measuring memory: it slows CPU steps).
-    """
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if fixed_threshold:
-            libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (fixing it also turns off the dynamic raise)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def zero_stage(ds_config: dict) -> int:

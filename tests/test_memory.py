@@ -13,7 +13,7 @@ from bench.memory import ZeroSettings, count_params, expected_bytes, markdown, m
 from engine.ds_setup import zero_settings_for
 from pretrain.mim import build_mim_model
 from pretrain.tokenizer import build_tokenizer
-from tests.dist_util import losses, run_stage
+from tests.dist_util import losses, run_ranks, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,16 @@ def test_arithmetic_matches_counts_taken_from_the_model(tiny):
 def test_derived_zero_settings_follow_the_model_and_the_backend():
     vit_b = [768 * 768 * 3] * 12 + [768 * 3072 * 2] * 12 + [768] * 200
     layer = 7_000_000
-    s3 = zero_settings_for(3, vit_b, layer, 2, "gloo")
-    assert s3["overlap_comm"] is False and zero_settings_for(3, vit_b, layer, 2, "nccl")["overlap_comm"] is True
-    assert s3["stage3_max_reuse_distance"] == layer < sum(vit_b)   # layers are released between forward and backward
-    assert s3["stage3_max_live_parameters"] == 2 * layer
-    assert max(vit_b) <= s3["reduce_bucket_size"] <= sum(vit_b) // 4
-    assert s3["sub_group_size"] * 2 * 4 >= sum(vit_b) > s3["sub_group_size"] * 2
+    s3, nccl = zero_settings_for(3, vit_b, layer, 2, "gloo"), zero_settings_for(3, vit_b, layer, 2, "nccl")
+    assert s3["overlap_comm"] is False and nccl["overlap_comm"] is True
+    for s in (s3, nccl):
+        assert s["stage3_max_reuse_distance"] == layer < sum(vit_b)   # layers are released between forward and backward
+        assert max(vit_b) <= s["reduce_bucket_size"] <= sum(vit_b) // 4
+        assert s["sub_group_size"] * 2 * 4 >= sum(vit_b) > s["sub_group_size"] * 2
+    # A GPU prefetches the next layer while it computes; under gloo nothing overlaps, so nothing is prefetched.
+    assert (nccl["stage3_prefetch_bucket_size"], nccl["stage3_max_live_parameters"]) == (layer, 2 * layer)
+    assert (s3["stage3_prefetch_bucket_size"], s3["stage3_max_live_parameters"]) == (0, layer)
+    assert s3["reduce_bucket_size"] <= layer < nccl["reduce_bucket_size"]
     assert zero_settings_for(0, vit_b, layer, 2, "nccl") == {}
     assert "stage3_max_reuse_distance" not in zero_settings_for(2, vit_b, layer, 2, "gloo")
 
@@ -157,3 +161,67 @@ def test_vit_large_mim_steps_and_resume_at_zero3(tmp_path):
     assert sorted(curve) == [1, 2] and all(math.isfinite(v) for v in curve.values())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["peak_mem_gib"] < 8, rows[-1]   # per rank, inside this machine's memory
+
+
+def _heap_free_after_zero3_start(rank, world, mode):
+    """One rank: a stage's start under glibc (threshold raised by a large free, as loading the tokenizer does), a
+    ZeRO-3 engine of 4 MB layers; asserts how much free space the engine start left in glibc's heaps."""
+    import ctypes
+    import os
+
+    from engine import host_memory
+    from engine.config import OptimConfig, RunConfig
+    from engine.ds_setup import initialize, param_groups
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    os.environ.update(BEITV2_MMAP_THRESHOLD=mode, LOCAL_RANK=str(rank))   # DeepSpeed wants LOCAL_RANK
+    host_memory.at_process_start()   # what dist_utils.init does first
+    torch.ones(4 << 20).sum()   # a 16 MB block, freed at once: glibc's dynamic threshold rises above 2 MB
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([torch.nn.Linear(1024, 1024, bias=False) for _ in range(8)])
+    run = RunConfig(output_dir="unused", ds_config="ds_configs/zero3.json", micro_batch_size=1)
+    initialize(model, param_groups(model), run, OptimConfig(), world)
+    free, model_bytes = libc.mallinfo2().fordblks, 8 * 1024 * 1024 * 4
+    # ZeRO-3 copies each 2 MB partition into a flat buffer and frees it: heap space every later step would refill.
+    assert (free > model_bytes / 4) if mode == "dynamic" else (free < model_bytes / 8), (mode, free)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_zero3_engine_start_leaves_no_free_heap_when_the_threshold_is_fixed(mode):
+    """With BEITV2_MMAP_THRESHOLD=fixed the process fixes glibc's threshold before ZeRO-3 partitions the model, so
+    the partitions it frees leave no free space in the heap, which every later step would fill and keep resident
+    (about 0.4 GiB per ViT-B rank, docs/scale.md); under glibc's own rule the same start leaves half the model's
+    bytes."""
+    run_ranks(_heap_free_after_zero3_start, 2, mode)
+
+
+@pytest.mark.slow
+def test_gloo_zero3_settings_and_the_mmap_threshold_keep_the_losses(tmp_path, tiny_tokenizer_file, monkeypatch):
+    """What the engine now derives under gloo (no prefetch, one live layer, a bucket of at most one layer) and where
+    glibc maps tensors move memory, not numbers: to the bit the losses of a prefetching, whole-model-bucket run under
+    glibc's own threshold."""
+    zero = {"stage": 3, "contiguous_gradients": True, "stage3_param_persistence_threshold": 1000,   # layers gather
+            "stage3_gather_16bit_weights_on_model_save": False}
+    layer = 50048   # a beitv2_tiny_test block
+    before = {**zero, "overlap_comm": False, "reduce_bucket_size": 268288, "stage3_prefetch_bucket_size": layer,
+              "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer}
+    runs = {}
+    for name, block, threshold in (("before", before, "dynamic"), ("now", zero, "fixed")):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"zero_optimization": block}))
+        monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", threshold)
+        run_stage("pretrain.mim", _mim_args(tiny_tokenizer_file, tmp_path / name, config))
+        runs[name] = losses(tmp_path / name)
+    assert sorted(runs["now"]) == [1, 2, 3, 4] and runs["now"] == runs["before"], runs
+
+
+def test_a_bad_mmap_threshold_mode_names_the_variable(monkeypatch):
+    from engine import host_memory
+    monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "sometimes")
+    with pytest.raises(ValueError, match="BEITV2_MMAP_THRESHOLD='sometimes' must be one of dynamic, fixed"):
+        host_memory.at_process_start()
