@@ -38,18 +38,36 @@ def free_port() -> int:
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(autouse=True)
-def _keep_launcher_variables_out_of_later_tests():
-    """A stage run in process joins a one-rank process group and writes RANK, MASTER_PORT, ... into os.environ; a
-    later test's subprocess would inherit them and try to listen on the port this process still holds. Put them
-    back as they were after every test."""
-    before = {k: os.environ.get(k) for k in _DIST_ENV}
-    yield
+def _launch_variables() -> dict:
+    return {k: os.environ.get(k) for k in _DIST_ENV}
+
+
+def _restore(before: dict) -> None:
     for key, value in before.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _keep_launcher_variables_out_of_later_tests():
+    """A stage run in process joins a one-rank process group and writes RANK, MASTER_PORT, ... into os.environ; a
+    later test's subprocess would inherit them and try to listen on the port this process still holds. Put them
+    back as they were after every test."""
+    before = _launch_variables()
+    yield
+    _restore(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """The same for fixtures of every scope: a module fixture that trains in process (tests/test_pictures.py's
+    `mim_run`) is set up before the function-scoped guard above takes its snapshot, and its variables leaked into
+    every later test of the worker (a subprocess then failed with EADDRINUSE on the inherited port)."""
+    before = _launch_variables()
+    yield
+    _restore(before)
 
 
 @pytest.fixture(scope="session")
