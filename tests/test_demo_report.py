@@ -2,7 +2,9 @@
 import importlib.util
 import json
 import os
+import platform
 import shutil
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -96,7 +98,11 @@ def test_full_report(out):
     assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
     assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
     assert results["seconds"]["tokenizer"] == 120.5
+    env = results["environment"]   # what a rerun elsewhere needs to compare with
+    assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["deepspeed"]
+    assert env["cores"] == os.cpu_count() and env["cpu"] and env["python"] == platform.python_version()
     report = (out / "report.md").read_text()
+    assert f"torch {metadata.version('torch')}" in report and f"({os.cpu_count()} cores;" in report
     for row in ("| tokenizer codebook usage (held-out) | 75.0% of 8 codes |",
                 "| tokenizer cosine to teacher (held-out) | 0.771 |",
                 "| MIM held-out masked-token accuracy | 8.2%", "| linear probe top-1, pretrained backbone | 62.0% |",
