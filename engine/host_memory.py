@@ -4,7 +4,7 @@ glibc serves blocks under its mmap threshold from heaps and keeps the pages of f
 threshold to the largest block freed so far (up to 32 MB), so a CPU rank's resident memory grows by whatever its
 largest transient set was. `BEITV2_MMAP_THRESHOLD=fixed` fixes the threshold at 1 MB from the process's start, before
 the stage builds anything: big blocks are then mapped on their own and unmapped on free, and resident memory follows
-the tensors (the memory benchmark uses it; ViT-B at ZeRO-3 on 2 ranks: 0.89x of one unsharded rank, against 1.03x
+the tensors (the memory benchmark uses it; ViT-B at ZeRO-3 on 2 ranks: 0.88x of one unsharded rank, against 1.03x
 under glibc's rule, docs/scale.md). It is not the default because mapping and unmapping every large tensor made CPU
 steps about 15% slower. It must be fixed before ZeRO-3 partitions the model: fixed later, the buffers ZeRO frees at
 its start leave heap space that every later step fills and keeps resident. (Fixing it at the start and raising it to
