@@ -1,8 +1,10 @@
 """The package as `pip install .` (not editable) lays it out: everything a run needs travels inside it."""
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -44,6 +46,34 @@ def test_the_packaged_ds_configs_are_found_from_any_folder(installed, tmp_path):
     assert used_config == str(installed / "ds_configs" / "zero2.json")
 
 
+RELATIVE = re.compile(r"(?:\.\./)+[\w.-]+")   # a relative path that climbs at least one folder
+
+
+def references_outside(root: str, files: list[str]) -> list[str]:
+    """`file: path` for each path in `files` (relative to `root`) that leaves the checkout: a relative path that
+    climbs out of it from the file's folder, or an absolute path into a folder beside it. The folders beside the
+    checkout are read from the disk, so this file names none of them. Beside a checkout in the system's temporary
+    folder or at the top of the file system live ordinary system folders, which the scripts may name (their scratch
+    files in /tmp, Debian's data sets); only the relative check applies there."""
+    root = os.path.abspath(root)
+    parent = os.path.dirname(root)
+    beside = [] if parent in ("/", tempfile.gettempdir()) else [
+        os.path.join(parent, n) for n in os.listdir(parent) if os.path.join(parent, n) != root]
+    hits = []
+    for name in files:
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            text = f.read().decode(errors="ignore")
+        for m in RELATIVE.finditer(text):
+            target = os.path.normpath(os.path.join(os.path.dirname(path), m.group()))
+            if not target.startswith(root + os.sep):
+                hits.append(f"{name}: {m.group()}")
+        hits += [f"{name}: {b}" for b in beside if re.search(re.escape(b) + r"(?![\w.-])", text)]
+    return hits
+
+
 def test_nothing_in_the_repository_points_outside_it():
     """A clone stands alone: no test, script, config or page reads or links the workspace it was built in."""
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
@@ -52,14 +82,20 @@ def test_nothing_in_the_repository_points_outside_it():
     else:   # not a git checkout (an unpacked archive): every file but the environment and the runs
         files = [os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, fs in os.walk(ROOT) for f in fs
                  if not os.path.relpath(d, ROOT).split(os.sep)[0] in (".venv", ".git", "runs", "data")]
-    # Spelled in pieces, so that this file is checked too and does not name the paths it looks for.
-    outside = (os.path.join("..", "shared"), os.path.join("/work", "shared"), os.path.join("/work", ".library"))
-    hits = []
-    for name in files:
-        path = os.path.join(ROOT, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            text = f.read().decode(errors="ignore")
-        hits += [f"{name}: {o}" for o in outside if o in text]
+    hits = references_outside(ROOT, files)
     assert not hits, hits
+
+
+def test_the_outside_check_finds_relative_and_absolute_paths_out_of_a_checkout(tmp_path):
+    work = tmp_path / "work"
+    (work / "repo" / "docs").mkdir(parents=True)
+    (work / "notes").mkdir()
+    up_two = os.path.join("..", "..", "notes")   # joined here, or this file would hold a path out of its checkout
+    files = {"docs/inside.md": "see [the readme](../README.md) and ../docs/inside.md",
+             "docs/up.md": f"see {up_two}/x.md",
+             "run.py": f"open('{work / 'notes' / 'a.txt'}')",
+             "ok.py": f"open('{work / 'notesbook'}')  # a name that only starts like a folder beside it"}
+    for name, text in files.items():
+        (work / "repo" / name).write_text(text)
+    assert references_outside(str(work / "repo"), list(files)) == [
+        f"docs/up.md: {up_two}", f"run.py: {work / 'notes'}"]
