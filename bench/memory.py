@@ -55,12 +55,14 @@ class ParamCounts:
 
     Args:
         sizes: element count of every trainable parameter tensor.
-        frozen: elements of the frozen helper (the tokenizer as the MIM step keeps it), held whole on every rank.
+        frozen: elements of the frozen helper (the tokenizer as the MIM step keeps it), parameters and buffers.
+        frozen_sizes: element count of each of its parameter tensors (ZeRO-3 partitions them, engine.frozen).
         largest_module: elements of the largest module ZeRO-3 gathers at once (a transformer block).
     """
     sizes: tuple[int, ...]
     frozen: int = 0
     largest_module: int = 0
+    frozen_sizes: tuple[int, ...] = ()
 
     @property
     def trainable(self) -> int:
@@ -70,17 +72,18 @@ class ParamCounts:
 def count_params(model, frozen=None) -> ParamCounts:
     """ParamCounts of `model` (trainable tensors; ZeRO-3-partitioned or not) and an optional frozen module."""
     import torch
-    from engine.ds_setup import _largest_layer
+    from engine.ds_setup import largest_layer
     numel = lambda p: getattr(p, "ds_numel", p.numel())   # noqa: E731 - ZeRO-3 leaves an empty placeholder
     sizes = tuple(numel(p) for p in model.parameters() if p.requires_grad)
-    frozen_numel = sum(t.numel() for t in [*frozen.parameters(), *frozen.buffers()]) if frozen is not None else 0
+    frozen_sizes = tuple(numel(p) for p in frozen.parameters()) if frozen is not None else ()
+    frozen_numel = sum(frozen_sizes) + (sum(b.numel() for b in frozen.buffers()) if frozen is not None else 0)
     if any(hasattr(p, "ds_numel") for p in model.parameters()):
         layers = [sum(numel(p) for p in m.parameters()) for lst in model.modules()
                   if isinstance(lst, torch.nn.ModuleList) for m in lst]
         largest = max(layers or [max(sizes)])
     else:
-        largest = _largest_layer(model)
-    return ParamCounts(sizes, frozen_numel, largest)
+        largest = largest_layer(model)
+    return ParamCounts(sizes, frozen_numel, largest, frozen_sizes)
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,10 @@ class ZeroSettings:
     sub_group_size: int = int(1e9)
     offload_optimizer: bool = False
     offload_param: bool = False
+    shard_frozen: bool = True   # run.shard_frozen: at ZeRO-3 the frozen tokenizer is partitioned too
 
     @classmethod
-    def from_ds_config(cls, ds: dict) -> "ZeroSettings":
+    def from_ds_config(cls, ds: dict, shard_frozen: bool = True) -> "ZeroSettings":
         z = ds.get("zero_optimization", {})
         stage = int(z.get("stage", 0))
         keys = {"reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
@@ -113,7 +117,7 @@ class ZeroSettings:
         values["overlap_comm"] = bool(stage == 3 if overlap is None else overlap)   # DeepSpeed's default
         offload = {k: z.get(k, {}).get("device", "none") not in ("none", None)
                    for k in ("offload_optimizer", "offload_param")}
-        return cls(stage=stage, **values, **offload)
+        return cls(stage=stage, **values, **offload, shard_frozen=shard_frozen)
 
 
 def expected_bytes(counts: ParamCounts, precision: str, zero: ZeroSettings, ranks: int,
@@ -132,7 +136,8 @@ def expected_bytes(counts: ParamCounts, precision: str, zero: ZeroSettings, rank
     optimizer steps on), `gradients` (on the parameters and/or in flat partition buffers), `optimizer_state` (Adam's
     two moments, fp32), `buckets` (gradient reduction buffers), `gathered_parameters` (ZeRO-3's whole layers live
     during forward/backward), `frozen_tokenizer` (fp32 or the compute dtype; its encoder runs in the training
-    dtype). Offloaded parts are on the host and count 0 here.
+    dtype; at ZeRO-3 on several ranks a partition of each parameter, as engine.frozen keeps it, plus the ones under
+    the persistence threshold whole, and its buffers). Offloaded parts are on the host and count 0 here.
     """
     n, bp, stage = ranks, PARAM_BYTES[precision], zero.stage
     total = counts.trainable
@@ -140,6 +145,11 @@ def expected_bytes(counts: ParamCounts, precision: str, zero: ZeroSettings, rank
     sixteen = bp == 2
     out = dict.fromkeys(PARTS, 0)
     out["frozen_tokenizer"] = counts.frozen * bp   # the encoder dominates and runs in the training dtype
+    if stage == 3 and n > 1 and zero.shard_frozen:   # DeepSpeed partitions each parameter on its own
+        sizes = counts.frozen_sizes
+        kept = (sum(math.ceil(s / n) for s in sizes) + sum(s for s in sizes if s <= zero.param_persistence_threshold)
+                + counts.frozen - sum(sizes))
+        out["frozen_tokenizer"] = kept * bp
     bucket = min(zero.reduce_bucket_size, total) if touched_only else zero.reduce_bucket_size
     if stage == 0:
         out["parameters"] = total * bp
@@ -323,7 +333,9 @@ def inventory(engine, tokenizer) -> dict[str, int]:
          + [getattr(opt, "grads_in_partition", None), getattr(opt, "grad_partitions_flat_buffer", None)]),
         ("optimizer_state", state),
         ("buckets", buckets),
-        ("frozen_tokenizer", [*tokenizer.parameters(), *tokenizer.buffers()] if tokenizer is not None else []),
+        ("frozen_tokenizer", [*tokenizer.parameters(), *tokenizer.buffers(),   # ds_tensor: its ZeRO-3 partition
+                              *[getattr(p, "ds_tensor", None) for p in tokenizer.parameters()]]
+         if tokenizer is not None else []),
     ]
     seen, out = set(), {}
     for name, tensors in groups:
@@ -446,7 +458,7 @@ def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, s
             mmap_threshold: str = "fixed") -> dict:
     """One setup in fresh processes (`ranks` under torchrun): the per-rank timeline, inventory, split and
     arithmetic. `mmap_threshold` (engine.host_memory): `fixed` maps big host blocks on their own throughout, so
-    resident memory follows the tensors; `dynamic` is what a training run does by default."""
+    resident memory follows the tensors; `dynamic` is what ZeRO-0/1/2 training runs do by default (`auto`)."""
     check_counts(micro=micro, ranks=ranks, steps=steps)
     work = tempfile.mkdtemp(prefix="bench_memory_")
     if not tokenizer:
@@ -466,8 +478,9 @@ def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, s
         raise RuntimeError(f"{ranks} rank(s) with {ds_config} failed (exit {proc.returncode}): {tail[0][:300]}")
     with open(result) as f:
         raw = json.load(f)
-    counts = ParamCounts(tuple(raw["counts"]["sizes"]), raw["counts"]["frozen"], raw["counts"]["largest_module"])
-    zero = ZeroSettings.from_ds_config(raw["ds_config"])
+    counts = ParamCounts(tuple(raw["counts"]["sizes"]), raw["counts"]["frozen"], raw["counts"]["largest_module"],
+                         tuple(raw["counts"]["frozen_sizes"]))
+    zero = ZeroSettings.from_ds_config(raw["ds_config"], json.loads(extra or "{}").get("run.shard_frozen", True))
     cpu = raw["source"].startswith("cpu")
     per_rank = [{"rank": r["rank"], "measured": split(r["marks"], steps), "tensors_held": r["inventory"],
                  "process_peak": r["process_peak"], "timeline": r["marks"]} for r in raw["ranks"]]
@@ -525,7 +538,7 @@ def run(arch: str = "beitv2_tiny_test", precision: str = "fp32", micro: int = 2,
         grad_ckpt: gradient checkpointing.
         extra: JSON object of more stage overrides, e.g. '{"masking.num_masked": 30}'.
         mmap_threshold: host allocation on CPU (engine.host_memory): `fixed` (resident memory follows the tensors)
-            or `dynamic` (glibc's own rule, what training runs do by default).
+            or `dynamic` (glibc's own rule, the default of ZeRO-0/1/2 runs) or `auto`.
         out: JSON path; the Markdown table goes next to it.
     """
     if mmap_threshold not in MMAP_MODES:

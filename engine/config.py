@@ -100,6 +100,7 @@ class RunConfig:
     allow_config_change: bool = False
     max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
     grad_checkpointing: bool = False
+    shard_frozen: bool = True                  # ZeRO-3, >1 rank: partition frozen tokenizer/teacher too
     compile: bool = False                      # torch.compile the model's forward
     compile_mode: str = "default"              # with compile: default | reduce-overhead (CUDA graphs) | max-autotune...
     progress_bar: bool = True

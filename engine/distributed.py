@@ -17,16 +17,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init() -> torch.device:
+def init(run=None) -> torch.device:
     """Initialise torch.distributed through DeepSpeed and return this rank's device.
 
     Works under the `deepspeed` launcher, `torchrun`, and as a plain single process (then it sets the
-    env:// variables itself, so DeepSpeed does not go looking for MPI).
+    env:// variables itself, so DeepSpeed does not go looking for MPI). A training stage passes its `run` config:
+    its ZeRO stage decides where a CPU process puts big host blocks (engine.host_memory).
     """
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator; it falls back to gloo without oneCCL.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    host_memory.at_process_start()   # before the stage builds anything (engine.host_memory)
+    stage = None
+    if run is not None:
+        from engine.ds_setup import load_ds_json, zero_stage
+        stage = zero_stage(load_ds_json(run.ds_config))
+    host_memory.at_process_start(stage)   # before the stage builds anything (engine.host_memory)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -91,7 +91,7 @@ def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:
     ds[key] = value
 
 
-def _largest_layer(model: nn.Module) -> int:
+def largest_layer(model: nn.Module) -> int:
     """Elements of the largest entry of any ModuleList (a transformer block), else of the largest tensor."""
     layers = [sum(p.numel() for p in m.parameters()) for lst in model.modules() if isinstance(lst, nn.ModuleList)
               for m in lst]
@@ -128,7 +128,7 @@ def zero_settings_for(stage: int, trainable: list[int], largest_layer: int, worl
     return out
 
 
-def _backend() -> str:
+def comm_backend() -> str:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return str(dist.get_backend())
@@ -146,10 +146,10 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_un
     if not isinstance(zero, dict):
         raise ConfigError(f"{path}: 'zero_optimization' must be a JSON object, not {json.dumps(zero)[:40]}")
     trainable = [p.numel() for p in model.parameters() if p.requires_grad] if model is not None else []
-    derived = zero_settings_for(zero_stage(ds), trainable, _largest_layer(model) if model is not None else 0,
-                                world_size, backend or _backend())
+    derived = zero_settings_for(zero_stage(ds), trainable, largest_layer(model) if model is not None else 0,
+                                world_size, backend or comm_backend())
     if model is None and zero_stage(ds) >= 1:   # no model to size buffers by: only the backend's choice
-        derived = {"overlap_comm": (backend or _backend()) == "nccl"}
+        derived = {"overlap_comm": (backend or comm_backend()) == "nccl"}
     if derived:
         ds["zero_optimization"] = {**derived, **zero}
     if load_universal:   # resuming from a checkpoint re-split for another number of ranks (engine.checkpoint)
@@ -244,7 +244,7 @@ def initialize(model: nn.Module, groups: list[dict], run: RunConfig, optim: Opti
 
     ds_config = build_ds_config(run, optim, world_size, load_universal, model=model)
     cast_for_precision(model, run.precision, keep_fp32_buffers)
-    host_memory.at_process_start()   # normally done by dist_utils.init; at the latest before ZeRO copies the model
+    host_memory.at_process_start(zero_stage(ds_config))   # normally done by dist_utils.init; at the latest here
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     share_fp32_master_weights(engine)
     host_memory.after_engine_start()

@@ -4,11 +4,12 @@ glibc serves blocks under its mmap threshold from heaps and keeps the pages of f
 threshold to the largest block freed so far (up to 32 MB), so a CPU rank's resident memory grows by whatever its
 largest transient set was. `BEITV2_MMAP_THRESHOLD=fixed` fixes the threshold at 1 MB from the process's start, before
 the stage builds anything: big blocks are then mapped on their own and unmapped on free, and resident memory follows
-the tensors (the memory benchmark uses it; ViT-B at ZeRO-3 on 2 ranks: 0.88x of one unsharded rank, against 1.03x
-under glibc's rule, docs/scale.md). It is not the default because mapping and unmapping every large tensor made CPU
-steps about 15% slower. It must be fixed before ZeRO-3 partitions the model: fixed later, the buffers ZeRO frees at
-its start leave heap space that every later step fills and keeps resident. (Fixing it at the start and raising it to
-32 MB once the engine is built, to keep steps fast, measured worse than either: 3.53 GiB against 3.17 dynamic.)
+the tensors (ViT-B at ZeRO-3 on 2 ranks: 0.84x of one unsharded rank, against 1.09x under glibc's rule, where each
+rank's heap keeps the pages of the layers ZeRO-3 gathers and frees; docs/scale.md). `auto`, the default, fixes it
+for ZeRO-3 runs, which chose memory over speed, and leaves glibc's rule to the others: mapping and unmapping every
+large tensor made CPU steps about 15% slower. It must be fixed before ZeRO-3 partitions the model: fixed later, the
+buffers ZeRO frees at its start leave heap space that every later step fills and keeps resident. (Fixing it at the
+start and raising it to 32 MB once the engine is built, to keep steps fast, measured worse than either.)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import torch
 
 _M_MMAP_THRESHOLD = -3   # mallopt's parameter; setting it also turns off the dynamic raise
-MODES = ("dynamic", "fixed")
+MODES = ("auto", "dynamic", "fixed")
 
 
 def _libc():
@@ -30,16 +31,23 @@ def _libc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-def mode() -> str:
-    value = os.environ.get("BEITV2_MMAP_THRESHOLD", "dynamic")
+def mode(zero_stage: int | None = None) -> str:
+    """`fixed` or `dynamic`: BEITV2_MMAP_THRESHOLD, where `auto` (the default) is `fixed` for a ZeRO-3 run."""
+    value = os.environ.get("BEITV2_MMAP_THRESHOLD", "auto")
     if value not in MODES:
         raise ValueError(f"BEITV2_MMAP_THRESHOLD={value!r} must be one of {', '.join(MODES)}")
+    if value == "auto":
+        return "fixed" if zero_stage == 3 else "dynamic"
     return value
 
 
-def at_process_start() -> bool:
-    """Before a stage builds anything: with `fixed`, big blocks mapped on their own. Returns whether it set it."""
-    if torch.cuda.is_available() or mode() != "fixed":
+def at_process_start(zero_stage: int | None = None) -> bool:
+    """Before a stage builds anything: with `fixed`, big blocks mapped on their own. Returns whether it set it.
+
+    Args:
+        zero_stage: the run's ZeRO stage, for `auto` (None: not known yet, glibc's rule).
+    """
+    if torch.cuda.is_available() or mode(zero_stage) != "fixed":
         return False
     libc = _libc()
     return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20) == 1

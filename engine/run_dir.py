@@ -61,6 +61,7 @@ HARMLESS = frozenset({
     "run.resume", "run.allow_config_change",
     "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
     "run.compile", "run.compile_mode", "run.grad_checkpointing", "model.attention",   # the same function, faster
+    "run.shard_frozen",                     # the same codes/teacher features, memory vs one all-gather a step
     "data.num_workers",                     # loader processes; the sample order is planned in the main process
     "data.verify",                          # checks the .beton's sha256 before training, reads the same samples
     "data.eval_images", "data.eval_path", "augment.eval_crop",   # evaluation after training only

@@ -129,7 +129,7 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
     recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
     cfg = resolve(SegmentConfig, RECIPES, recipe, overrides)
-    device = dist_utils.init()
+    device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical neck and heads
     model = build_model(cfg).to(device)

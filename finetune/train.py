@@ -61,7 +61,7 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     cfg = resolve(ClassifyConfig, RECIPES, recipe, overrides)
     if cfg.model.ema_decay and zero_stage(load_ds_json(cfg.run.ds_config)) == 3:
         raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 (--run.ds_config)")
-    device = dist_utils.init()
+    device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical new head
     model = build_model(cfg).to(device)   # on the device before the EMA copies it

@@ -3,6 +3,7 @@
 The arithmetic is checked against counts taken from the model here and against the tensors a real engine holds;
 the memory comparisons run the real MIM loop through `bench.memory` on 2 gloo ranks.
 """
+import dataclasses
 import json
 import math
 
@@ -32,6 +33,8 @@ def test_arithmetic_matches_counts_taken_from_the_model(tiny):
     n_params = sum(numels)
     assert counts.trainable == n_params and sorted(counts.sizes) == sorted(numels)
     assert counts.frozen == sum(t.numel() for t in [*tokenizer.parameters(), *tokenizer.buffers()])
+    assert sorted(counts.frozen_sizes) == sorted(p.numel() for p in tokenizer.parameters())
+    buffers = sum(b.numel() for b in tokenizer.buffers())
     assert counts.largest_module == max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     threshold = 1000
     small = sum(n for n in numels if n <= threshold)
@@ -44,7 +47,15 @@ def test_arithmetic_matches_counts_taken_from_the_model(tiny):
                 got = expected_bytes(counts, precision, zero, ranks)
                 sharded = 1 if stage == 0 else ranks
                 assert got["optimizer_state"] == 2 * 4 * math.ceil(n_params / sharded)   # Adam's two fp32 moments
-                assert got["frozen_tokenizer"] == counts.frozen * width
+                if stage == 3 and ranks > 1:   # engine.frozen: a partition of each tensor, small ones also whole
+                    kept = sum(math.ceil(p.numel() / ranks) + (p.numel() if p.numel() <= threshold else 0)
+                               for p in tokenizer.parameters())
+                    assert got["frozen_tokenizer"] == (kept + buffers) * width
+                    whole = expected_bytes(counts, precision, dataclasses.replace(zero, shard_frozen=False),
+                                           ranks)
+                    assert whole["frozen_tokenizer"] == counts.frozen * width > got["frozen_tokenizer"]
+                else:
+                    assert got["frozen_tokenizer"] == counts.frozen * width
                 if stage < 3:
                     assert got["parameters"] == n_params * width
                 else:   # a partition each, plus the small tensors every rank also keeps whole
@@ -179,7 +190,7 @@ def _heap_free_after_zero3_start(rank, world, mode):
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     os.environ.update(BEITV2_MMAP_THRESHOLD=mode, LOCAL_RANK=str(rank))   # DeepSpeed wants LOCAL_RANK
-    host_memory.at_process_start()   # what dist_utils.init does first
+    host_memory.at_process_start(zero_stage=3)   # what dist_utils.init does first, for a ZeRO-3 run
     torch.ones(4 << 20).sum()   # a 16 MB block, freed at once: glibc's dynamic threshold rises above 2 MB
     torch.manual_seed(0)
     model = torch.nn.ModuleList([torch.nn.Linear(1024, 1024, bias=False) for _ in range(8)])
@@ -191,7 +202,7 @@ def _heap_free_after_zero3_start(rank, world, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "auto"])   # auto: fixed, for this ZeRO-3 run
 def test_zero3_engine_start_leaves_no_free_heap_when_the_threshold_is_fixed(mode):
     """With BEITV2_MMAP_THRESHOLD=fixed the process fixes glibc's threshold before ZeRO-3 partitions the model, so
     the partitions it frees leave no free space in the heap, which every later step would fill and keep resident
@@ -223,5 +234,34 @@ def test_gloo_zero3_settings_and_the_mmap_threshold_keep_the_losses(tmp_path, ti
 def test_a_bad_mmap_threshold_mode_names_the_variable(monkeypatch):
     from engine import host_memory
     monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "sometimes")
-    with pytest.raises(ValueError, match="BEITV2_MMAP_THRESHOLD='sometimes' must be one of dynamic, fixed"):
+    with pytest.raises(ValueError, match="BEITV2_MMAP_THRESHOLD='sometimes' must be one of auto, dynamic, fixed"):
         host_memory.at_process_start()
+
+
+def test_the_default_threshold_is_fixed_for_zero3_runs_only(monkeypatch):
+    from engine import host_memory
+    monkeypatch.delenv("BEITV2_MMAP_THRESHOLD", raising=False)
+    assert [host_memory.mode(stage) for stage in (None, 0, 1, 2, 3)] == ["dynamic"] * 4 + ["fixed"]
+    monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "dynamic")
+    assert host_memory.mode(3) == "dynamic"
+    monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "fixed")
+    assert host_memory.mode(0) == "fixed"
+
+
+def test_a_stage_tells_host_memory_its_zero_stage_before_anything_is_built(monkeypatch):
+    from engine import distributed as dist_utils
+    from engine import host_memory
+    from engine.config import RunConfig
+
+    class Stop(Exception):   # stop init right there: no process group in the test process
+        pass
+    seen = []
+
+    def record(zero_stage=None):
+        seen.append(zero_stage)
+        raise Stop
+    monkeypatch.setattr(host_memory, "at_process_start", record)
+    for run in (RunConfig(ds_config="ds_configs/zero3.json"), RunConfig(ds_config="ds_configs/zero1.json"), None):
+        with pytest.raises(Stop):
+            dist_utils.init(run)
+    assert seen == [3, 1, None]

@@ -13,6 +13,7 @@ from engine.config import DataConfig, config_section, describe, resolve, saved_r
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
+from engine.frozen import frozen_entry
 from engine.global_batch import keep_global_batch
 from engine.metrics import TensorboardPictures, forward_flops_per_image
 from engine.trainer import fit, seed_everything
@@ -41,7 +42,7 @@ def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarra
 def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
     cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
-    device = dist_utils.init()
+    device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
     teacher = build_teacher(cfg.teacher).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
@@ -54,6 +55,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
 
     probe = torch.rand(3, model.img_size, model.img_size, device=device)
     teacher_flops = forward_flops_per_image(lambda x: teacher(x, model.grid), probe)   # it runs every step
+    teacher_features = frozen_entry(teacher, "forward", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
 
     # At checkpoint steps: a picture per log point would pile up thousands of images in a long run's event file.
     pictures = TensorboardPictures(cfg.run.output_dir, cfg.run.save_interval, token_map_pictures)
@@ -62,7 +64,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
         images = batch["image"]
         pictures(engine, images)
         with torch.no_grad():   # frozen teacher: no graph; its output is a plain (non-inference) tensor
-            target = teacher(images, model.grid)
+            target = teacher_features(images, model.grid)
         return engine(images, target)
 
     try:
