@@ -107,9 +107,11 @@ def test_step_time_model():
 
 @pytest.mark.slow
 def test_zero3_rank_holds_less_than_one_unsharded_rank():
-    """The real MIM loop on 1 rank at ZeRO-0 and on 2 ranks at ZeRO-3: the tensors each rank holds match the
-    arithmetic, and what a rank needs above the fixed runtime falls (a regression guard with a generous margin)."""
-    kw = dict(arch="beitv2_small_demo", precision="fp32", micro=8, steps=2)
+    """The real MIM loop of ViT-B on 1 rank at ZeRO-0 and on 2 ranks at ZeRO-3: the tensors each rank holds match
+    the arithmetic, and a ZeRO-3 rank's peak is below the unsharded rank's (0.84x measured in docs/scale.md; the
+    bound is a regression guard with a generous margin). A smaller model would not show it: below ~10M parameters
+    the runtime and the engines' fixed costs outweigh what ZeRO-3 saves."""
+    kw = dict(arch="beit_base_patch16_224_8k_vocab_cls_pt", precision="fp32", micro=2, steps=2)
     one = measure(ds_config="ds_configs/zero0.json", ranks=1, **kw)
     two = measure(ds_config="ds_configs/zero3.json", ranks=2, **kw)
     for r in (one, two):
@@ -118,13 +120,14 @@ def test_zero3_rank_holds_less_than_one_unsharded_rank():
             assert held[part] == pytest.approx(want[part], rel=0.02, abs=64 * 1024), (r["setup"] if "setup" in r
                                                                                       else r["ds_config"], part)
         assert held["buckets"] <= want["buckets"] + 64 * 1024
-    # The model states a rank holds halve (DeepSpeed's defaults would add a 2 GB bucket); on a model this small
-    # the process's own costs dominate resident memory, so that only guards against a blow-up.
+    # The model states a rank holds halve (DeepSpeed's defaults would add a 2 GB bucket), and so does the tokenizer.
     states = lambda r: sum(r["per_rank"][0]["tensors_held"][k] for k in   # noqa: E731
                            ("parameters", "master_weights", "gradients", "optimizer_state", "buckets"))
     assert states(two) < 0.6 * states(one), (states(one), states(two))
+    tokenizer = lambda r: r["per_rank"][0]["tensors_held"]["frozen_tokenizer"]   # noqa: E731
+    assert tokenizer(two) < 0.6 * tokenizer(one), (tokenizer(one), tokenizer(two))
     peak = lambda r: r["per_rank"][0]["process_peak"]   # noqa: E731
-    assert peak(two) < 1.25 * peak(one), (peak(one), peak(two))
+    assert peak(two) < 0.95 * peak(one), (peak(one), peak(two))
     table = markdown([{**one, "setup": "1 x zero0"}, {**two, "setup": "2 x zero3"}])
     assert table.count("\n") == 4 and "2 x zero3" in table
 
