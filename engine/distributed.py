@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 
 from engine import host_memory
+from engine.config import RunConfig
+from engine.ds_setup import zero_stage_of
 
 
 def _free_port() -> int:
@@ -17,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(run=None) -> torch.device:
+def init(run: RunConfig | None = None) -> torch.device:
     """Initialise torch.distributed through DeepSpeed and return this rank's device.
 
     Works under the `deepspeed` launcher, `torchrun`, and as a plain single process (then it sets the
@@ -27,11 +29,8 @@ def init(run=None) -> torch.device:
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator; it falls back to gloo without oneCCL.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    stage = None
-    if run is not None:
-        from engine.ds_setup import load_ds_json, zero_stage
-        stage = zero_stage(load_ds_json(run.ds_config))
-    host_memory.at_process_start(stage)   # before the stage builds anything (engine.host_memory)
+    # Before the stage builds anything (engine.host_memory).
+    host_memory.at_process_start(zero_stage_of(run.ds_config) if run is not None else None)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

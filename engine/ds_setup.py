@@ -61,8 +61,8 @@ def loop_owns_step(precision: str, stage: int) -> bool:
 
 
 def load_ds_json(path: str) -> dict:
-    """The JSON object in `path`; anything else (no such file, a folder, not JSON, not an object) is a one-line
-    ConfigError."""
+    """The JSON object in `path`; anything else (no such file, a folder, not JSON, not an object, a
+    `zero_optimization` that is not an object or a stage other than 0-3) is a one-line ConfigError."""
     from ds_configs import packaged_names, resolve_path
     try:
         with open(resolve_path(path)) as f:
@@ -80,7 +80,18 @@ def load_ds_json(path: str) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({where})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object ({{...}}), not {json.dumps(ds)[:40]}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: 'zero_optimization' must be a JSON object, not {json.dumps(zero)[:40]}")
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or not 0 <= stage <= 3:   # type(): a JSON true is not stage 1
+        raise ConfigError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, not {json.dumps(stage)[:40]}")
     return ds
+
+
+def zero_stage_of(path: str) -> int:
+    """The ZeRO stage of the DeepSpeed config at `path` (what a stage checks before it builds anything)."""
+    return zero_stage(load_ds_json(path))
 
 
 def _put(ds: dict, key: str, value: Any, source: str, path: str) -> None:
@@ -118,14 +129,29 @@ def zero_settings_for(stage: int, trainable: list[int], largest_layer: int, worl
         out["allgather_bucket_size"] = bucket
     if stage == 3:
         layer = max(largest_layer, max(trainable))
-        overlap = out["overlap_comm"]
-        # Nothing overlaps under gloo: a prefetched layer, or a bucket larger than one layer, only holds memory.
-        out.update(stage3_prefetch_bucket_size=layer if overlap else 0,
-                   stage3_max_live_parameters=(2 if overlap else 1) * layer, stage3_max_reuse_distance=layer,
+        out.update(stage3_gather_limits(layer, backend),
                    sub_group_size=int(min(1e9, max(1e6, -(-total // (4 * world_size))))))
-        if not overlap:
+        if not out["overlap_comm"]:   # a bucket larger than one layer only holds memory (module docstring)
             out["reduce_bucket_size"] = min(bucket, layer)
     return out
+
+
+def stage3_gather_limits(layer: int, backend: str) -> dict:
+    """ZeRO-3's gather limits for layers of `layer` elements: one layer live and none prefetched under gloo, where
+    nothing overlaps and a prefetched layer only holds memory; two live and one prefetched under NCCL."""
+    overlap = backend == "nccl"
+    return {"overlap_comm": overlap, "stage3_prefetch_bucket_size": layer if overlap else 0,
+            "stage3_max_live_parameters": (2 if overlap else 1) * layer, "stage3_max_reuse_distance": layer}
+
+
+def quiet_defaults(ds: dict) -> dict:
+    """DeepSpeed's own reporting off where the JSON leaves it out: our logger reports. Its throughput timer
+    would synchronize the device at every forward and optimizer step (DeepSpeed 0.19: `timers.throughput` on and
+    `synchronized` by default), which stops the host from queueing the next step while the device works."""
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    return ds
 
 
 def comm_backend() -> str:
@@ -143,8 +169,6 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_un
     path = run.ds_config
     ds = load_ds_json(path)
     zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"{path}: 'zero_optimization' must be a JSON object, not {json.dumps(zero)[:40]}")
     trainable = [p.numel() for p in model.parameters() if p.requires_grad] if model is not None else []
     derived = zero_settings_for(zero_stage(ds), trainable, largest_layer(model) if model is not None else 0,
                                 world_size, backend or comm_backend())
@@ -189,9 +213,7 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_un
         raise ConfigError(f"{path} has an 'optimizer' block; the optimizer comes from the run config's 'optim' "
                           f"section, remove the block")
     ds["optimizer"] = optimizer
-    ds.setdefault("steps_per_print", 10 ** 9)   # our logger reports; keep DeepSpeed's own prints quiet
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
+    return quiet_defaults(ds)
 
 
 def param_groups(model: nn.Module, no_decay_names: Iterable[str] = ()) -> list[dict]:

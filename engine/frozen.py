@@ -17,7 +17,8 @@ from torch import nn
 
 from engine import distributed as dist_utils
 from engine.config import RunConfig
-from engine.ds_setup import comm_backend, largest_layer, load_ds_json, zero_stage
+from engine.ds_setup import (comm_backend, largest_layer, load_ds_json, quiet_defaults, stage3_gather_limits,
+                              zero_stage_of)
 
 
 class _MethodAsForward(nn.Module):
@@ -34,21 +35,17 @@ class _MethodAsForward(nn.Module):
 def shards_frozen(run: RunConfig, world_size: int | None = None) -> bool:
     """Whether a run partitions its frozen helpers: ZeRO-3 on more than one rank, unless `run.shard_frozen` is off."""
     world_size = dist_utils.world_size() if world_size is None else world_size
-    return run.shard_frozen and world_size > 1 and zero_stage(load_ds_json(run.ds_config)) == 3
+    return run.shard_frozen and world_size > 1 and zero_stage_of(run.ds_config) == 3
 
 
 def frozen_zero_config(run: RunConfig, module: nn.Module, world_size: int, backend: str) -> dict:
     """The ZeRO-3 inference config of a frozen helper: the run's `zero_optimization` block without what only an
-    optimizer uses, and gather limits of one layer (two with prefetch under NCCL, as `zero_settings_for` derives
-    them for the model)."""
+    optimizer uses, over the gather limits the model gets (`engine.ds_setup.stage3_gather_limits`)."""
     zero = {k: v for k, v in load_ds_json(run.ds_config).get("zero_optimization", {}).items()
             if k not in ("offload_optimizer", "sub_group_size", "reduce_bucket_size", "contiguous_gradients")}
-    layer = largest_layer(module)
-    overlap = backend == "nccl"
-    derived = {"overlap_comm": overlap, "stage3_prefetch_bucket_size": layer if overlap else 0,
-               "stage3_max_live_parameters": (2 if overlap else 1) * layer, "stage3_max_reuse_distance": layer}
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world_size,
-            "zero_optimization": {**derived, **zero}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    return quiet_defaults({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                           "train_batch_size": world_size,
+                           "zero_optimization": {**stage3_gather_limits(largest_layer(module), backend), **zero}})
 
 
 def frozen_entry(module: nn.Module, method: str, run: RunConfig) -> Callable:

@@ -13,7 +13,7 @@ from data_tools.gpu_segment import IGNORE, SegTrainAug
 from data_tools.sources import segmentation_source
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, describe, resolve
-from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
+from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
 from engine.run_dir import claimed_output_dir
@@ -170,7 +170,7 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
                      final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
         # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file (every rank reads it).
         eval_model = model
-        if zero_stage(load_ds_json(cfg.run.ds_config)) == 3 and result.weights:
+        if zero_stage_of(cfg.run.ds_config) == 3 and result.weights:
             eval_model, dtype = load_segmenter(result.weights).to(device), torch.float32
         held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device, dtype)
         write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))

@@ -13,7 +13,7 @@ from data_tools.gpu_augment import FinetuneTrainAug
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import ConfigError, describe, resolve
-from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, load_ds_json, zero_stage
+from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
 from engine.run_dir import claimed_output_dir
@@ -59,7 +59,7 @@ def build_model(cfg: ClassifyConfig) -> BeitClassifier:
 def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     """Fine-tune a classifier from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the recipe."""
     cfg = resolve(ClassifyConfig, RECIPES, recipe, overrides)
-    if cfg.model.ema_decay and zero_stage(load_ds_json(cfg.run.ds_config)) == 3:
+    if cfg.model.ema_decay and zero_stage_of(cfg.run.ds_config) == 3:
         raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 (--run.ds_config)")
     device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source

@@ -158,6 +158,16 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, name, content, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("stage,recipe", [("tokenizer", "vqkd_tiny_test"), ("classify", "beitv2_tiny_test_ft")])
+def test_a_bad_zero_stage_is_one_line_before_anything_starts(tmp_path, capsys, stage, recipe):
+    """Read first thing (it decides host memory, and classification's EMA check), before any process group."""
+    path = tmp_path / "zero.json"
+    path.write_text('{"zero_optimization": {"stage": "three"}}')
+    err = _error(capsys, stage, "train", recipe, f"--run.ds_config={path}", f"--run.output_dir={tmp_path / 'run'}")
+    assert err == f"error: {path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, not \"three\"", err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_flag_is_a_path_and_a_folder_is_named(tmp_path, capsys):
     """`--config=123` is the file `123`, not the number; a folder is an error naming it."""
     assert _error(capsys, "mim", "train", "--config=123") == "error: config file not found: 123"

@@ -27,6 +27,12 @@ SCRIPT = textwrap.dedent('''
     opts = json.loads(sys.argv[1])
     zero, bad_steps, out, accum = opts["zero"], set(opts["bad_steps"]), opts["out"], opts["accum"]
     dist_utils.init()
+    from deepspeed.accelerator import get_accelerator
+    accelerator, device_syncs, synchronize = get_accelerator(), [0], get_accelerator().synchronize
+    def counted_synchronize(*args, **kwargs):   # a no-op on CPU, a full device sync on a GPU
+        device_syncs[0] += 1
+        return synchronize(*args, **kwargs)
+    accelerator.synchronize = counted_synchronize
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
 
@@ -65,7 +71,7 @@ SCRIPT = textwrap.dedent('''
         report = [f"DIVERGED {e}"]
     else:
         report = []
-    report += [f"SYNCS {counter.syncs if counter else -1}",
+    report += [f"SYNCS {counter.syncs if counter else -1}", f"DEVICE_SYNCS {device_syncs[0]}",
                f"GRAPHS {torch._dynamo.utils.counters['stats']['unique_graphs']}"]
     gathered = contextlib.nullcontext()
     if zero == 3:   # ZeRO-3 leaves each rank a shard of the weight: gather it (collective)
@@ -100,8 +106,8 @@ def run_fit(tmp_path, zero, bad_steps, accum=1, clip=None, precision="fp32", ste
     return proc.stdout + proc.stderr, rows, weight, out
 
 
-def host_syncs(stdout):
-    return int(stdout.split("SYNCS ")[1].split()[0])
+def host_syncs(stdout, kind="SYNCS"):
+    return int(stdout.split(f"\n{kind} ")[1].split()[0])
 
 
 @pytest.mark.parametrize("zero", [0, 1])
@@ -153,6 +159,18 @@ def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per
                           log_interval=steps, save_interval=0)
         syncs[steps] = host_syncs(out)
     assert (syncs[6] > syncs[2]) == per_step, syncs
+
+
+@pytest.mark.parametrize("zero,precision", [(0, "bf16_autocast"), (1, "bf16"), (3, "fp32")])
+def test_deepspeed_does_not_synchronize_the_device_every_step(tmp_path, zero, precision):
+    """Counting `synchronize()` on DeepSpeed's accelerator: its throughput timer, on by default, would call it at
+    every forward and optimizer step (engine.ds_setup.quiet_defaults turns it off); 2 or 6 steps cost the same."""
+    syncs = {}
+    for steps in (2, 6):
+        out, *_ = run_fit(tmp_path / str(steps), zero, [], clip=1.0, precision=precision, steps=steps,
+                          log_interval=steps, save_interval=0)
+        syncs[steps] = host_syncs(out, "DEVICE_SYNCS")
+    assert syncs[6] == syncs[2], syncs
 
 
 def test_the_lean_step_resumes_exactly(tmp_path):

@@ -127,7 +127,8 @@ def killed_after_step_4(reference: Path, run: Path) -> Path:
 PLANTED = [(0, "mp_rank_00_model_states.pt"), (0, "rng_rank0.pt"), (2, "mp_rank_00_model_states.pt"),
            (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), (3, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
            (3, "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
-BAD_CONFIGS = {"folder": None, "array": "[1, 2]", "string": '"x"', "not_json": "{'stage': 2}"}
+BAD_CONFIGS = {"folder": None, "array": "[1, 2]", "string": '"x"', "not_json": "{'stage': 2}",
+               "zero_block": '{"zero_optimization": 3}', "stage": '{"zero_optimization": {"stage": true}}'}
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,9 @@ def test_a_bad_deepspeed_config_is_one_line(resumes, kind):
     expected = {"folder": f"DeepSpeed config {path} is a folder; give a JSON file",
                 "array": f"DeepSpeed config {path} must hold a JSON object ({{...}}), not [1, 2]",
                 "string": f'DeepSpeed config {path} must hold a JSON object ({{...}}), not "x"',
-                "not_json": f"DeepSpeed config {path} is not valid JSON (Expecting property name"}[kind]
+                "not_json": f"DeepSpeed config {path} is not valid JSON (Expecting property name",
+                "zero_block": f"{path}: 'zero_optimization' must be a JSON object, not 3",
+                "stage": f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, not true"}[kind]
     assert report.startswith(f"ConfigError: {expected}") and "\n" not in report, report
 
 
