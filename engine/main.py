@@ -2,19 +2,20 @@
 
 The groups are the stages; each stage module exposes `COMMANDS` (a dict of its commands, or its one command) and
 its `python -m` entry point runs the same dict, so a command registered there shows up here without an edit. Only
-the stage that is asked for is imported: `beitv2 mosaics` does not wait for torch.
+the stage that is asked for is imported, and `beitv2 --help` reads every command's help from the sources without
+importing any (a stage imports torch and DeepSpeed: seconds).
 
 Launchers run this module or the console script: `deepspeed --module engine.main mim train ...`,
 `deepspeed $(which beitv2) mim train ...`, `torchrun --nproc_per_node=N -m engine.main mim train ...`.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import os
 import sys
 from types import ModuleType
-
-from engine.cli import run_cli
 
 PROG = "beitv2"
 
@@ -33,10 +34,56 @@ def _stage(group: str) -> ModuleType:
     return importlib.import_module(STAGES[group])
 
 
-def _summary(fn) -> str:
-    doc = inspect.getdoc(fn) or ""
-    line = doc.split("\n\n")[0].replace("\n", " ").strip()
+def _summary(doc: str | None) -> str:
+    line = (doc or "").split("\n\n")[0].replace("\n", " ").strip()
     return line if len(line) <= 90 else line[:87] + "..."
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where engine/, pretrain/, ... sit
+
+
+def _parse(module: str) -> ast.Module:
+    path = os.path.join(_ROOT, *module.split("."))
+    path = path + ".py" if os.path.isfile(path + ".py") else os.path.join(path, "__init__.py")
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read(), path)
+
+
+def _docstring(module: str, name: str) -> str | None:
+    """The docstring of function `name` of `module`, following `from X import name` to where it is defined."""
+    for node in _parse(module).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_docstring(node)   # cleaned as inspect.getdoc cleans it
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _docstring(node.module, alias.name)
+    raise LookupError(f"{module}.{name}")
+
+
+def _static_docs(group: str) -> list[tuple[str, str | None]]:
+    """(command, docstring) of each of a group's commands, read from the sources: importing the stages would
+    import torch and DeepSpeed (seconds) for a help text. Raises LookupError for a COMMANDS not written as a
+    literal dict of (or one) function names."""
+    module = STAGES[group]
+    for node in _parse(module).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["COMMANDS"]:
+            value = node.value
+            if isinstance(value, ast.Name):
+                return [("", _docstring(module, value.id))]
+            if isinstance(value, ast.Dict) and all(isinstance(k, ast.Constant) for k in value.keys) \
+                    and all(isinstance(v, ast.Name) for v in value.values):
+                return [(k.value, _docstring(module, v.id)) for k, v in zip(value.keys, value.values)]
+    raise LookupError(f"{module}.COMMANDS")
+
+
+def _docs(group: str) -> list[tuple[str, str | None]]:
+    try:
+        return _static_docs(group)
+    except (LookupError, OSError, SyntaxError):   # a COMMANDS built at run time: import the stage to read it
+        commands = _stage(group).COMMANDS
+        items = commands.items() if isinstance(commands, dict) else [("", commands)]
+        return [(name, inspect.getdoc(fn)) for name, fn in items]
 
 
 def usage() -> str:
@@ -44,10 +91,8 @@ def usage() -> str:
     lines = [f"usage: {PROG} GROUP COMMAND [ARGS] [--flags]", "",
              "BEiT v2 pretraining (VQ-KD tokenizer, MIM, transfer) on DeepSpeed. Commands:", ""]
     for group in STAGES:
-        commands = _stage(group).COMMANDS
-        items = commands.items() if isinstance(commands, dict) else [("", commands)]
-        for name, fn in items:
-            lines.append(f"  {f'{group} {name}'.strip():<22} {_summary(fn)}")
+        for name, doc in _docs(group):
+            lines.append(f"  {f'{group} {name}'.strip():<22} {_summary(doc)}")
     lines += ["",
               f"`{PROG} GROUP --help` lists a group's commands; `{PROG} GROUP COMMAND --help` a command's flags (for",
               "train: the recipes and every config key). Train commands take --config=FILE (a run's config.json or",
@@ -68,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command group '{group}'; choose one of: {', '.join(STAGES)} "
               f"(`{PROG} --help` lists their commands)", file=sys.stderr)
         return 2
+    from engine.cli import run_cli   # imports torch: not before a stage is asked for
     stage = _stage(group)
     return run_cli({group: stage.COMMANDS}, argv, name=PROG, errors=tuple(getattr(stage, "CLI_ERRORS", ())))
 

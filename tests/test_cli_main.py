@@ -64,17 +64,34 @@ def _error(capsys, *argv) -> str:
 
 
 def test_top_level_help_lists_every_stage_command(helps):
-    """Built from each stage's COMMANDS, so a command registered there (e.g. `mim visualize`) is listed too."""
+    """Built from each stage's COMMANDS, so a command registered there (e.g. `mim visualize`) is listed too, each
+    with the first sentence of its docstring as the imported function has it (the help reads the sources)."""
     import importlib
+    import inspect
 
-    from engine.main import STAGES
+    from engine.main import STAGES, _summary
     text = helps[""]
     assert text.startswith("usage: beitv2 GROUP COMMAND")
     for group, module in STAGES.items():
         commands = importlib.import_module(module).COMMANDS
-        for name in (commands if isinstance(commands, dict) else [""]):
-            assert f"  {group} {name}".rstrip() + " " in text, f"{group} {name} missing from:\n{text}"
+        for name, fn in (commands.items() if isinstance(commands, dict) else [("", commands)]):
+            line = f"  {f'{group} {name}'.strip():<22} {_summary(inspect.getdoc(fn))}"
+            assert _summary(inspect.getdoc(fn)) and line in text.splitlines(), f"{line!r} missing from:\n{text}"
     assert "--config=FILE" in text and "deepspeed --module engine.main" in text
+
+
+def test_top_level_help_imports_no_stage_and_no_torch():
+    """`beitv2 --help` answers in a fraction of a second: it reads the commands' help from the sources."""
+    code = ("import runpy, sys; sys.argv = ['beitv2', '--help']\n"
+            "try:\n    runpy.run_module('engine.main', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'numpy', 'pretrain',"
+            " 'finetune', 'data_tools'))\n"
+            "print('IMPORTED', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage: beitv2 GROUP COMMAND" in proc.stdout and "mim train" in proc.stdout, proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "IMPORTED []", proc.stdout[-2000:]
 
 
 def test_group_help_lists_its_commands(helps):
