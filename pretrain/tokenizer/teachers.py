@@ -7,7 +7,6 @@ Weights always come from a local file; a missing file is an error naming the pat
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.export import load_strict
+from engine.script_archive import ScriptArchiveError, is_script_archive, read_script_archive
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -73,17 +73,19 @@ def _load_into(net: nn.Module, weights: str, what: str, convert=lambda sd: sd) -
 
 
 def load_state_dict(path: str) -> dict:
-    """Tensors from a safetensors file, a plain torch file (weights only), or a TorchScript archive."""
+    """Tensors from a safetensors file, a plain torch file (weights only), or a TorchScript archive (its tensors
+    only: `engine.script_archive`, nothing from the file runs)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError is not a ValueError
             raise TeacherError(f"cannot read '{path}' as safetensors ({e})") from None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("constants.pkl") for n in z.namelist()):   # TorchScript (OpenAI's CLIP release)
-                return torch.jit.load(path, map_location="cpu").state_dict()
+    if is_script_archive(path):   # TorchScript (OpenAI's CLIP release): its tensors only, none of its code runs
+        try:
+            return read_script_archive(path)
+        except ScriptArchiveError as e:
+            raise TeacherError(str(e)) from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
