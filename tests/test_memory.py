@@ -167,7 +167,10 @@ def test_vit_large_mim_steps_and_resume_at_zero3(tmp_path):
               "--run.ds_config=ds_configs/zero3.json", "--run.grad_checkpointing=true", "--run.save_final=false",
               "--run.log_interval=1", "--run.progress_bar=false", "--schedule.warmup_steps=1"]
     first = run_stage("pretrain.mim", [*common, "--schedule.total_steps=1", "--run.save_interval=1"])
-    assert (out / "checkpoints").is_dir() or any(out.iterdir()), first[-2000:]
+    # The step-1 checkpoint is complete (`latest` names it only then); config.json alone would not be one.
+    latest = out / "checkpoints" / "latest"
+    assert latest.is_file() and latest.read_text() == "step_00000001", first[-2000:]
+    assert (out / "checkpoints" / "step_00000001").is_dir()
     second = run_stage("pretrain.mim", [*common, "--schedule.total_steps=2", "--run.save_interval=1000",
                                         "--run.allow_config_change=true"])
     assert "resumed from" in second and "at step 1/2" in second, second[-2000:]
