@@ -6,7 +6,6 @@ same (seed, step, rank, micro) gives the same batch after a resume, and shapes s
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -15,16 +14,12 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from data_tools.gpu_primitives import device_constant, grayscale
+from data_tools.gpu_randaugment import rand_augment
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-@functools.lru_cache(maxsize=None)
-def device_constant(values: tuple, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A small constant made once per device and dtype: `torch.tensor(..., device=cuda)` on every step would be a
-    blocking host-to-device copy, i.e. a sync in the hot path."""
-    return torch.tensor(values, dtype=dtype).view(shape).to(device)
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 def generator_for(seed: int, step: int, rank: int, micro: int, device: torch.device | str) -> torch.Generator:
@@ -108,11 +103,6 @@ def random_flip(x: Tensor, g: torch.Generator, p: float = 0.5) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------ colour
-def grayscale(x: Tensor) -> Tensor:
-    """[B, 3, H, W] -> [B, 1, H, W] with torchvision's weights."""
-    return x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2]
-
-
 def _blend(img: Tensor, other: Tensor, factor: Tensor, bound: float) -> Tensor:
     return (other + factor.view(-1, 1, 1, 1) * (img - other)).clamp(0, bound)
 
@@ -172,7 +162,7 @@ def random_erasing(x: Tensor, g: torch.Generator, p: float = 0.25, min_area: flo
 # --------------------------------------------------------------------------------------------------- stage pipelines
 @dataclass(frozen=True)
 class TokenizerTrainAug:
-    """VQ-KD tokenizer training (DESIGN 1.1): RandomResizedCrop(size, 0.08-1) + flip, float [0, 1]."""
+    """VQ-KD tokenizer training, as the official recipe: RandomResizedCrop(size, 0.08-1) + flip, float [0, 1]."""
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
 
@@ -184,8 +174,8 @@ class TokenizerTrainAug:
 
 @dataclass(frozen=True)
 class MimAug:
-    """MIM pretraining (DESIGN 1.2): one RandomResizedCrop(size, 0.2-1) + flip + ColorJitter(0.4, 0.4, 0.4), float
-    [0, 1]. `mim_views` turns it into the model view and the tokenizer view."""
+    """MIM pretraining, as the official recipe: one RandomResizedCrop(size, 0.2-1) + flip + ColorJitter(0.4, 0.4,
+    0.4), float [0, 1]. `mim_views` turns it into the model view and the tokenizer view."""
     size: int = 224
     scale: tuple[float, float] = (0.2, 1.0)
     jitter: float = 0.4
@@ -198,7 +188,7 @@ class MimAug:
 
 
 def mim_views(x01: Tensor) -> tuple[Tensor, Tensor]:
-    """(ImageNet-normalised model view, [0, 1] tokenizer view) of one decoded crop (DESIGN 1.2)."""
+    """(ImageNet-normalised model view, [0, 1] tokenizer view) of one decoded crop."""
     return normalize(x01), x01
 
 
@@ -216,7 +206,6 @@ class FinetuneTrainAug:
     erase_prob: float = 0.25
 
     def __call__(self, images: Tensor, sizes: Tensor, g: torch.Generator) -> Tensor:
-        from data_tools.gpu_randaugment import rand_augment  # the biggest piece; only fine-tuning needs it
         boxes = random_resized_crop_boxes(sizes, self.scale, (3 / 4, 4 / 3), g)
         x = random_flip(crop_resize(to_rgb_float(images), boxes, self.size), g)
         if self.rand_augment:
