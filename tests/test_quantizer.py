@@ -102,7 +102,8 @@ def test_dead_code_restart_is_identical_on_every_rank():
 
 
 def test_no_one_hot_matrix(monkeypatch):
-    """DESIGN.md 3: counts and sums come from bincount/index_add, never an N x K one-hot."""
+    """Counts and sums come from bincount/index_add, never an N x K one-hot (tokens x codes floats: 8192 codes
+    make it 32 KiB per token)."""
     def forbidden(*a, **k):
         raise AssertionError("one_hot called")
     monkeypatch.setattr(F, "one_hot", forbidden)

@@ -1,4 +1,4 @@
-"""Typed configuration and named recipes of the MIM pretraining stage (DESIGN.md 1.2)."""
+"""Typed configuration and named recipes of the MIM pretraining stage."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,7 +73,7 @@ class MIMConfig(StageConfig):
                               "(python -m pretrain.tokenizer train ... writes <output_dir>/tokenizer.pt)")
 
 
-# DESIGN.md 1.2: global batch 2048 (16 ranks x 128 here), lr 1.5e-3 not batch-scaled, wd 0.05, clip 3.0,
+# The official recipe: global batch 2048 (16 ranks x 128 here), lr 1.5e-3 not batch-scaled, wd 0.05, clip 3.0,
 # warm-up 10 epochs, cosine to 1e-5.
 _OFFICIAL = {
     "data": {"source": "beton"},

@@ -39,7 +39,7 @@ class TokenizerConfig(StageConfig):
 
 
 RECIPES = {
-    # The official recipe (DESIGN.md 1.1): 100 epochs, global batch 512, CLIP ViT-B/16 teacher.
+    # The official recipe: 100 epochs, global batch 512, CLIP ViT-B/16 teacher.
     "vqkd_base_clip": {
         "arch": "vqkd_encoder_base_decoder_3x768x12_clip",
         "teacher": {"name": "clip_b16", "input_size": 224},
