@@ -16,7 +16,7 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test).
 APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 setup: $(VENV)/.done
 
 $(VENV)/.done: setup.cfg setup.py
@@ -33,10 +33,14 @@ $(VENV)/.done: setup.cfg setup.py
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
-test: setup
+# The linter's settings are in ruff.toml; it runs first, so a test run also reports an unused import or a stray name.
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
 	$(PYTEST) -rs --durations=15 tests
 
-test-fast: setup
+test-fast: setup lint
 	$(PYTEST) -m "not slow" tests
 
 demo: setup

@@ -123,8 +123,9 @@ def main(images: int = 384, workers: int = 2, batch: int = 64, epochs: int = 3, 
     convert_s = time.perf_counter() - t
     total = epochs * (len(paths) // batch) * batch
     masks = BlockMaskGenerator(GRID, MASKED)
-    result: dict = {"jpegs": len(paths), "synthetic": not folder, "jpeg_side": 256 if not folder else None, "batch": batch, "workers": workers,
-                    "cores": os.cpu_count(), "convert_s": round(convert_s, 1), **device_info(device)}
+    result: dict = {"jpegs": len(paths), "synthetic": not folder, "jpeg_side": 256 if not folder else None,
+                    "batch": batch, "workers": workers, "cores": os.cpu_count(), "convert_s": round(convert_s, 1),
+                    **device_info(device)}
 
     def ours(aug) -> tuple[Iterator, float]:
         source = FFCVSource(beton, aug, micro_batch_size=batch, device=device, num_workers=workers, seed=0)

@@ -2,10 +2,11 @@
 
 Each variant runs `pretrain.mim.train` (DeepSpeed engine, frozen tokenizer, masks, logging) for 2 x `warmup`
 steps on synthetic images and reports the second half; `--profile` adds a torch.profiler table of the last
-variant, over 3 steps after its measured interval (one profiler per process: a second one crashes torch on CPU). A variant that fails is recorded with its
-error and the others still run; the JSON is rewritten after every variant. DeepSpeed's autocast mode sets
-process-wide state, so list the `lean*` variants after the DeepSpeed-bf16 ones. The baseline is the official formulation's attention
-(explicit softmax, no fused kernel, eager); the tokenizer's share is timed on its own. Writes JSON.
+variant, over 3 steps after its measured interval (one profiler per process: a second one crashes torch on CPU). A
+variant that fails is recorded with its error and the others still run; the JSON is rewritten after every variant.
+DeepSpeed's autocast mode sets process-wide state, so list the `lean*` variants after the DeepSpeed-bf16 ones. The
+baseline is the official formulation's attention (explicit softmax, no fused kernel, eager); the tokenizer's share is
+timed on its own. Writes JSON.
 
     python -m bench.pretrain --arch=beit_base_patch16_224_8k_vocab_cls_pt --batch=128 --precision=bf16
 """
@@ -89,7 +90,8 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
         overrides = {"tokenizer": tok_path, "data.source": "synthetic", "data.limit": batch * 4,
                      "run.output_dir": os.path.join(work, name), "run.micro_batch_size": batch,
                      "run.precision": precision, "run.ds_config": f"ds_configs/zero{zero}.json",
-                     "run.log_interval": warmup, "run.save_interval": 10 ** 9, "run.save_final": False, "run.progress_bar": False,
+                     "run.log_interval": warmup, "run.save_interval": 10 ** 9, "run.save_final": False,
+                     "run.progress_bar": False,
                      "schedule.total_steps": 2 * warmup, "schedule.warmup_steps": 1, **VARIANTS[name]}
         if profile and name == names[-1]:   # profiled after the measured interval, so the numbers stay clean
             overrides.update({"run.profile_steps": 3, "schedule.total_steps": 2 * warmup + 3})

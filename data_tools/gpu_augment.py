@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def generator_for(seed: int, step: int, rank: int, micro: int, device: torch.device | str) -> torch.Generator:
-    """A generator whose stream depends only on (seed, step, rank, micro): resuming at `step` redraws the same values."""
+    """A generator whose stream depends only on (seed, step, rank, micro): resuming at `step` redraws the same
+    values."""
     state = np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, np.uint32)
     g = torch.Generator(device=device)
     g.manual_seed((int(state[0]) << 31) ^ int(state[1]))

@@ -1,4 +1,5 @@
-"""Host memory of CPU runs: where glibc puts big tensors, and giving freed pages back (a no-op without glibc or on CUDA).
+"""Host memory of CPU runs: where glibc puts big tensors, and giving freed pages back (a no-op without glibc or on
+CUDA).
 
 glibc serves blocks under its mmap threshold from heaps and keeps the pages of freed blocks; by default it raises the
 threshold to the largest block freed so far (up to 32 MB), so a CPU rank's resident memory grows by whatever its

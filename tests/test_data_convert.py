@@ -119,7 +119,8 @@ def test_refuses_to_overwrite_without_force(good_folder, tmp_path, capsys):
     for no in ("--force=false", "--force=0"):   # fire alone would pass the string 'false', a true value
         assert run("imagefolder", src, out, "--mode=jpg", no, *QUIET) == 1 and out.read_bytes() == before
     assert run("imagefolder", src, out, "--mode=jpg", "--force=maybe", *QUIET) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "convert: error: --force must be true or false, got 'maybe'"
+    assert (capsys.readouterr().err.strip().splitlines()[-1]
+            == "convert: error: --force must be true or false, got 'maybe'")
     assert run("imagefolder", src, out, "--mode=jpg", "--force", *QUIET) == 0
     assert out.read_bytes() != before
     assert json.load(open(str(out) + ".json"))["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

@@ -34,7 +34,8 @@ def test_the_packaged_ds_configs_are_found_from_any_folder(installed, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(installed), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test",
                            "--data.source=synthetic", "--schedule.total_steps=2",
-                           "--run.ds_config=ds_configs/zero0.json", "--run.output_dir=run"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+                           "--run.ds_config=ds_configs/zero0.json", "--run.output_dir=run"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "run" / "tokenizer.pt").exists()
     import engine
@@ -81,7 +82,7 @@ def test_nothing_in_the_repository_points_outside_it():
         files = listed.stdout.split()
     else:   # not a git checkout (an unpacked archive): every file but the environment and the runs
         files = [os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, fs in os.walk(ROOT) for f in fs
-                 if not os.path.relpath(d, ROOT).split(os.sep)[0] in (".venv", ".git", "runs", "data")]
+                 if os.path.relpath(d, ROOT).split(os.sep)[0] not in (".venv", ".git", "runs", "data")]
     hits = references_outside(ROOT, files)
     assert not hits, hits
 

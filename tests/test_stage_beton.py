@@ -54,7 +54,8 @@ def test_mim_resumes_inside_an_epoch_of_a_beton_and_exports_to_timm(tmp_path, be
 
     # Held-out masked-token metrics through the command line, on the test .beton under the training view.
     proc = subprocess.run([sys.executable, "-m", "pretrain.mim", "evaluate", str(ref),
-                           f'--data_cfg={{"eval_path": "{test}", "eval_images": 64}}', f"--out={tmp_path / 'eval.json'}"],
+                           f'--data_cfg={{"eval_path": "{test}", "eval_images": 64}}',
+                           f"--out={tmp_path / 'eval.json'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     held_out = json.loads((tmp_path / "eval.json").read_text())

@@ -157,7 +157,8 @@ def _openai_clip_patch_tokens(sd: dict, x: torch.Tensor, heads: int = 12) -> tor
         q, k, val = F.linear(ln(x, p + "ln_1"), v[p + "attn.in_proj_weight"], v[p + "attn.in_proj_bias"]).chunk(3, -1)
         q, k, val = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, val))
         attn = ((q @ k.transpose(-2, -1)) / (d // heads) ** 0.5).softmax(-1) @ val
-        x = x + F.linear(attn.transpose(1, 2).reshape(b, n, d), v[p + "attn.out_proj.weight"], v[p + "attn.out_proj.bias"])
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, n, d), v[p + "attn.out_proj.weight"],
+                         v[p + "attn.out_proj.bias"])
         h = F.linear(ln(x, p + "ln_2"), v[p + "mlp.c_fc.weight"], v[p + "mlp.c_fc.bias"])
         x = x + F.linear(h * torch.sigmoid(1.702 * h), v[p + "mlp.c_proj.weight"], v[p + "mlp.c_proj.bias"])
     return (ln(x, "ln_post") @ v["proj"])[:, 1:]
