@@ -339,7 +339,11 @@ def _convert(items: list[Item], out: str, s: Settings, *, kind: str, source: str
     meta = {"file": os.path.basename(out), "kind": kind, "source": os.path.abspath(source),
             "fields": {k: type(v).__name__ for k, v in fields.items()}, "num_samples": len(good),
             "num_inputs": len(items), "num_skipped": len(skipped), "skipped_report": report if skipped else None,
-            "num_ignored": len(ignored), "class_names": class_names, "counts": counts, "settings": asdict(s),
+            "num_ignored": len(ignored), "class_names": class_names, "counts": counts,
+            # what a classifier's head needs (the training commands take it from here): every class folder, or the
+            # largest label of a file list + 1
+            "num_classes": (len(class_names) if class_names else max(it.label for it in good) + 1) if with_label
+            else None, "settings": asdict(s),
             "alpha_background": list(ALPHA_BACKGROUND), "sha256": digest, "seconds": round(time.time() - t0, 1),
             "ffcv": "1.0.2"}
     _write_json(out + ".json", meta)
@@ -427,6 +431,7 @@ def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: i
             "file": os.path.basename(out), "kind": "fashion_mnist", "split": split, "source": data_dir or DATA_DIR,
             "fields": {"image": "RGBImageField", "label": "IntField"}, "num_samples": int(len(images)),
             "num_inputs": int(len(images)), "num_skipped": 0, "class_names": list(CLASS_NAMES),
+            "num_classes": len(CLASS_NAMES),
             "counts": {CLASS_NAMES[i]: int(c) for i, c in zip(ids, n)}, "settings": asdict(s), "sha256": digest,
             "ffcv": "1.0.2"})
         print(f"wrote {out}: {len(images)} samples, sha256 {digest[:16]}...", file=sys.stderr)

@@ -14,6 +14,7 @@ import fire
 
 from engine.config import CONFIG_KEY, ConfigError
 from engine.guards import Preempted, TrainingDiverged
+from engine.run_plan import DRY_RUN_KEY, DryRun
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
 USER_ERRORS = (ConfigError, FileNotFoundError, TrainingDiverged, ValueError)
@@ -58,6 +59,7 @@ def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
     strings = {name for name, p in params.items() if p.annotation in (str, "str")}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and CONFIG_KEY not in params:
         strings.add(CONFIG_KEY)   # a train command's `--config=FILE` (engine.config.resolve) is a path, not a literal
+        bools.add(DRY_RUN_KEY)    # and `--dry_run` a yes/no (engine.run_plan)
     out, rest, positional, named = list(head), list(args[len(head):]), [], set()
     while rest:
         a = rest.pop(0)
@@ -182,6 +184,8 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
         argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
         result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
+    except DryRun as e:   # --dry_run: the plan is printed, nothing was built
+        result = e.result
     except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix
         print(f"stopped: {e}", file=sys.stderr)
         return 143

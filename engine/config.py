@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,9 +128,11 @@ class DataConfig:
     Args:
         source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory), `beton` (FFCV file) or
             `synthetic` (random images, for benchmarks).
-        train_path, eval_path: .beton files (source=beton).
+        train_path, eval_path: .beton files (source=beton). A path given by the user (a flag, a --config file,
+            --data_cfg) over a recipe's source switches the source to beton (`settle_data`).
         limit: use only the first N training images (0 = all), e.g. for a quick demo.
-        eval_images: held-out images used by evaluation (0 = all).
+        eval_images: held-out images used by evaluation (0 = all). Both cap a .beton only when set with its path
+            or after it (a recipe's limits are for the built-in data; the user's file is read whole).
         num_workers: loader worker processes.
         os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
         verify: FFCV: before training, compare each .beton's sha256 with the one `data_tools.convert` recorded in
@@ -263,6 +266,20 @@ def _check_keys(values: Any, path: str, prefix: str = "") -> None:
             _check_keys(value, path, f"{prefix}.{key}" if prefix else key)
 
 
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader, which also reads `1e-3` and `5E4` as numbers, as JSON does (YAML 1.1 wants a dot in a
+    float: `lr: 1e-3` would be the string '1e-3', and a one-line type error)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    exponent = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    return Loader
+
+
 def load_config_file(path: str) -> dict:
     """The (nested or dotted) config keys in `path`: a run's saved config.json, or a JSON/YAML file with the same
     keys. `.yaml`/`.yml` files are read as YAML, everything else as JSON. Unknown keys are checked by `resolve`."""
@@ -283,7 +300,7 @@ def load_config_file(path: str) -> dict:
         import yaml   # PyYAML comes with timm; only YAML configs need it
 
         try:
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_yaml_loader())   # safe_load, reading 1e-3 as a number
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -314,27 +331,84 @@ def _holds_run(output_dir: str) -> bool:
     return any(os.path.exists(os.path.join(output_dir, name)) for name in ("config.json", "checkpoints"))
 
 
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted names of the values a (nested or dotted) mapping of config keys sets."""
+    out: set[str] = set()
+    for key, value in (merge({}, values) if not prefix else values).items():
+        if isinstance(value, Mapping):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+def _last_setter(layers: list[tuple[str, set[str]]], key: str) -> int:
+    """Index of the last of `layers` (lowest priority first, the defaults at 0) that sets `key`."""
+    return max((i for i, (_, keys) in enumerate(layers) if key in keys), default=0)
+
+
+def settle_data(data: DataConfig, layers: list[tuple[str, set[str]]]) -> dict[str, str]:
+    """The user's data is the data: a `train_path`/`eval_path` given at a later layer than `source` (a flag over a
+    recipe) switches the source to `beton`; a layer that sets both a path and another source is a one-line error.
+    With a .beton, `limit`/`eval_images` cap a file only when set at its path's layer or later: a recipe's (or the
+    defaults') are for the built-in data, and the file is read whole. `layers`: (name, keys it sets, relative to the
+    data section), lowest priority first, the defaults at 0. Returns what changed, key -> why."""
+    notes: dict[str, str] = {}
+    given = [k for k in ("train_path", "eval_path") if getattr(data, k)]
+    if not given:
+        return notes
+    path_layer = max(_last_setter(layers, k) for k in given)
+    source_layer = _last_setter(layers, "source")
+    if data.source != "beton" and path_layer >= source_layer:
+        key = max(given, key=lambda k: _last_setter(layers, k))
+        if path_layer == source_layer:
+            raise ConfigError(f"data.{key}={getattr(data, key)} and data.source={data.source} are both set by "
+                              f"{layers[path_layer][0]}: a path is read with data.source=beton; drop data.source "
+                              f"(or set it to beton)")
+        notes["source"] = f"{layers[path_layer][0]}: beton, as data.{key} is given"
+        data.source = "beton"
+    if data.source == "beton":
+        for limit, path in (("limit", "train_path"), ("eval_images", "eval_path")):
+            layer = _last_setter(layers, limit)
+            if getattr(data, path) and getattr(data, limit) and layer < _last_setter(layers, path):
+                notes[limit] = (f"0 (all of {getattr(data, path)}): the {getattr(data, limit)} of "
+                                f"{layers[layer][0]} is for the built-in data")
+                setattr(data, limit, 0)
+    return notes
+
+
 def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
             overrides: Mapping[str, Any], config_file: str | None = None) -> Any:
     """The run config: defaults of `cls` < the named recipe < `config_file` < `overrides` (the flags); validated
-    before anything runs.
+    before anything runs. `resolve_with_origins` also says where each key came from.
 
     `config_file` (a train command's `--config=FILE`, also accepted as the `config` key of `overrides`) is a saved
     `config.json` or a YAML/JSON file with the same keys; a key unknown to `cls` is a one-line error naming the file.
     A saved config.json sets every key, so the recipe then only fills keys added to the code since that run. Its
     `run.output_dir` names the old run: when that folder already holds a run and the flags do not set
     `run.output_dir`, this is an error asking for one (pass the old folder itself to continue that run).
+
+    Data given by the user wins (`settle_data`): `--data.train_path=my.beton` reads that file, whole.
     """
+    return resolve_with_origins(cls, recipes, recipe, overrides, config_file)[0]
+
+
+def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
+                         overrides: Mapping[str, Any], config_file: str | None = None) -> tuple[Any, dict[str, str]]:
+    """`resolve`, and where each key that is not at its default came from: `recipe NAME`, `file PATH` or `flag`
+    (and why, for a key `settle_data` changed)."""
     overrides = dict(overrides)
     if CONFIG_KEY in overrides:
         if config_file is not None:
             raise ConfigError("give the config file once: either config_file or the 'config' override")
         config_file = overrides.pop(CONFIG_KEY)
     values = to_dict(cls())
+    layers = [("the defaults", _leaves(values))]
     if recipe is not None:
         if recipe not in recipes:
             raise ConfigError(f"unknown recipe '{recipe}'; choose one of: {', '.join(sorted(recipes))}")
         values = merge(values, recipes[recipe])
+        layers.append((f"recipe {recipe}", _leaves(recipes[recipe])))
     if config_file is not None:
         from_file = load_config_file(config_file)
         try:   # the file's keys and types on their own, so that an error names the file
@@ -347,10 +421,18 @@ def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | N
             raise ConfigError(f"config file {config_file} sets run.output_dir={old_dir}, which already holds a run; "
                               f"pass --run.output_dir=NEW_DIR for a new run (or --run.output_dir={old_dir} to "
                               f"continue that one)")
+        layers.append((f"file {config_file}", _leaves(from_file)))
     values = merge(values, overrides)
+    layers.append(("flag", _leaves(overrides)))
     cfg = from_dict(cls, values)
+    notes = {}
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        data_layers = [(name, {k[5:] for k in keys if k.startswith("data.")}) for name, keys in layers]
+        notes = {f"data.{k}": why for k, why in settle_data(cfg.data, data_layers).items()}
     validate(cfg)
-    return cfg
+    origins = {key: layers[_last_setter(layers, key)][0] for key in _leaves(to_dict(cfg))
+               if _last_setter(layers, key) > 0}
+    return cfg, {**origins, **notes}
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -367,7 +449,8 @@ def describe(cls: type, recipes: Mapping[str, Any]) -> str:
     """Recipes and every config key with its default, for a command's --help."""
     lines = [f"Recipes: {', '.join(recipes)}.", "",
              "--config=FILE starts from a saved config.json (or YAML with the same keys): defaults < recipe < "
-             "FILE < flags.", "", "Config keys (defaults before the recipe):"]
+             "FILE < flags. --dry_run prints what the run reads and its resolved config, then exits (nothing is "
+             "built).", "", "Config keys (defaults before the recipe):"]
 
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
@@ -413,14 +496,28 @@ def saved_run_config(checkpoint: str) -> dict:
 
 def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: str) -> Any:
     """One config section of an evaluation command: its defaults, then what the run saved, then the command's
-    `--flag` (a JSON object; unknown keys fail)."""
+    `--flag` (a JSON object; unknown keys fail). A DataConfig's paths given in `--flag` are read, whole
+    (`settle_data`)."""
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"--{flag} must be a JSON object, e.g. --{flag}='{{\"key\": value}}', got {overrides!r}")
-    cfg = from_dict(cls, merge(merge(to_dict(cls()), saved), overrides or {}), prefix=flag)
+    defaults = to_dict(cls())
+    cfg = from_dict(cls, merge(merge(defaults, saved), overrides or {}), prefix=flag)
+    if isinstance(cfg, DataConfig):
+        notes = settle_data(cfg, [("the defaults", _leaves(defaults)), ("the run's config.json", _leaves(saved)),
+                                  (f"--{flag}", _leaves(overrides or {}))])
+        for key, why in notes.items():
+            _note(f"{flag}.{key} = {getattr(cfg, key)!r}: {why}")
     validate(cfg, flag)
     return cfg
 
 
+def _note(msg: str) -> None:
+    """A line on stderr from the first process only (engine.distributed is not imported here: no torch)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+
+
 __all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "DataConfig", "StageConfig", "config_section",
+           "resolve_with_origins", "settle_data",
            "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
            "resolve", "to_dict", "validate", "save_json", "load_json", "field"]

@@ -15,6 +15,8 @@ from engine import distributed as dist_utils
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
+from engine.labels import LabelRange
+from engine.run_plan import check_labels, data_split
 from finetune.model import build_classifier, load_classifier
 
 OFFICIAL_EVAL_CROP = 224 / 256   # resize 256, centre crop 224
@@ -27,22 +29,49 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classification_metrics(model: nn.Module, batches: Iterable[dict], dtype: torch.dtype = torch.float32) -> dict:
-    """`images`, `top1`, `top5` (fractions) and mean cross-entropy `loss` over `batches` of all ranks."""
+def classification_metrics(model: nn.Module, batches: Iterable[dict], dtype: torch.dtype = torch.float32,
+                           source: str = "the held-out data", class_names: list | None = None) -> dict:
+    """`images`, `top1`, `top5` (fractions) and mean cross-entropy `loss` over `batches` of all ranks, and each
+    class's `per_class` images and top-1 (named by `class_names`) when the model says its `num_classes`. A label
+    outside the model's classes is a one-line error naming `source` and the label (counted on the device, read once
+    at the end)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=dist_utils.current_device())   # images, hits@1, hits@5, CE
+    device = dist_utils.current_device()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)   # images, hits@1, hits@5, CE
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    per_class = torch.zeros(2, num_classes, dtype=torch.int64, device=device)   # images, hits@1 of each class
+    guard = LabelRange(num_classes, source) if num_classes else None
     for batch in batches:
         logits = model(batch["image"].to(dtype)).float()
-        labels = batch["label"]
+        guard = guard or LabelRange(logits.shape[-1], source)
+        labels = guard(batch["label"])
         ce = F.cross_entropy(logits, labels, reduction="sum")
         totals += torch.cat([ce.new_tensor([len(labels)]), topk_hits(logits, labels), ce[None]]).to(totals)
-    dist_utils.all_reduce_sum_(totals)
+        if num_classes:
+            per_class[0] += torch.bincount(labels, minlength=num_classes).to(device)
+            per_class[1] += torch.bincount(labels[logits.argmax(-1) == labels], minlength=num_classes).to(device)
     model.train(was_training)
+    none = torch.iinfo(torch.int64).min
+    worst = guard.worst.view(1).to(device) if guard is not None and guard.worst is not None else \
+        torch.full((1,), none, device=device)
+    worst = dist_utils.all_gather_cat(worst).max()   # the worst label of all ranks: every rank stops alike
+    if guard is not None:
+        guard.worst = worst
+        guard.check()
+    elif int(worst) != none:
+        raise ConfigError(f"{source}: label {int(worst)} is outside the model's classes")
+    dist_utils.all_reduce_sum_(totals)
+    dist_utils.all_reduce_sum_(per_class)
     n, top1, top5, loss = totals.tolist()
     if n == 0:
         raise ConfigError("no held-out images to evaluate on; check data.eval_path / data.eval_images")
-    return {"images": int(n), "top1": top1 / n, "top5": top5 / n, "loss": loss / n}
+    result = {"images": int(n), "top1": top1 / n, "top5": top5 / n, "loss": loss / n}
+    if num_classes:
+        names = class_names if class_names and len(class_names) == num_classes else range(num_classes)
+        result["per_class"] = [{"class": str(name), "images": int(k), "top1": hits / k if k else None}
+                               for name, (k, hits) in zip(names, per_class.T.tolist())]
+    return result
 
 
 def held_out_metrics(model: nn.Module, data: DataConfig, eval_crop: float, batch_size: int, device: torch.device,
@@ -50,7 +79,8 @@ def held_out_metrics(model: nn.Module, data: DataConfig, eval_crop: float, batch
     """`classification_metrics` on the test split seen as the official evaluation sees it (resize, centre crop)."""
     view = EvalAug(model.patch_embed.img_size[0], crop_fraction=eval_crop)
     batches = labelled_batches(data, "test", view, batch_size, device, dist_utils.rank(), dist_utils.world_size())
-    return classification_metrics(model, batches, dtype)
+    split = data_split(data, "eval", "classify")
+    return classification_metrics(model, batches, dtype, split.where, split.class_names)
 
 
 def evaluate(checkpoint: str, arch: str = "", num_classes: int = 0, data_cfg: dict | None = None,
@@ -76,6 +106,9 @@ def evaluate(checkpoint: str, arch: str = "", num_classes: int = 0, data_cfg: di
     model = build_classifier(arch, num_classes, checkpoint) if arch else load_classifier(checkpoint)
     saved = saved_run_config(checkpoint)
     data = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
+    split = data_split(data, "eval", "classify")
+    dist_utils.log_main(split.line())
+    check_labels([split], model.num_classes, f"the head of {checkpoint}")
     crop = eval_crop or saved.get("augment", {}).get("eval_crop", OFFICIAL_EVAL_CROP)
     if not 0 < crop <= 1:
         raise ConfigError(f"--eval_crop must be in (0, 1], got {crop}")

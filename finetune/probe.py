@@ -28,6 +28,7 @@ from engine import distributed as dist_utils
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config, to_dict
 from engine.evaluation import eval_device, write_result
+from engine.run_plan import Split, data_split
 from finetune.evaluate import topk_hits
 from finetune.features import FeatureFile, FrozenFeatures, extract
 
@@ -37,10 +38,11 @@ EXTRACT_BATCH = 256   # images per forward pass when features are computed (fixe
 
 @contextlib.contextmanager
 def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, eval_crop: float, cache_dir: str,
-              seed: int) -> Iterator[tuple[FrozenFeatures, FeatureFile, FeatureFile]]:
+              seed: int) -> Iterator[tuple[FrozenFeatures, FeatureFile, FeatureFile, list[Split]]]:
     """This rank's train and test features. With `cache_dir` they are kept in a folder named by what determines
     them (checkpoint file, arch, layer, pooling, data, view, seed of `random`, ranks) and reused by later runs;
-    without, they live in a temporary folder for the duration of the `with` block."""
+    without, they live in a temporary folder for the duration of the `with` block. Also yields what each split is
+    (`engine.run_plan.data_split`), printed first."""
     if not 0 < eval_crop <= 1:
         raise ConfigError(f"--eval_crop must be in (0, 1], got {eval_crop}")
     if os.path.isdir(checkpoint):
@@ -50,6 +52,8 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
     model = FrozenFeatures(checkpoint, arch, layer, pooling)
     saved = saved_run_config(checkpoint) if checkpoint != "random" else {}
     data = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
+    splits = [data_split(data, split, "classify") for split in ("train", "eval")]
+    dist_utils.log_main("\n".join(s.line() for s in splits))
     view = EvalAug(model.img_size, crop_fraction=eval_crop, normalized=False)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     source = (["random", arch, seed] if checkpoint == "random" else
@@ -61,7 +65,24 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
         train, test = (extract(model, labelled_batches(data, split, view, EXTRACT_BATCH, device, rank, world),
                                os.path.join(folder, f"{split}_rank{rank}of{world}"), device)
                        for split in ("train", "test"))
-        yield model, train, test
+        yield model, train, test, splits
+
+
+def _class_count(splits: list[Split], num_classes: int, labels: list[np.ndarray]) -> int:
+    """`--num_classes`, else the data's class count (convert's record, else the largest label of all ranks + 1); a
+    label at or above it is a one-line error naming the file and the label, on every rank alike."""
+    if num_classes == 1 or num_classes < 0:
+        raise ConfigError(f"--num_classes must be 0 (the data's class count) or >= 2, got {num_classes}")
+    found = torch.tensor([[int(y.max(initial=-1)) for y in labels]], device=dist_utils.current_device())
+    found = dist_utils.all_gather_cat(found).amax(0).tolist()   # the largest label of each split, all ranks
+    given = "--num_classes"
+    if not num_classes:
+        num_classes, given = splits[0].num_classes or max(found) + 1, "the data's classes"
+    for split, worst in zip(splits, found):
+        if worst >= num_classes:
+            raise ConfigError(f"{split.where}: label {worst} is outside num_classes={num_classes} ({given}); pass "
+                              f"--num_classes={worst + 1} or more")
+    return max(num_classes, 2)
 
 
 def _topk_counts(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,7 +111,7 @@ def _feature_stats(feats: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls",
-                 data_cfg: dict | None = None, num_classes: int = 10, epochs: int = 90, batch_size: int = 256,
+                 data_cfg: dict | None = None, num_classes: int = 0, epochs: int = 90, batch_size: int = 256,
                  base_lr: float = 0.1, optimizer: str = "lars", warmup_epochs: int = 10, eval_crop: float = 0.875,
                  seed: int = 0, cache_dir: str = "", out: str = "") -> dict:
     """Linear probe of a frozen backbone (protocol in the module doc); top-1/top-5 on the held-out split.
@@ -102,18 +123,20 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
         layer: block whose features are probed (1..depth); 0 = the last.
         pooling: `cls`, `mean` or `agg_cls` (the aggregation head's CLS token).
         data_cfg: data settings as a JSON object; defaults to the run's config.json beside the checkpoint.
-        num_classes: classes of the labels.
+        num_classes: classes of the labels; 0 takes the data's (convert's record, else the largest label + 1).
         epochs, batch_size (global), base_lr, optimizer (`lars` or `sgd`), warmup_epochs: the head's training.
         eval_crop: centre-crop fraction of the feature view (0.875 = 224 of 256).
         cache_dir: keep the features here and reuse them in later runs (default: a temporary folder, removed).
         out: optional JSON path for the result (with the per-epoch history).
     """
-    check_counts(epochs=epochs, num_classes=num_classes, batch_size=batch_size)
+    check_counts(epochs=epochs, batch_size=batch_size)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test):
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test,
+                                                                                                splits):
         x_train, y_train = train.read()
         x_test, y_test = test.read()
+        num_classes = _class_count(splits, num_classes, [y_train, y_test])
         mean, var, n_train = _feature_stats(x_train, model.dim)
         world = dist_utils.world_size()
         local_batch = batch_size // world
@@ -121,8 +144,6 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
         if steps_per_epoch < 1:
             raise ConfigError(f"--batch_size={batch_size} needs >= 1 image per rank and at most the {n_train} "
                               f"training images")
-        if int(y_train.max(initial=0)) >= num_classes or int(y_test.max(initial=0)) >= num_classes:
-            raise ConfigError(f"labels go beyond --num_classes={num_classes}; give the dataset's class count")
         device = eval_device()   # where the head trains: the rank's GPU, else the CPU
         torch.manual_seed(seed)   # the same head on every rank
         bn = nn.BatchNorm1d(model.dim, affine=False, eps=1e-6).eval()
@@ -173,7 +194,7 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
 
 
 def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", data_cfg: dict | None = None,
-        num_classes: int = 10, k: int = 20, temperature: float = 0.07, eval_crop: float = 0.875, seed: int = 0,
+        num_classes: int = 0, k: int = 20, temperature: float = 0.07, eval_crop: float = 0.875, seed: int = 0,
         cache_dir: str = "", out: str = "") -> dict:
     """Weighted k-NN classification on frozen features (DINO's protocol); top-1/top-5 on the held-out split.
 
@@ -182,12 +203,14 @@ def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", d
 
     Args: as `linear_probe`, plus `k` neighbours and the vote `temperature`.
     """
-    check_counts(k=k, num_classes=num_classes)
+    check_counts(k=k)
     if temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test):
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test,
+                                                                                                splits):
         x_train, y_train = train.read()
         x_test, y_test = test.read()
+        num_classes = _class_count(splits, num_classes, [y_train, y_test])
         dev = eval_device()   # the GPU when there is one (also what nccl collectives need)
         queries = F.normalize(dist_utils.all_gather_uneven(torch.from_numpy(np.array(x_test)).to(dev)), dim=1)
         labels = dist_utils.all_gather_uneven(torch.from_numpy(np.array(y_test)).to(dev))
@@ -206,8 +229,6 @@ def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", d
     labs = dist_utils.all_gather_cat(best_label.T.contiguous()).view(-1, k, len(queries)).permute(2, 0, 1)
     sims, pick = sims.reshape(len(queries), -1).topk(k, dim=1)
     labs = labs.reshape(len(queries), -1).gather(1, pick)
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise ConfigError(f"labels go beyond --num_classes={num_classes}; give the dataset's class count")
     votes = torch.zeros(len(queries), num_classes, device=dev, dtype=torch.float64)
     votes.scatter_add_(1, labs.clamp(min=0), torch.exp(sims.double() / temperature).nan_to_num(0.0))
     counts = _topk_counts(votes, labels)

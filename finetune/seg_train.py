@@ -12,11 +12,13 @@ from data_tools.ffcv_loader import RawAug
 from data_tools.gpu_segment import IGNORE, SegTrainAug
 from data_tools.sources import segmentation_source
 from engine import distributed as dist_utils
-from engine.config import ConfigError, DataConfig, describe, resolve
+from engine.config import DataConfig, describe
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
+from engine.labels import LabelRange
 from engine.run_dir import claimed_output_dir
+from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from finetune.seg_config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.seg_metrics import evaluate_segmenter, per_class_table
@@ -32,39 +34,6 @@ def pixel_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     upsampled logits), which the step's pixel accuracy reuses instead of upsampling a second time."""
     logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none").mean(), logits
-
-
-class LabelRange:
-    """Out-of-range label ids (>= num_classes, not ignore) become ignore so the step stays valid (CUDA would abort on
-    them) and are remembered on the device, without a sync; as an engine step hook the flag is read after the first
-    step and at every log interval, next to the engine's own sync there, and raised as a one-line error naming the
-    data. Stateless: a resumed run checks again from its first step."""
-    name = "label_range"
-
-    def __init__(self, num_classes: int, source: str, log_interval: int):
-        self.num_classes, self.source, self.every = num_classes, source, log_interval
-        self.worst: Tensor | None = None
-        self.checked = False
-
-    def __call__(self, labels: Tensor) -> Tensor:
-        bad = (labels >= self.num_classes) & (labels != IGNORE)
-        worst = torch.where(bad, labels, torch.zeros_like(labels)).amax()
-        self.worst = worst if self.worst is None else torch.maximum(self.worst, worst)
-        return torch.where(bad, torch.full_like(labels, IGNORE), labels)
-
-    def after_step(self, step: int) -> None:
-        due = not self.checked or step % self.every == 0
-        self.checked = True
-        if due and self.worst is not None and int(self.worst) > 0:
-            raise ConfigError(f"{self.source}: label id {int(self.worst)} (after reduce_zero_label) is outside the "
-                              f"model's {self.num_classes} classes, by step {step}; set num_classes to the data's "
-                              f"class count or fix the annotations")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class AverageBatchNormStats:
@@ -128,7 +97,7 @@ def held_out_metrics(model: BeitUperNet, data: DataConfig, augment: SegAugmentCo
 def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dict:
     """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
     recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
-    cfg = resolve(SegmentConfig, RECIPES, recipe, overrides)
+    cfg = start_run(SegmentConfig, RECIPES, recipe, overrides, task="segment")   # prints data, config; --dry_run
     device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical neck and heads
@@ -150,7 +119,8 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     groups = layer_decay_param_groups(model, cfg.layer_decay)
     dtype = PARAM_DTYPES[cfg.run.precision]
     guard = LabelRange(cfg.num_classes, cfg.data.train_path or f"{cfg.data.source} training data",
-                       cfg.run.log_interval)
+                       cfg.run.log_interval, ignore=IGNORE, what="label id {} (after reduce_zero_label)",
+                       fix="the annotations")
     seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank dropout and drop path from here on
 
     def step_fn(engine, batch):

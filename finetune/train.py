@@ -12,11 +12,13 @@ from timm.utils import ModelEmaV3
 from data_tools.gpu_augment import FinetuneTrainAug
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
-from engine.config import ConfigError, describe, resolve
+from engine.config import ConfigError, describe
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
 from engine.global_batch import keep_global_batch
+from engine.labels import LabelRange
 from engine.run_dir import claimed_output_dir
+from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from finetune.config import RECIPES, ClassifyConfig
 from finetune.evaluate import held_out_metrics
@@ -58,7 +60,7 @@ def build_model(cfg: ClassifyConfig) -> BeitClassifier:
 
 def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     """Fine-tune a classifier from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the recipe."""
-    cfg = resolve(ClassifyConfig, RECIPES, recipe, overrides)
+    cfg = start_run(ClassifyConfig, RECIPES, recipe, overrides, task="classify")   # num_classes from the data
     if cfg.model.ema_decay and zero_stage_of(cfg.run.ds_config) == 3:
         raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 (--run.ds_config)")
     device = dist_utils.init(cfg.run)
@@ -76,13 +78,17 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     soft_ce = SoftTargetCrossEntropy()
     groups = layer_decay_param_groups(model, cfg.layer_decay, model.no_weight_decay())
     rank, dtype = dist_utils.rank(), PARAM_DTYPES[cfg.run.precision]
+    # Labels beyond num_classes (a file without convert's record, or unlike it): a one-line error naming the file.
+    guard = LabelRange(cfg.num_classes, cfg.data.train_path or f"{cfg.data.source} training data",
+                       cfg.run.log_interval)
     seed_everything(cfg.run.seed + rank)   # per-rank drop path from here on
 
     def step_fn(engine, batch):
         if "label" not in batch:
             raise ConfigError("the training data has no class labels; convert it with its labels "
                               "(python -m data_tools.convert imagefolder ...)")
-        labels = batch["label"]
+        labels = guard(batch["label"])
+        guard.after_step(batch["step"] + 1)   # reads the flag at the first step and at log points only
         # Mixup draws from (seed, step, rank, micro) like the augmentation, so a resumed run mixes the same way.
         rng = np.random.default_rng([cfg.run.seed, batch["step"], rank, batch["micro"]])
         images, targets = mixup(batch["image"], labels, rng)

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from data_tools.gpu_augment import MimAug, generator_for, mim_views
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
-from engine.config import ConfigError, describe, resolve
+from engine.config import ConfigError, describe
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.export import load_strict
 from engine.frozen import frozen_entry, shards_frozen
 from engine.global_batch import keep_global_batch
 from engine.metrics import TensorboardPictures, forward_flops_per_image
+from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
@@ -115,7 +116,7 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]
 
 def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
-    cfg = resolve(MIMConfig, RECIPES, recipe, overrides)
+    cfg = start_run(MIMConfig, RECIPES, recipe, overrides)   # prints the data and config; --dry_run stops
     device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     if cfg.model.attention == "flex" and device.type != "cuda":

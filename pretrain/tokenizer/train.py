@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from data_tools import sources
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import DataConfig, config_section, describe, resolve, saved_run_config
+from engine.config import DataConfig, config_section, describe, saved_run_config
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
 from engine.frozen import frozen_entry
 from engine.global_batch import keep_global_batch
 from engine.metrics import TensorboardPictures, forward_flops_per_image
+from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
@@ -41,7 +42,7 @@ def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarra
 
 def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
-    cfg = resolve(TokenizerConfig, RECIPES, recipe, overrides)
+    cfg = start_run(TokenizerConfig, RECIPES, recipe, overrides)   # prints the data and config; --dry_run stops
     device = dist_utils.init(cfg.run)
     keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
     seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
