@@ -4,13 +4,15 @@ come out all black.
 - `verify_sha256(path)` hashes the file and compares the digest with `sha256` in `<path>.json`, which convert writes
   beside every .beton. It reads the whole file (minutes for a 150 GB ImageNet-21k .beton at disk speed), so it runs
   only when asked (`FFCVSource(verify=True)`, the `data.verify` config flag), once per file per process.
-- `BlackImages` counts, on the device, the decoded images whose every pixel is 0. A damaged JPEG payload does not
-  raise anywhere: FFCV's decoder reports the failure only in a return code that its callers drop, and the image
-  slot keeps whatever the buffer held, zeros for a fresh buffer (our decoder, data_tools.ffcv_ops, zeroes the slot
-  on a failed decode so that it is always black). A batch costs one reduction on the device; the counter is read
-  without stalling the device (copied to the host every `CHECK_EVERY` batches and looked at the next time) and
-  read directly at the end of every pass over the data. More than `MAX_BLACK_FRACTION` black images after at least
-  `MIN_IMAGES` is a one-line error.
+- `BlackImages` counts the decoded images that came out entirely black (every pixel 0 inside the image's own size).
+  A damaged JPEG payload does not raise anywhere: FFCV's decoder reports the failure only in a return code that its
+  callers drop, and the image slot keeps whatever the buffer held. Our decoder (data_tools.ffcv_ops) zeroes the slot
+  on a failed decode, so that it is always black, and flags every black image in its canvas's status row while the
+  pixels are still in the CPU cache (it stops at the first non-zero byte). What reaches this class is one flag byte
+  per image: a batch costs one b-element sum on the device, whatever its pixels. The counter is read without
+  stalling the device (copied to the host every `CHECK_EVERY` batches and looked at the next time) and read directly
+  at the end of every pass over the data. More than `MAX_BLACK_FRACTION` black images after at least `MIN_IMAGES` is
+  a one-line error.
   Real photos that are entirely black (every channel exactly 0, e.g. a lens cap shot) are rare, far below 1%; dark
   or black-background images (MNIST-style digits, night scenes) are not entirely 0 and do not count. Fashion-MNIST
   has none (tests/test_beton_integrity.py). A data set that does hold more than 1% of all-black images would need
@@ -23,7 +25,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,18 +101,11 @@ class BlackImages:
         self._batches = 0
         self._snapshot: tuple[Tensor, torch.cuda.Event | None, int] | None = None
 
-    def add(self, images: Tensor, sizes: np.ndarray | None = None) -> None:
-        """`images`: uint8 canvases [b, C, H, W]; `sizes`: the (h, w) of each real image in its canvas's top-left
-        corner, or None when every image fills its canvas (the rest of a canvas holds stale pixels)."""
-        peak = images.amax(1)   # [b, H, W]
-        if sizes is not None:
-            hw = torch.from_numpy(sizes).to(peak.device, non_blocking=True)
-            rows = torch.arange(peak.shape[1], device=peak.device)[None, :, None] < hw[:, 0, None, None]
-            cols = torch.arange(peak.shape[2], device=peak.device)[None, None, :] < hw[:, 1, None, None]
-            peak = peak * (rows & cols)
-        black = (peak.flatten(1).amax(1) == 0).sum()
-        self.black = black if self.black is None else self.black.add_(black)
-        self.seen += len(images)
+    def add(self, black: Tensor) -> None:
+        """`black`: one uint8 flag per decoded image, 1 where it is entirely black (the canvases' status row)."""
+        count = black.sum(dtype=torch.int64)
+        self.black = count if self.black is None else self.black.add_(count)
+        self.seen += len(black)
         self._batches += 1
         if self._batches % CHECK_EVERY == 0:
             self._poll()

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from data_tools.beton_check import BlackImages, verify_sha256
-from data_tools.gpu_augment import EvalAug, TokenizerTrainAug, generator_for
+from data_tools.gpu_augment import TokenizerTrainAug, generator_for
 
-Aug = Callable[..., Any]   # (images, sizes, g) -> images, or for label maps (images, labels, sizes, g) -> (images, labels)
+# (images, sizes, g) -> images, or for label maps (images, labels, sizes, g) -> (images, labels)
+Aug = Callable[..., Any]
 IMAGE, LABEL, ANNOTATION = "image", "label", "annotation"   # .beton field names written by data_tools.convert
 _LOADERS: dict[tuple, Any] = {}                              # see FFCVSource._loader
 EVAL_STEP = 2 ** 40             # generator key of evaluation batches: no training step reaches it
@@ -233,8 +234,8 @@ class FFCVSource(_PlannedSource):
 
     Integrity (data_tools.beton_check): `verify=True` compares the file's sha256 with the one data_tools.convert
     recorded before anything is read (the first process of each node hashes it: the whole file, minutes for a large
-    one); every decoded batch is checked, on the device, for images that came out entirely black, as damaged JPEGs
-    do, and more than 1% of them stop the run with a one-line error.
+    one); the decoder flags every image that came out entirely black, as damaged JPEGs do, and more than 1% of them
+    stop the run with a one-line error.
     """
 
     def __init__(self, path: str, aug: Aug, *, micro_batch_size: int, grad_accum_steps: int = 1,
@@ -268,8 +269,6 @@ class FFCVSource(_PlannedSource):
         self.batches_ahead = batches_ahead
         meta = self.reader.metadata[f"f{self.reader.field_names.index(IMAGE)}"]
         self._hw_all = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)
-        # Images smaller than the canvas leave stale pixels around them: the black check then masks by size.
-        self._fills_canvas = bool((self._hw_all == self._hw_all.max(0)).all()) if len(self._hw_all) else True
         self.black_images = BlackImages(path, self.device)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -314,11 +313,11 @@ class FFCVSource(_PlannedSource):
         names = list(loader.pipeline_specs)          # FFCV returns one output per enabled field, in this order
         it = EpochIterator(loader, order.astype(np.uint64))
         try:
-            for k in range(math.ceil(len(order) / batch_size)):
+            for _ in range(math.ceil(len(order) / batch_size)):
                 out = dict(zip(names, _next(it)))
-                images = out[IMAGE].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-                sizes = None if self._fills_canvas else self._hw_all[order[k * batch_size:(k + 1) * batch_size]]
-                self.black_images.add(images, sizes)
+                canvases = out[IMAGE].to(self.device, non_blocking=True)   # [b, H + 1, W, 3]
+                self.black_images.add(canvases[:, -1, 0, 0])               # the status row (data_tools.ffcv_ops)
+                images = canvases[:, :-1].permute(0, 3, 1, 2)
                 labels = out.get(ANNOTATION)
                 if LABEL in out:    # FFCV reuses its output buffers a few batches later: copy what is kept as is
                     labels = out[LABEL].reshape(-1).clone().to(self.device, non_blocking=True)

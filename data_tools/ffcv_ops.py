@@ -6,6 +6,11 @@ random decoders draw from numba's global RNG, which cannot be re-seeded per epoc
 Loader). So FFCV only decodes: each image is copied, unscaled, into the top-left corner of a (max_h, max_w) canvas
 and the real (h, w) comes from the file's metadata. One extra edge-replicated row and column keep bilinear sampling at
 the image border from reading stale canvas pixels.
+
+The RGB canvas has one more row than the largest image, the status row: its first byte says whether the image came out
+entirely black (data_tools.beton_check). The decoder finds that out while the pixels are still in the CPU cache, and
+stops at the first non-zero byte, so a real image costs a few byte reads instead of a pass over the batch;
+FFCVSource cuts the row off before anything else sees the canvas.
 """
 from __future__ import annotations
 
@@ -28,16 +33,23 @@ def canvas_shape(metadata: np.ndarray) -> Tuple[int, int]:
 
 
 class CanvasRGBDecoder(SimpleRGBImageDecoder):
-    """Decode an RGBImageField (jpg or raw) into the top-left corner of a (max_h, max_w, 3) uint8 canvas.
+    """Decode an RGBImageField (jpg or raw) into the top-left corner of a (max_h + 1, max_w, 3) uint8 canvas whose
+    last row is the status row: `[max_h, 0, 0]` is 1 when the image is entirely black, else 0 (see the module doc).
 
     Subclasses FFCV's default decoder only because FFCV recognises a pipeline's decoder by that type. A JPEG that
     does not decode (libjpeg-turbo's error or warning) becomes an all-black image: FFCV's own decoder drops the
     return code and leaves whatever the reused buffer held, another sample's pixels.
+
+    `flag_black=False` leaves the status row 0 without looking at the pixels: the no-check baseline of bench.loader.
     """
+
+    def __init__(self, flag_black: bool = True) -> None:
+        super().__init__()
+        self.flag_black = flag_black
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
         max_h, max_w = canvas_shape(self.metadata)
-        shape = (max_h, max_w, 3)
+        shape = (max_h + 1, max_w, 3)   # + the status row
         u8 = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
                 (AllocationQuery(shape, u8), AllocationQuery((max_h * max_w * 3,), u8)))
@@ -48,6 +60,7 @@ class CanvasRGBDecoder(SimpleRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         max_h, max_w = (np.int64(v) for v in canvas_shape(self.metadata))
+        flag_black = self.flag_black
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -62,10 +75,17 @@ class CanvasRGBDecoder(SimpleRGBImageDecoder):
                                         1, False, False)
                     if failed:   # damaged data: a black image (data_tools.beton_check counts them), not stale pixels
                         buf[:3 * h * w] = 0
-                    img = buf[:3 * h * w].reshape(h, w, 3)
+                    pixels = buf[:3 * h * w]
                 else:
-                    img = data.reshape(h, w, 3)
+                    pixels = data[:3 * h * w]
+                black = np.uint8(flag_black)
+                for i in range(3 * h * w if flag_black else 0):   # stops at the first lit byte: O(1) for real images
+                    if pixels[i] != 0:
+                        black = np.uint8(0)
+                        break
+                img = pixels.reshape(h, w, 3)
                 out = destination[dst_ix]
+                out[max_h, 0, 0] = black
                 out[:h, :w] = img
                 if w < max_w:
                     out[:h, w] = out[:h, w - 1]

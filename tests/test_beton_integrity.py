@@ -97,15 +97,30 @@ def test_verifying_a_beton_without_convert_s_record_is_a_one_line_error(tmp_path
                               f"data_tools.convert, or pass --data.verify=false to train on it unverified")
 
 
-def test_black_images_are_counted_inside_their_size_only():
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_the_decoder_flags_black_images_inside_their_size_only(tmp_path, mode):
+    # Three images on one 16 x 16 canvas: a bright 16-row one, a 12-row black one (below it the canvas keeps
+    # whatever the slot held) and a 12-row one black but for its last pixel. Only the second one is black.
+    folder = tmp_path / "src" / "c"
+    folder.mkdir(parents=True)
+    nearly = np.zeros((12, 16, 3), np.uint8)
+    nearly[11, 15, 2] = 200
+    for i, img in enumerate([np.full((16, 16, 3), 255, np.uint8), np.zeros((12, 16, 3), np.uint8), nearly]):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    out = str(tmp_path / f"{mode}.beton")
+    assert convert.main(["imagefolder", str(tmp_path / "src"), out, f"--mode={mode}", "--quality=100",
+                         "--progress=False", "--workers=1"]) == 0
+    source = FFCVSource(out, RawAug(), micro_batch_size=1, num_workers=1)
+    batches = list(source.eval_batches(1))
+    assert [tuple(b["image"].shape) for b in batches] == [(1, 3, 16, 16)] * 3   # the status row is cut off
+    assert batches[0]["image"].min() == 255 and batches[1]["image"][0, :, :12].max() == 0
+    assert (int(source.black_images.black), source.black_images.seen) == (1, 3)
+
+
+def test_the_black_counter_adds_flags_across_batches():
     check = beton_check.BlackImages("x.beton", torch.device("cpu"))
-    canvases = torch.full((3, 3, 4, 4), 9, dtype=torch.uint8)   # stale pixels all over the canvases
-    canvases[0, :, :2, :2] = 0                                  # image 0 (2 x 2) is black
-    canvases[1, :, :2, :2] = 0
-    canvases[1, 2, 1, 1] = 1                                    # image 1 is not
-    check.add(canvases, np.array([[2, 2], [2, 2], [4, 4]]))
-    assert (int(check.black), check.seen) == (1, 3)
-    check.add(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))       # whole-canvas images
+    check.add(torch.tensor([1, 0, 0], dtype=torch.uint8))
+    check.add(torch.tensor([1, 1], dtype=torch.uint8))
     assert (int(check.black), check.seen) == (3, 5)
 
 
