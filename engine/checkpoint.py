@@ -22,6 +22,7 @@ the same directory), and nothing in it runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -316,6 +317,9 @@ class CheckpointManager:
             if error:
                 return self._resplit_error(tag, world, error), None
         source = folder + UNIVERSAL if universal else folder
+        error = self._stage_mismatch(folder, engine.zero_optimization_stage(), universal)
+        if error:   # decided from file names and the config: every rank alike
+            return (error.split(":")[0], error), None
         # First every file is checked (each rank a share) and the ranks agree: damage must be found on every rank
         # alike before DeepSpeed's load, which at ZeRO-3 and from a re-split copy has collectives inside.
         error = _agree(self._damage(source, folder))
@@ -352,6 +356,29 @@ class CheckpointManager:
         if not error:
             return None, client_state
         return self._load_error(folder, error, FITS), None
+
+    def _stage_mismatch(self, folder: str, stage: int, universal: bool) -> str:
+        """"" when DeepSpeed can load the checkpoint in `folder` at ZeRO `stage`, else a one-line error. Its files
+        tell its stage: ZeRO-3 shards the model states, ZeRO-1/2 only the optimizer's (either loads the other's),
+        ZeRO-0 shards nothing. Across those layouts DeepSpeed's load fails with a bare AssertionError or a missing
+        file; a re-split copy (universal) serves any ZeRO stage >= 1."""
+        names = os.listdir(folder)
+        saved = (3 if any(n.startswith("zero_pp_rank") and n.endswith("model_states.pt") for n in names) else
+                 1 if any("zero_pp_rank" in n and n.endswith("optim_states.pt") for n in names) else 0)
+        now = min(stage, 1) if stage < 3 else 3
+        if saved == now or (universal and saved and now):
+            return ""
+        try:   # config.json still holds the saved run's settings (fit rewrites it after the load)
+            with open(os.path.join(os.path.dirname(self.dir), "config.json")) as f:
+                saved_cfg = json.load(f)
+            ds_config = saved_cfg.get("run", saved_cfg)["ds_config"]
+            keep = f"resume with --run.ds_config={ds_config} (the saved run's)"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            keep = "resume with the run.ds_config it was written with"
+        was = {0: "ZeRO-0", 1: "ZeRO-1/2", 3: "ZeRO-3"}[saved]
+        return (f"checkpoint {folder} was written at {was} and this run uses ZeRO-{stage} (run.ds_config); "
+                f"DeepSpeed cannot load a checkpoint across these stages: {keep}, or start over with "
+                f"--run.resume=false")
 
     def _load_error(self, folder: str, error: str, template: str) -> tuple[str, str]:
         """(reason, one-line error) for a checkpoint that does not load; one written by another number of ranks

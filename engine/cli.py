@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 import os
 import sys
@@ -13,7 +12,8 @@ from typing import Any, Callable
 import fire
 
 from engine.config import CONFIG_KEY, ConfigError
-from engine.guards import Preempted, TrainingDiverged
+from engine.files import json_text
+from engine.guards import Preempted, TrainingDiverged, stop_on_sigterm
 from engine.run_plan import DRY_RUN_KEY, DryRun
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
@@ -24,7 +24,7 @@ def _print_result(result) -> None:
     if os.environ.get("RANK", "0") != "0":   # one summary per run, not one per rank
         return
     if isinstance(result, dict):
-        print(json.dumps(result, indent=2, default=str))
+        print(json_text(result, indent=2, default=str))   # strict JSON: a NaN prints as null
     elif result is not None:
         print(result)
 
@@ -183,7 +183,8 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
     try:
         argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
-        result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
+        with stop_on_sigterm():   # outside a training loop SIGTERM stops cleanly too (engine.guards)
+            result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
     except DryRun as e:   # --dry_run: the plan is printed, nothing was built
         result = e.result
     except Preempted as e:   # asked to stop: the checkpoint is written, nothing to fix

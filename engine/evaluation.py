@@ -8,7 +8,7 @@ import os
 import torch
 
 from engine import distributed as dist_utils
-from engine.files import write_text_atomically
+from engine.files import finite_json, write_text_atomically
 
 
 def eval_device() -> torch.device:
@@ -20,7 +20,14 @@ def eval_device() -> torch.device:
 
 
 def write_result(result: dict, out: str) -> dict:
-    """Write `result` as JSON to `out` (when given) from rank 0, atomically; return it."""
+    """Write `result` as strict JSON to `out` (when given) from rank 0, atomically; return what was written.
+
+    A value that is not finite (a NaN loss) is written as null, its key listed under `not_finite`, with a note."""
+    result, nulls = finite_json(result)
+    if nulls:
+        result["not_finite"] = nulls
+        dist_utils.log_main(f"{', '.join(nulls)} not finite (NaN or inf): written as null"
+                            f"{f' in {out}' if out else ''}")
     if out and dist_utils.is_main():
-        write_text_atomically(out, json.dumps(result, indent=2))
+        write_text_atomically(out, json.dumps(result, indent=2, allow_nan=False))
     return result

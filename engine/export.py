@@ -56,8 +56,20 @@ def load_strict(model: nn.Module, state_dict: dict, source: str, what: str) -> n
     if missing or unexpected or wrong:
         raise ValueError(f"{source} does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"wrong shapes {wrong[:3]}")
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raises a one-line ValueError naming `source` when any floating-point tensor of `state_dict` holds a NaN or
+    an inf: weights like that evaluate to a NaN loss and train nothing, whatever the learning rate."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source} holds weights that are not finite (NaN or inf) in {len(bad)} tensor"
+                         f"{'s' if len(bad) > 1 else ''}, first {bad[0]}; it cannot be evaluated or trained from: "
+                         f"use a checkpoint written before its run diverged")
 
 
 def save_weights_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], arch: dict,

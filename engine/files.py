@@ -5,9 +5,11 @@ of one. (Per-step metric rows are appended; a row torn by a kill is dropped on r
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
-from typing import Callable
+from typing import Any, Callable
 
 # How Rust's I/O errors end (safetensors writes in Rust and raises its own SafetensorError, not OSError).
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -76,6 +78,26 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     write_atomically(path, write)
+
+
+def finite_json(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`value` with every float that is not finite (NaN, inf) replaced by None, and the keys it was under (dotted,
+    `loss`, `ema.top1`, `history.3.loss`): strict JSON has no NaN, and `json.dumps` would write one that most
+    readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [where or "(value)"]
+    if isinstance(value, dict):
+        items = [(k, finite_json(v, f"{where}.{k}" if where else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in items}, [p for _, (_, paths) in items for p in paths]
+    if isinstance(value, (list, tuple)):
+        items = [finite_json(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, paths in items for p in paths]
+    return value, []
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """`json.dumps(value)` as strict JSON: non-finite floats become null (see `finite_json`)."""
+    return json.dumps(finite_json(value)[0], allow_nan=False, **kwargs)
 
 
 def writable_parent_problem(path: str) -> str:

@@ -146,7 +146,8 @@ def _decide(run: RunConfig, world: int) -> tuple[int, str, str]:
         return accum, "", ""
     flags = keeping_flags(G, world, run.micro_batch_size)
     keep = (f"keep it with {flags}" if flags else
-            f"no micro-batch splits it over {world} ranks: resume on {saved.world_size} ranks to keep it")
+            f"no micro-batch splits it over {world} ranks: resume on {saved.world_size} "
+            f"rank{'s' if saved.world_size > 1 else ''} to keep it")
     error = (f"resuming {run.output_dir} with a global batch of {now.global_batch} ({now.describe()}) instead of "
              f"the saved {G} ({saved.describe()}) would change the schedule and the data order; {keep}, or pass "
              f"--run.allow_config_change=true to train on with a global batch of {now.global_batch}")

@@ -2,15 +2,19 @@
 loop's own clipping at ZeRO-0, and a scheduler's SIGTERM (agreed between ranks at the log interval)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from engine import distributed as dist_utils
+
+if TYPE_CHECKING:
+    import psutil
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,6 +54,30 @@ class PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
         if self._watch is not None:
             self._watch.stop()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Around a whole command: SIGTERM raises `Preempted` (exit 143 with one `stopped:` line, engine.cli) instead
+    of killing the process where it stands, so `finally` blocks run (temporary files removed, the run lock
+    released) and nothing is left half-written. The training loop's `PreemptionFlag` takes SIGTERM over while it
+    trains (a checkpoint first); this covers what runs outside it: starting up, a stage's evaluation after training
+    (its eval.json is not written) and the evaluation commands. Only in the main thread (where Python delivers
+    signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise Preempted("SIGTERM outside a training loop; nothing was left half-written and the checkpoints are "
+                        "whole: run the same command again (a training run resumes from its last checkpoint, and "
+                        "a finished one only evaluates)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class LauncherWatch(threading.Thread):

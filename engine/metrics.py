@@ -9,7 +9,7 @@ import time
 import torch
 
 from engine import distributed as dist_utils
-from engine.files import write_text_atomically
+from engine.files import json_text, write_text_atomically
 
 # Dense bf16/fp16 tensor-core peak per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -53,6 +53,27 @@ class DeviceMeter:
         return dict(zip(keys, values))
 
 
+_TB_WARNED: set[str] = set()
+
+
+def open_tensorboard(folder: str, **kwargs):
+    """A tensorboardX `SummaryWriter` on `folder`, or None when the folder cannot be written (a file in its place,
+    read-only, a full disk): losing the curves must not stop a long run, and metrics.jsonl keeps every logged value.
+    Warns once per folder, on stderr."""
+    try:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter(folder, **kwargs)
+    except OSError as e:
+        if folder not in _TB_WARNED:
+            _TB_WARNED.add(folder)
+            why = "a file is in its place" if os.path.exists(folder) and not os.path.isdir(folder) else \
+                (e.strerror or str(e))
+            dist_utils.log_main(f"warning: cannot write tensorboard logs to {folder} ({why}); training goes on "
+                                f"without them (metrics.jsonl has every logged value): remove or fix the folder "
+                                f"to get them back on the next start")
+        return None
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl row; a row torn by a kill mid-write (or a blank line) sorts after every step."""
     try:
@@ -73,8 +94,7 @@ class RunLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         self._truncate_after(start_step)
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=start_step + 1)
+        self.tb = open_tensorboard(os.path.join(output_dir, "tb"), purge_step=start_step + 1)
         if show_progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, mininterval=2.0)
@@ -90,10 +110,11 @@ class RunLogger:
     def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.active:
             return
-        for k, v in scalars.items():
-            self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        with open(self.jsonl, "a") as f:   # strict JSON: a NaN loss (a skipped step) is null
+            f.write(json_text({"step": step, "split": prefix, **scalars}) + "\n")
         if self.bar is not None:
             shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "images_per_s")}
             self.bar.set_postfix(shown, refresh=False)
@@ -156,10 +177,12 @@ class TensorboardPictures:
         finally:
             module.train(was_training)
         if self._tb is None:
-            from tensorboardX import SummaryWriter
             # No purge_step: tensorboard reads event files in name order, and a purge mark in this later file would
             # drop the scalars this run already logged. RunLogger's file, opened first, purges for both on resume.
-            self._tb = SummaryWriter(self.dir, filename_suffix=".pictures")
+            self._tb = open_tensorboard(self.dir, filename_suffix=".pictures")
+            if self._tb is None:   # an unwritable folder (warned): no pictures, the run goes on
+                self.active = False
+                return
         for tag, image in pictures.items():
             self._tb.add_image(tag, image, step, dataformats="HWC")
         self._tb.flush()

@@ -62,10 +62,14 @@ class AugmentConfig:
     eval_crop: float = 0.875
 
     def validate(self, prefix: str = "augment") -> None:
-        for key in ("erase_prob", "switch_prob", "smoothing", "scale_min", "eval_crop", "color_jitter"):
+        for key in ("erase_prob", "switch_prob", "scale_min", "eval_crop", "color_jitter"):
             value, open_low = getattr(self, key), key in ("scale_min", "eval_crop")
             if not (0 < value <= 1 if open_low else 0 <= value <= 1):
                 raise ConfigError(f"config key '{prefix}.{key}' = {value} must be in {'(0' if open_low else '[0'}, 1]")
+        # At 1 every target is uniform over the classes: nothing to learn (0.1 official, 0 off).
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError(f"config key '{prefix}.smoothing' = {self.smoothing} must be in [0, 1) (0.1 official, "
+                              f"0 off; 1 makes every target uniform)")
         if not 0 <= self.magnitude <= 10:
             raise ConfigError(f"config key '{prefix}.magnitude' = {self.magnitude} must be in [0, 10]")
         if self.mixup < 0 or self.cutmix < 0 or self.magnitude_std < 0:

@@ -30,6 +30,9 @@ class SegModelConfig:
             raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be sdpa or explicit")
         if self.aux_weight < 0:
             raise ConfigError(f"config key '{prefix}.aux_weight' = {self.aux_weight} must be >= 0")
+        if self.img_size is not None and self.img_size < 1:   # 0 would fall back to the arch's crop unnoticed
+            raise ConfigError(f"config key '{prefix}.img_size' = {self.img_size} must be >= 1 (or null for the "
+                              f"arch's crop)")
 
 
 @dataclass

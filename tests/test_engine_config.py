@@ -185,3 +185,28 @@ def test_positional_text_arrives_as_typed_and_overrides_keep_their_values():
         assert seen[-1] == (text, text, {})
     assert run_cli(export, ["--out=o", "ckpt", "--optim.lr", "1e-3", "--run.compile=false"]) == 0
     assert seen[-1] == ("ckpt", "o", {"optim.lr": 1e-3, "run.compile": "false"})   # overrides: the config types them
+
+
+@pytest.mark.parametrize("stage,key,value,message", [
+    # issue 23: 0 fell back to the arch's crop (`model.img_size or ...`) and trained at 32 px without a word.
+    (3, "model.img_size", 0, "'model.img_size' = 0 must be >= 1 (or null for the arch's crop)"),
+    (3, "model.img_size", -16, "'model.img_size' = -16 must be >= 1"),
+    # issue 23: smoothing 1 makes every target uniform; the fine-tune trained on them.
+    (2, "augment.smoothing", 1.0, "'augment.smoothing' = 1.0 must be in [0, 1) (0.1 official, 0 off; 1 makes"),
+    (2, "augment.smoothing", 1, "'augment.smoothing' = 1.0 must be in [0, 1)"),
+])
+def test_finetune_values_that_train_on_something_else_are_refused(stage, key, value, message):
+    cls, recipes, recipe, base = _stages()[stage]
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        resolve(cls, recipes, recipe, {**base, key: value})
+    assert "\n" not in str(err.value)
+    resolve(cls, recipes, recipe, {**base, key: 32 if key == "model.img_size" else 0.3})   # in range: fine
+
+
+def test_segment_train_with_img_size_0_stops_in_one_line_before_compute(capsys, tmp_path):
+    from finetune.segment import COMMANDS
+    from tests.conftest import cli_error
+    err = cli_error(capsys, COMMANDS, "train", "upernet_beitv2_tiny_test", f"--run.output_dir={tmp_path / 'x'}",
+                    "--model.img_size=0")
+    assert err == "error: config key 'model.img_size' = 0 must be >= 1 (or null for the arch's crop)"
+    assert not (tmp_path / "x").exists()
