@@ -29,6 +29,7 @@ from engine.files import OutputPathError, writable_parent_problem, write_atomica
 Image.MAX_IMAGE_PIXELS = None
 
 MAX_SIDE_LIMIT = 65535      # FFCV stores width and height as uint16
+MAX_LABEL = 2 ** 63 - 1     # FFCV's IntField is int64
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
@@ -179,6 +180,9 @@ def imagefolder_items(src: str, root: Optional[str] = None) -> tuple[list[Item],
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
                 raise ConvertError(f"{src}:{n}: expected 'PATH LABEL' with a non-negative integer label, "
                                    f"got {line!r}")
+            if int(parts[1]) > MAX_LABEL:
+                raise ConvertError(f"{src}:{n}: label {parts[1]} is above {MAX_LABEL}, the largest a .beton stores "
+                                   f"(int64); number the classes 0..C-1")
             items.append(Item(os.path.join(base, parts[0].strip()), int(parts[1])))
     if not items:
         raise ConvertError(f"{src}: the file list is empty")
@@ -273,7 +277,9 @@ def _write_beton(out: str, fields: dict, dataset, processes: int, chunksize: int
     digest = []
 
     def write(tmp: str) -> None:
-        DatasetWriter(tmp, fields, num_workers=processes).from_indexed_dataset(dataset, chunksize=chunksize)
+        writer = DatasetWriter(tmp, fields, num_workers=processes)
+        with _WatchedWorkers(out, writer):
+            writer.from_indexed_dataset(dataset, chunksize=chunksize)
         if check is not None:
             check()
         digest.append(file_sha256(tmp))   # what the loader's data.verify compares with
@@ -284,6 +290,110 @@ def _write_beton(out: str, fields: dict, dataset, processes: int, chunksize: int
     finally:
         ffcv_writer.tqdm = tqdm
     return digest[0]
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _WatchedWorkers:
+    """FFCV's DatasetWriter waits for its worker processes without looking at them: one that dies (a full disk, a
+    label its field cannot store) leaves the parent polling a counter, or blocked on a queue, forever. Within this
+    context, ffcv.writer's `Process`, `Queue` and `sleep` are wrapped: a worker records the exception that stopped it
+    (one line, no traceback) and exits 1, and every wait of the parent looks at the workers. A dead worker stops the
+    others and raises, in the parent: OSError (its errno, so the caller names the file and the cause) or
+    ConvertError."""
+
+    def __init__(self, out: str, writer) -> None:
+        self.out, self.writer = out, writer
+        self.procs: list = []
+        self.queues: list = []
+        self.parent = os.getpid()
+        self.cause = mp.Array("c", 512)
+
+    def __enter__(self) -> "_WatchedWorkers":
+        import multiprocessing.queues
+        import queue
+
+        from ffcv import writer as ffcv_writer
+        watch = self
+
+        class WatchedQueue(multiprocessing.queues.Queue):
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize, ctx=mp.get_context())
+
+            def get(self, block: bool = True, timeout: Optional[float] = None):
+                if not block or timeout is not None or os.getpid() != watch.parent:
+                    return super().get(block, timeout)
+                while True:
+                    try:
+                        return super().get(True, 0.2)
+                    except queue.Empty:
+                        watch.check()
+
+        def process(target, args):
+            p = mp.Process(target=_guarded_worker, args=(target, self.cause, args))
+            self.procs.append(p)
+            return p
+
+        def queue_(*args):
+            q = WatchedQueue(*args)
+            self.queues.append(q)
+            return q
+
+        def sleep(seconds: float) -> None:
+            time.sleep(seconds)
+            self.check()
+
+        self.saved = {name: getattr(ffcv_writer, name) for name in ("Process", "Queue", "sleep")}
+        ffcv_writer.Process, ffcv_writer.Queue, ffcv_writer.sleep = process, queue_, sleep
+        return self
+
+    def check(self) -> None:
+        """Raises _WorkerDied when a worker exited with an error."""
+        for p in self.procs:
+            if p.exitcode not in (None, 0):
+                raise _WorkerDied(p.exitcode)
+
+    def __exit__(self, kind, error, tb) -> None:
+        from ffcv import writer as ffcv_writer
+        for name, value in self.saved.items():
+            setattr(ffcv_writer, name, value)
+        if kind is None:
+            return
+        for p in self.procs:     # the others wait for the dead one's page forever: stop them
+            if p.exitcode is None and p.pid is not None:
+                p.kill()
+            if p.pid is not None:
+                p.join()
+        for q in self.queues:    # unread work left in a queue must not hold up this process's exit
+            q.cancel_join_thread()
+            q.close()
+        memory = getattr(self.writer, "metadata_sm", None)
+        if hasattr(memory, "unlink"):
+            memory.close()
+            memory.unlink()
+        if kind is _WorkerDied:
+            code, _, text = self.cause.value.decode(errors="replace").partition("\t")
+            if code.isdigit() and int(code):
+                raise OSError(int(code), os.strerror(int(code))) from None
+            why = text or (f"killed by signal {-error.args[0]}" if error.args[0] < 0 else
+                           f"exit status {error.args[0]}")
+            raise ConvertError(f"writing {self.out} failed: a writer process stopped ({why}); nothing was written "
+                               f"under {self.out}") from None
+
+
+def _guarded_worker(target, cause, args) -> None:
+    """An FFCV writer worker: the exception that stops it goes to the parent as one line, then exit status 1."""
+    try:
+        target(*args)
+    except BaseException as e:  # noqa: BLE001 - whatever it is, the parent reports it
+        code = e.errno if isinstance(e, OSError) and e.errno else 0
+        text = f"{code}\t{type(e).__name__}: {e}".replace("\n", " ")
+        with cause.get_lock():
+            if not cause.value:
+                cause.value = text.encode(errors="replace")[:len(cause) - 1]
+        raise SystemExit(1) from None
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -300,7 +300,10 @@ def load_config_file(path: str) -> dict:
         import yaml   # PyYAML comes with timm; only YAML configs need it
 
         try:
+            _refuse_yaml_aliases(text, path)   # an alias bomb (a few KB) expands to billions of values when walked
             values = yaml.load(text, Loader=_yaml_loader())   # safe_load, reading 1e-3 as a number
+        except RecursionError:
+            raise ConfigError(_too_deep(path)) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -310,6 +313,8 @@ def load_config_file(path: str) -> dict:
     else:
         try:
             values = json.loads(text)
+        except RecursionError:
+            raise ConfigError(_too_deep(path)) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); YAML files "
                               f"must end in .yaml or .yml") from None
@@ -317,8 +322,45 @@ def load_config_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a {kind} object of config keys (as a run's config.json "
                           f"does), got {type(values).__name__}")
+    if _depth(values) > MAX_CONFIG_DEPTH:
+        raise ConfigError(_too_deep(path))
     _check_keys(values, path)
     return values
+
+
+MAX_CONFIG_DEPTH = 32   # levels of nesting a config file may hold (config keys have at most 3)
+
+
+def _too_deep(path: str) -> str:
+    return (f"config file {path} is nested more than {MAX_CONFIG_DEPTH} levels deep; config keys have a few levels "
+            f"(run.lr or run: {{lr: ...}}): write it as a run's config.json is written")
+
+
+def _depth(value: Any) -> int:
+    """Levels of nesting of lists and mappings in `value` (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level <= MAX_CONFIG_DEPTH and isinstance(item, (dict, list)):
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _refuse_yaml_aliases(text: str, path: str) -> None:
+    """A config file holds plain values: YAML anchors and aliases (`&a` / `*a`) are refused in one line, and so is
+    nesting deeper than MAX_CONFIG_DEPTH, before anything is built (nine aliases of nine over eleven levels expand to
+    9^11 values; PyYAML's Python scanner takes minutes over a few thousand nested brackets, libyaml's stops)."""
+    import yaml
+    depth = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+            raise ConfigError(f"config file {path} uses a YAML alias (*{event.anchor} at line {line}); config "
+                              f"files hold plain values: write each value out")
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(_too_deep(path))
 
 
 def _output_dir_of(values: Mapping[str, Any]) -> Any:
