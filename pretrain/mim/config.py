@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.config import ConfigError, StageConfig
 from pretrain.mim.attention import ATTENTION_KERNELS
-from pretrain.mim.model import MIM_ARCHS
+from pretrain.mim.model import MIM_ARCHS, MIM_TARGETS
 
 
 @dataclass
@@ -18,12 +18,15 @@ class ModelConfig:
         early_layers: the aggregation head reads patch tokens after this many blocks.
         head_layers: blocks in the aggregation head.
         attention: attention kernel, `sdpa`, `flex` (CUDA; fused bias, fastest when compiled) or `explicit`.
+        target: what a masked patch is predicted as: `codes` of the frozen tokenizer (BEiT v2) or its own
+            normalised `pixels` (MAE's formulation, no tokenizer: the ablation baseline).
     """
     drop_path: float = 0.0
     layer_scale_init: float | None = None
     early_layers: int | None = None
     head_layers: int | None = None
     attention: str = "sdpa"
+    target: str = "codes"
 
     def validate(self, prefix: str = "model") -> None:
         if not 0 <= self.drop_path < 1:
@@ -34,6 +37,8 @@ class ModelConfig:
         for key in ("early_layers", "head_layers"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"config key '{prefix}.{key}' = {getattr(self, key)} must be >= 1")
+        if self.target not in MIM_TARGETS:
+            raise ConfigError(f"config key '{prefix}.target' = {self.target!r} must be one of {', '.join(MIM_TARGETS)}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be one of "
                               f"{', '.join(ATTENTION_KERNELS)}")
@@ -68,7 +73,7 @@ class MIMConfig(StageConfig):
     def validate(self) -> None:
         if self.arch not in MIM_ARCHS:
             raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(MIM_ARCHS)}")
-        if not self.tokenizer:
+        if not self.tokenizer and self.model.target == "codes":
             raise ConfigError("config key 'tokenizer' is required: the path of a trained tokenizer checkpoint "
                               "(python -m pretrain.tokenizer train ... writes <output_dir>/tokenizer.pt)")
 

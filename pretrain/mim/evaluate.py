@@ -52,6 +52,9 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
         checkpoint = os.path.join(checkpoint, "mim.pt")
     device = eval_device()
     model = load_checkpoint(checkpoint).to(device).eval()   # first: a wrong path is reported as such
+    if model.arch_kwargs.get("target", "codes") != "codes":
+        raise ConfigError(f"{checkpoint} was pretrained on pixel targets: mim evaluate measures masked-code "
+                          f"prediction; compare its features with classify linear_probe or knn instead")
     saved = saved_run_config(checkpoint)
     tokenizer = tokenizer or saved.get("tokenizer", "")
     if not tokenizer:

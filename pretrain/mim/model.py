@@ -25,10 +25,13 @@ from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_bloc
 from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
-__all__ = ["MIM_ARCHS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint", "masked_positions",
-           "read_checkpoint", "save_checkpoint"]
+__all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint",
+           "masked_positions", "patch_pixel_targets", "read_checkpoint", "save_checkpoint"]
 
 FILE_FORMAT = "beitv2-ds/mim/1"
+# What the heads predict for a masked patch: the frozen tokenizer's code (BEiT v2) or the patch's own normalised
+# pixels (MAE's formulation, the paper's ablation baseline for VQ-KD targets).
+MIM_TARGETS = ("codes", "pixels")
 
 
 def masked_positions(mask: torch.Tensor, num_masked: int) -> torch.Tensor:
@@ -61,6 +64,22 @@ def gather_masked(x: torch.Tensor, mask: torch.Tensor, num_masked: int) -> torch
     return x.gather(1, index).flatten(0, 1)
 
 
+def patch_pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each patch's pixels normalised by their own mean and variance (MAE's `norm_pix_loss` target).
+
+    Args:
+        images: `[B, C, H, W]` float, H and W multiples of `patch_size`.
+
+    Returns:
+        `[B, num_patches, patch_size**2 * C]`, patches in `patch_embed`'s (row-major) order.
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
 class BeitV2MIM(nn.Module):
     """BEiT v2 pretraining model: ViT with a shared relative position bias, a mask token, a patch-aggregation
     head (`cls_pt_layers`) and a shared LM head over the tokenizer's codebook.
@@ -87,6 +106,7 @@ class BeitV2MIM(nn.Module):
             drop_path_rate: float = 0.0,
             init_std: float = 0.02,
             attention: str = "sdpa",
+            target: str = "codes",
     ):
         """
         Args:
@@ -109,6 +129,9 @@ class BeitV2MIM(nn.Module):
             attention: Attention kernel: `sdpa` (`F.scaled_dot_product_attention`, the bias as mask), `flex`
                 (FlexAttention adding the bias in the kernel; CUDA for training) or `explicit` (softmax in
                 Python, for debugging and attention maps). All three compute the same function.
+            target: `codes` (the head gives `vocab_size` logits per masked patch) or `pixels` (it regresses the
+                patch's `patch_size**2 * in_chans` normalised pixels, see `patch_pixel_targets`; `vocab_size` is
+                unused).
         """
         super().__init__()
         self.arch_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -119,6 +142,8 @@ class BeitV2MIM(nn.Module):
         if not 1 <= early_layers <= depth or head_layers < 1:
             raise ValueError(f"need 1 <= early_layers ({early_layers}) <= depth ({depth}) and head_layers "
                              f"({head_layers}) >= 1")
+        if target not in MIM_TARGETS:
+            raise ValueError(f"target={target!r} must be one of {', '.join(MIM_TARGETS)}")
         num_patches = (img_size // patch_size) ** 2
         if not 1 <= num_masked_patches <= num_patches:
             raise ValueError(f"num_masked_patches={num_masked_patches} must be in [1, {num_patches}]")
@@ -137,7 +162,8 @@ class BeitV2MIM(nn.Module):
                         init_values=init_values, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.blocks = nn.ModuleList([block(drop_path=dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.lm_head = nn.Linear(embed_dim, vocab_size)
+        # The same head for either target (so files, exports and fine-tuning treat both alike), sized for it.
+        self.lm_head = nn.Linear(embed_dim, vocab_size if target == "codes" else patch_size ** 2 * in_chans)
         self._init_weights(init_std)
         # Created after the init pass, as in the official code: the aggregation blocks keep PyTorch's default
         # Linear init and only get the depth rescale below.
@@ -227,7 +253,8 @@ class BeitV2MIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the masked patches from the backbone and from the aggregation head.
+        """Logits (or, with `target="pixels"`, pixel predictions) of the masked patches from the backbone and from
+        the aggregation head.
 
         Args:
             images: `[B, C, H, W]`, normalised.

@@ -21,8 +21,8 @@ from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.export import export_to_timm
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, read_checkpoint,
-                                save_checkpoint)
+from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, patch_pixel_targets,
+                                read_checkpoint, save_checkpoint)
 from pretrain.mim.visualize import attention_pictures
 from pretrain.tokenizer import VQKD, load_tokenizer
 
@@ -80,7 +80,7 @@ class MaskedSource:
 
 def build_model(cfg: MIMConfig) -> BeitV2MIM:
     m = cfg.model
-    overrides = {"drop_path_rate": m.drop_path, "attention": m.attention}
+    overrides = {"drop_path_rate": m.drop_path, "attention": m.attention, "target": m.target}
     for ours, theirs in (("layer_scale_init", "init_values"), ("early_layers", "early_layers"),
                          ("head_layers", "head_layers")):
         if getattr(m, ours) is not None:
@@ -124,14 +124,18 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
                           "--model.attention=sdpa here")
     seed_everything(cfg.run.seed)
     model = build_model(cfg)
-    tokenizer, tokenizer_flops = frozen_tokenizer(cfg, device)
-    check_tokenizer(tokenizer, model, cfg.tokenizer)
-    codes_of = frozen_entry(tokenizer, "get_codebook_indices", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
+    k = model.num_masked_patches
+    if cfg.model.target == "codes":
+        tokenizer, target_flops = frozen_tokenizer(cfg, device)
+        check_tokenizer(tokenizer, model, cfg.tokenizer)
+        codes_of = frozen_entry(tokenizer, "get_codebook_indices", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
+    else:
+        target_flops = 0.0
+    patch = model.patch_embed.patch_size[0]
     if cfg.run.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    k = model.num_masked_patches
-    masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k, min_num_patches=cfg.masking.min_patches,
-                               min_aspect=cfg.masking.min_aspect)
+    masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k,
+                               min_num_patches=cfg.masking.min_patches, min_aspect=cfg.masking.min_aspect)
     images = train_source(cfg.data, cfg.run, MimAug(size=model.patch_embed.img_size[0]), device)
     source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
     groups = param_groups(model, model.no_weight_decay())
@@ -145,6 +149,11 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
         pictures(engine, batch["image"])
         model_view, tokenizer_view = mim_views(batch["image"])
         mask = batch["mask"]
+        if cfg.model.target == "pixels":
+            targets = gather_masked(patch_pixel_targets(tokenizer_view, patch), mask, k)
+            pred, agg_pred = engine(model_view.to(dtype), mask)
+            mim_loss, agg_loss = F.mse_loss(pred.float(), targets), F.mse_loss(agg_pred.float(), targets)
+            return mim_loss + agg_loss, {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach()}
         with torch.inference_mode():
             codes = codes_of(tokenizer_view)
         labels = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
@@ -159,7 +168,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
 
     try:
         result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                     flops_per_image=model.flops_per_image() + tokenizer_flops,
+                     flops_per_image=model.flops_per_image() + target_flops,
                      final_weights=("mim.pt", lambda path, sd: save_checkpoint(model, path, sd)))
     finally:
         pictures.close()
