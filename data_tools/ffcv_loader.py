@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from data_tools.beton_check import BlackImages, verify_sha256
+from data_tools.beton_header import check_beton
 from data_tools.gpu_augment import TokenizerTrainAug, generator_for
 
 # (images, sizes, g) -> images, or for label maps (images, labels, sizes, g) -> (images, labels)
@@ -245,6 +246,7 @@ class FFCVSource(_PlannedSource):
         from ffcv.reader import Reader
 
         from data_tools.ffcv_ops import LabelMapField
+        check_beton(path)   # header and pointers against the file's size, before FFCV allocates by the header's say
         try:
             self.reader = Reader(path, custom_handlers={ANNOTATION: LabelMapField})
         except FileNotFoundError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_tools.beton_header import check_schema
 from engine import distributed as dist_utils
 from engine.config import ConfigError, DataConfig, RunConfig
 
@@ -28,8 +29,10 @@ def synthetic_labels(num_images: int, num_classes: int = 10) -> np.ndarray:
     return np.arange(num_images, dtype=np.int64) % num_classes
 
 
-def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
-    """This rank's training stream: `{"image": aug(batch), "label": ...}` micro-batches from any step on."""
+def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device, wants: str = "images"):
+    """This rank's training stream: `{"image": aug(batch), "label": ...}` micro-batches from any step on. `wants`:
+    what the stage reads from a .beton, `images` (pretraining) or `labels` (classification), see
+    `data_tools.beton_header.check_schema`."""
     common = dict(micro_batch_size=run.micro_batch_size, grad_accum_steps=run.grad_accum_steps,
                   rank=dist_utils.rank(), world_size=dist_utils.world_size(), seed=run.seed, device=device)
     from data_tools.ffcv_loader import ArraySource, FFCVSource
@@ -42,8 +45,10 @@ def train_source(data: DataConfig, run: RunConfig, aug, device: torch.device):
     if not data.train_path:
         raise ConfigError("config key 'data.train_path' is required with data.source=beton (a .beton from "
                           "python -m data_tools.convert)")
-    return FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
-                      limit=data.limit, verify=data.verify, **common)
+    source = FFCVSource(data.train_path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
+                        limit=data.limit, verify=data.verify, **common)
+    check_schema(data.train_path, source.reader.field_names, wants)
+    return source
 
 
 def array_eval_batches(images: np.ndarray, img_size: int, batch_size: int, device: torch.device, aug=None):
@@ -72,6 +77,7 @@ def eval_batches(data: DataConfig, img_size: int, batch_size: int, device: torch
             raise ValueError("evaluation needs data.eval_path (a .beton of held-out images) with source=beton")
         source, limit = FFCVSource(data.eval_path, num_workers=data.num_workers, verify=data.verify, **common), \
             data.eval_images
+        check_schema(data.eval_path, source.reader.field_names, "images")
     elif data.source == "synthetic":
         source, limit = ArraySource(synthetic(data.eval_images or 256, img_size), **common), 0
     else:
@@ -99,6 +105,7 @@ def labelled_batches(data: DataConfig, split: str, aug, batch_size: int, device:
             raise ConfigError(f"config key 'data.{'train_path' if split == 'train' else 'eval_path'}' is required "
                               f"with data.source=beton (a labelled .beton from python -m data_tools.convert)")
         source = FFCVSource(path, num_workers=data.num_workers, verify=data.verify, **common)
+        check_schema(path, source.reader.field_names, "labels")
     elif data.source == "synthetic":
         n = limit or 256
         source = ArraySource(synthetic(n, aug.size), synthetic_labels(n), **common)
@@ -144,7 +151,5 @@ def segmentation_source(data: DataConfig, split: str, aug, device: torch.device,
                           f"python -m data_tools.convert ade20k)")
     source = FFCVSource(path, aug, num_workers=data.num_workers, os_cache=data.os_cache,
                         limit=data.limit if split == "training" else data.eval_images, verify=data.verify, **common)
-    if "annotation" not in source.reader.field_names:
-        raise ConfigError(f"{path} has no label maps (fields {source.reader.field_names}); convert a segmentation "
-                          f"data set with python -m data_tools.convert ade20k")
+    check_schema(path, source.reader.field_names, "label_maps")
     return source

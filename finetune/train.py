@@ -73,7 +73,7 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     a = cfg.augment
     aug = FinetuneTrainAug(size=model.img_size, scale=(a.scale_min, 1.0), rand_augment=a.rand_augment,
                            color_jitter=a.color_jitter, magnitude=a.magnitude, magnitude_std=a.magnitude_std, erase_prob=a.erase_prob)
-    source = train_source(cfg.data, cfg.run, aug, device)
+    source = train_source(cfg.data, cfg.run, aug, device, wants="labels")
     mixup = Mixup(cfg.num_classes, a.mixup, a.cutmix, a.switch_prob, a.smoothing)
     soft_ce = SoftTargetCrossEntropy()
     groups = layer_decay_param_groups(model, cfg.layer_decay, model.no_weight_decay())

@@ -9,8 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_faults_security import small_tmpfs  # noqa: F401 - a fixture: a real 64 KiB tmpfs
-
 
 # ------------------------------------------------------------------------------- teacher weights (TorchScript)
 class _Tiny(nn.Module):
@@ -177,6 +175,22 @@ def test_a_file_list_label_above_int64_is_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "list.txt"]
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (a real full disk), as in test_faults_security.py; needs root and mount rights."""
+    import os
+    import subprocess
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 @pytest.mark.timeout(120)
 def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, small_tmpfs):
     """A real 64 KiB tmpfs: FFCV's worker fails writing its first 8 MiB page; the parent used to wait forever."""
@@ -191,3 +205,139 @@ def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"convert: error: cannot write {out} (No space left on device); pick a writable location"]
     assert list(small_tmpfs.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- .beton headers and kinds
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory) -> dict:
+    """{"cls": a classification .beton (8 RGB 32 px images, 2 classes, raw), "seg": a segmentation one (8 images
+    with label maps)}, written by data_tools.convert."""
+    import numpy as np
+    from PIL import Image
+
+    from data_tools import convert
+    root = tmp_path_factory.mktemp("betons")
+    images, annotations = root / "ade" / "images" / "training", root / "ade" / "annotations" / "training"
+    images.mkdir(parents=True)
+    annotations.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(images / f"{i}.jpg")
+        Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 11).astype(np.uint8), "L").save(annotations / f"{i}.png")
+        (root / "cls" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (0, 20 * i, 0)).save(root / "cls" / f"c{i % 2}" / f"{i}.png")
+    out = {"cls": root / "cls.beton", "seg": root / "seg.beton"}
+    assert convert.main(["imagefolder", str(root / "cls"), str(out["cls"]), "--progress=False", "--mode=raw"]) == 0
+    assert convert.main(["ade20k", str(root / "ade"), str(out["seg"]), "--progress=False"]) == 0
+    return out
+
+
+def _crafted(src: Path, dst: Path, how: str) -> Path:
+    """A copy of the classification .beton `src` with one header or metadata value changed."""
+    import shutil
+
+    import numpy as np
+    from ffcv.types import FieldDescType, HeaderType
+
+    from data_tools.beton_header import _metadata_type
+    shutil.copy(src, dst)
+    header = np.fromfile(dst, HeaderType, count=1)[0].copy()
+    meta_at = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    first = np.fromfile(dst, _metadata_type(["image", "label"]), count=1, offset=meta_at)[0].copy()
+    if how == "pointer":
+        first["f0"]["data_ptr"] = dst.stat().st_size + 4096
+    elif how == "huge":
+        first["f0"]["height"] = first["f0"]["width"] = 60000
+    elif how == "raw_size":
+        first["f0"]["height"] = 33
+    elif how == "samples":
+        header["num_samples"] = 2 ** 40
+    elif how == "fields":
+        header["num_fields"] = 60000
+    elif how == "table":
+        header["alloc_table_ptr"] = dst.stat().st_size + 24
+    with open(dst, "r+b") as f:
+        f.write(header.tobytes())
+        f.seek(meta_at)
+        f.write(first.tobytes())
+    return dst
+
+
+@pytest.mark.parametrize("how,problem", [
+    ("pointer", "sample 0 of field 'image' points at byte {end}, not at data of the file"),
+    ("huge", "field 'image' claims images up to 60000 x 60000 pixels (sample 0: 60000 x 60000), a canvas over "
+             "178956970 pixels"),
+    ("raw_size", "sample 0 of field 'image' is 33 x 32 pixels but holds 3072 bytes"),
+    ("samples", "its header declares 1099511627776 samples (26388279066624 bytes of metadata), more than its "
+                "{size} bytes hold"),
+    ("fields", "its header declares 60000 fields, convert writes 1 to 3"),
+    ("table", "its allocation table pointer {end} is outside bytes {meta_end}..{size} or cuts a row"),
+])
+def test_a_crafted_beton_header_is_one_line_before_anything_is_allocated(betons, tmp_path, how, problem):
+    from data_tools.beton_header import BetonHeaderError
+    from data_tools.ffcv_loader import FFCVSource, RawAug
+    path = _crafted(betons["cls"], tmp_path / f"{how}.beton", how)
+    size = path.stat().st_size
+    with pytest.raises(BetonHeaderError) as err:
+        FFCVSource(str(path), RawAug(), micro_batch_size=2, num_workers=1)
+    end = size + (4096 if how == "pointer" else 24)
+    meta_end = 24 + 2 * 1041 + 8 * 24   # header, 2 field descriptors, 8 metadata rows
+    assert str(err.value) == (f"{path} is not a valid .beton: {problem.format(end=end, size=size, meta_end=meta_end)}"
+                              f"; rewrite it with python -m data_tools.convert")
+
+
+def test_the_betons_convert_writes_pass_the_header_check(betons):
+    from data_tools.beton_header import check_beton
+    assert check_beton(str(betons["cls"])) == ["image", "label"]
+    assert check_beton(str(betons["seg"])) == ["image", "annotation"]
+
+
+def _data(**paths):
+    from engine.config import DataConfig
+    return DataConfig(source="beton", num_workers=1, **{k: str(v) for k, v in paths.items()})
+
+
+SEG_TO_CLS = ("{path} is a segmentation .beton (image, annotation: label maps); classification needs class labels: "
+              "convert a class-folder tree or a file list with python -m data_tools.convert imagefolder")
+
+
+def test_a_beton_of_the_other_kind_is_one_line_where_each_stage_opens_it(betons):
+    from data_tools.beton_header import BetonHeaderError
+    from data_tools.ffcv_loader import RawAug
+    from data_tools.gpu_augment import EvalAug
+    from data_tools.sources import eval_batches, labelled_batches, segmentation_source, train_source
+    from engine.config import RunConfig
+    seg, cls = betons["seg"], betons["cls"]
+    run = RunConfig(micro_batch_size=2)
+    with pytest.raises(BetonHeaderError) as err:    # classification training (finetune.train)
+        train_source(_data(train_path=seg), run, EvalAug(32), "cpu", wants="labels")
+    assert str(err.value) == SEG_TO_CLS.format(path=seg)
+    with pytest.raises(BetonHeaderError) as err:    # evaluate, k-NN, linear probe
+        next(labelled_batches(_data(eval_path=seg), "test", EvalAug(32), 4, "cpu"))
+    assert str(err.value) == SEG_TO_CLS.format(path=seg)
+    with pytest.raises(BetonHeaderError) as err:    # segmentation training and evaluation
+        segmentation_source(_data(train_path=cls), "training", RawAug(), "cpu", size=32)
+    assert str(err.value) == (f"{cls} is a classification .beton (image, label: class ids); segmentation needs "
+                              f"label maps: convert a segmentation data set with python -m data_tools.convert ade20k")
+    for source in (lambda: train_source(_data(train_path=seg), run, EvalAug(32), "cpu"),   # pretraining
+                   lambda: next(eval_batches(_data(eval_path=seg), 32, 4, "cpu"))):
+        with pytest.raises(BetonHeaderError, match=f"^{seg} is a segmentation .beton .*; this stage reads images "
+                                                   f"with class labels or none"):
+            source()
+    # the right kinds still open
+    assert segmentation_source(_data(train_path=seg), "training", RawAug(), "cpu", size=32).plan.num_samples == 8
+    assert next(labelled_batches(_data(eval_path=cls), "test", EvalAug(32), 4, "cpu"))["label"].shape == (4,)
+
+
+@pytest.mark.timeout(600)
+def test_classify_train_on_a_segmentation_beton_is_one_line(betons, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "engine.main", "classify", "train", "beitv2_tiny_test_ft",
+                           f"--data.train_path={betons['seg']}", f"--data.eval_path={betons['cls']}",
+                           f"--run.output_dir={out}", "--schedule.total_steps=2"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=500)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + SEG_TO_CLS.format(path=betons["seg"])
