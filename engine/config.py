@@ -77,7 +77,7 @@ class ScheduleConfig:
 
 
 # `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward (engine.ds_setup).
-PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16")
+PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16", "auto")   # auto: resolved when the config is (engine.precision)
 # torch.compile's modes; `reduce-overhead` replays the compiled graphs as CUDA graphs (one launch per graph).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -87,7 +87,7 @@ class RunConfig:
     """Engine settings shared by every stage."""
     output_dir: str = "runs/default"
     ds_config: str = "ds_configs/zero1.json"   # ZeRO and communication settings; batch/optim/precision come from here
-    precision: str = "fp32"                    # fp32 | bf16 | bf16_autocast | fp16 (see engine.ds_setup)
+    precision: str = "fp32"                    # fp32 | bf16 | bf16_autocast | fp16 (engine.ds_setup) | auto
     micro_batch_size: int = 8                  # per rank, per forward
     grad_accum_steps: int = 1
     seed: int = 0
@@ -472,6 +472,11 @@ def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], re
         data_layers = [(name, {k[5:] for k in keys if k.startswith("data.")}) for name, keys in layers]
         notes = {f"data.{k}": why for k, why in settle_data(cfg.data, data_layers).items()}
     validate(cfg)
+    run = getattr(cfg, "run", None)
+    if isinstance(run, RunConfig) and run.precision == "auto":   # what this machine computes natively
+        from engine.precision import auto_precision
+        run.precision = auto_precision()
+        notes["run.precision"] = f"auto on this machine ({layers[_last_setter(layers, 'run.precision')][0]})"
     origins = {key: layers[_last_setter(layers, key)][0] for key in _leaves(to_dict(cfg))
                if _last_setter(layers, key) > 0}
     return cfg, {**origins, **notes}

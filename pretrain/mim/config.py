@@ -110,7 +110,8 @@ RECIPES = {
         "data": {"source": "fashion_mnist", "limit": 12000},
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "betas": [0.9, 0.98], "weight_decay": 0.05, "grad_clip": 3.0},
         "schedule": {"epochs": 2, "warmup_epochs": 0.2},
-        "run": {"precision": "fp32", "micro_batch_size": 32, "ds_config": "ds_configs/zero2.json",
+        # auto: bf16 matmuls on a CPU that computes them natively (AVX512-BF16, AMX), fp32 elsewhere.
+        "run": {"precision": "auto", "micro_batch_size": 32, "ds_config": "ds_configs/zero2.json",
                 "output_dir": "runs/demo/mim", "save_interval": 100, "log_interval": 10},
     },
     "beitv2_tiny_test": {
