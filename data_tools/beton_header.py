@@ -57,7 +57,7 @@ def check_beton(path: str) -> list[str]:
     size = os.path.getsize(path)
 
     def bad(what: str) -> BetonHeaderError:
-        return BetonHeaderError(f"{path} is not a valid .beton: {what}; {RECONVERT}")
+        return BetonHeaderError(f"{path} is not a readable .beton: {what}; {RECONVERT}")
 
     if size < HeaderType.itemsize:
         raise bad(f"it is {size} bytes, shorter than the {HeaderType.itemsize}-byte header")

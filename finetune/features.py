@@ -8,6 +8,7 @@ Pooling: `cls` (the CLS token), `mean` (mean of the patch tokens), both through 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from data_tools.gpu_augment import normalize
 from engine.export import read_weights_file
-from engine.files import write_text_atomically
+from engine.files import OutputPathError, write_text_atomically
 
 POOLINGS = ("cls", "mean", "agg_cls")
 
@@ -108,24 +109,44 @@ class FrozenFeatures(nn.Module):
 class FeatureFile:
     """Features and labels of one rank's shard, appended batch by batch to `<prefix>.f32` / `<prefix>.labels` and
     read back memory-mapped, so a split of any size never sits in memory whole. `<prefix>.done` (written last,
-    atomically) marks a complete file, which later runs reuse."""
+    atomically) records the number of images and marks a complete file, which later runs reuse only when both files
+    have the sizes it implies (a truncated or swapped file is computed again)."""
 
     def __init__(self, prefix: str, dim: int):
         self.prefix, self.dim = prefix, dim
 
     @property
     def complete(self) -> bool:
-        return os.path.exists(self.prefix + ".done")
+        try:
+            with open(self.prefix + ".done") as f:
+                n = int(f.read().strip())
+            return n >= 0 and os.path.getsize(self.prefix + ".f32") == n * self.dim * 4 \
+                and os.path.getsize(self.prefix + ".labels") == n * 8
+        except (OSError, ValueError):
+            return False
 
     def write(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Compute and store; a full or unwritable folder is one line naming it (nothing partial is left)."""
         n = 0
-        os.makedirs(os.path.dirname(self.prefix) or ".", exist_ok=True)
-        with open(self.prefix + ".f32", "wb") as f, open(self.prefix + ".labels", "wb") as g:
-            for feats, labels in batches:
-                f.write(feats.detach().cpu().numpy().astype(np.float32).tobytes())
-                g.write(labels.detach().cpu().numpy().astype(np.int64).tobytes())
-                n += len(labels)
-        write_text_atomically(self.prefix + ".done", str(n))
+        names = [self.prefix + ext for ext in (".done", ".f32", ".labels")]
+        try:
+            os.makedirs(os.path.dirname(self.prefix) or ".", exist_ok=True)
+            if os.path.exists(names[0]):
+                os.remove(names[0])   # the old record must not vouch for the files being rewritten
+            with open(names[1], "wb") as f, open(names[2], "wb") as g:
+                for feats, labels in batches:
+                    f.write(feats.detach().cpu().numpy().astype(np.float32).tobytes())
+                    g.write(labels.detach().cpu().numpy().astype(np.int64).tobytes())
+                    n += len(labels)
+            write_text_atomically(names[0], str(n))
+        except (OSError, OutputPathError) as e:
+            for name in names:
+                with contextlib.suppress(OSError):
+                    os.remove(name)
+            cause = e.__cause__ if isinstance(e, OutputPathError) and isinstance(e.__cause__, OSError) else e
+            why = getattr(cause, "strerror", None) or str(cause)
+            raise OutputPathError(f"cannot write the features to {os.path.dirname(self.prefix) or '.'} ({why}); "
+                                  f"free space there or pass another --cache_dir (none: a temporary folder)") from None
         return n
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:

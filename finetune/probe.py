@@ -9,8 +9,6 @@ every training feature, the k = 20 nearest vote with weight exp(similarity / 0.0
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -26,10 +24,11 @@ from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config, to_dict
+from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from engine.run_plan import Split, data_split
 from finetune.evaluate import topk_hits
+from finetune.feature_cache import cache_key, usable_folder
 from finetune.features import FeatureFile, FrozenFeatures, extract
 
 OPTIMIZERS = ("lars", "sgd")
@@ -40,7 +39,8 @@ EXTRACT_BATCH = 256   # images per forward pass when features are computed (fixe
 def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, eval_crop: float, cache_dir: str,
               seed: int) -> Iterator[tuple[FrozenFeatures, FeatureFile, FeatureFile, list[Split]]]:
     """This rank's train and test features. With `cache_dir` they are kept in a folder named by what determines
-    them (checkpoint file, arch, layer, pooling, data, view, seed of `random`, ranks) and reused by later runs;
+    them (the checkpoint's and the .beton files' content, arch, layer, pooling, data, view, seed of `random`, ranks:
+    `finetune.feature_cache`) and reused by later runs;
     without, they live in a temporary folder for the duration of the `with` block. Also yields what each split is
     (`engine.run_plan.data_split`), printed first."""
     if not 0 < eval_crop <= 1:
@@ -56,15 +56,18 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
     dist_utils.log_main("\n".join(s.line() for s in splits))
     view = EvalAug(model.img_size, crop_fraction=eval_crop, normalized=False)
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    source = (["random", arch, seed] if checkpoint == "random" else
-              [os.path.abspath(checkpoint), os.path.getsize(checkpoint), os.path.getmtime(checkpoint)])
-    key = hashlib.sha256(json.dumps([source, model.kind, model.layer, pooling, to_dict(data), eval_crop, world],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    names = [f"{split}_rank{rank}of{world}" for split in ("train", "test")]
     with contextlib.ExitStack() as stack:
-        folder = os.path.join(cache_dir, key) if cache_dir else stack.enter_context(tempfile.TemporaryDirectory())
+        folder = None
+        if cache_dir:   # named by the content of the checkpoint and the data files (finetune.feature_cache)
+            key = cache_key(checkpoint, cache_dir, arch=arch, seed=seed, data=data,
+                            settings=[model.kind, model.layer, pooling, eval_crop, world])
+            ready = all(FeatureFile(os.path.join(cache_dir, key, n), model.dim).complete for n in names)
+            folder = usable_folder(cache_dir, key, ready)
+        folder = folder or stack.enter_context(tempfile.TemporaryDirectory())
         train, test = (extract(model, labelled_batches(data, split, view, EXTRACT_BATCH, device, rank, world),
-                               os.path.join(folder, f"{split}_rank{rank}of{world}"), device)
-                       for split in ("train", "test"))
+                               os.path.join(folder, name), device)
+                       for split, name in zip(("train", "test"), names))
         yield model, train, test, splits
 
 

@@ -281,8 +281,8 @@ def test_a_crafted_beton_header_is_one_line_before_anything_is_allocated(betons,
         FFCVSource(str(path), RawAug(), micro_batch_size=2, num_workers=1)
     end = size + (4096 if how == "pointer" else 24)
     meta_end = 24 + 2 * 1041 + 8 * 24   # header, 2 field descriptors, 8 metadata rows
-    assert str(err.value) == (f"{path} is not a valid .beton: {problem.format(end=end, size=size, meta_end=meta_end)}"
-                              f"; rewrite it with python -m data_tools.convert")
+    problem = problem.format(end=end, size=size, meta_end=meta_end)
+    assert str(err.value) == f"{path} is not a readable .beton: {problem}; rewrite it with python -m data_tools.convert"
 
 
 def test_the_betons_convert_writes_pass_the_header_check(betons):
@@ -341,3 +341,130 @@ def test_classify_train_on_a_segmentation_beton_is_one_line(betons, tmp_path):
                           text=True, timeout=500)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "error: " + SEG_TO_CLS.format(path=betons["seg"])
+
+
+# ------------------------------------------------------------------------------ k-NN / probe feature cache
+def _tokenizer_file(path: Path, sign: int) -> Path:
+    """A random `vqkd_tiny_test` tokenizer; `sign` -1: its weights negated (another model, a file of the same
+    size)."""
+    from pretrain.tokenizer import build_tokenizer, save_tokenizer
+    torch.manual_seed(0)
+    model = build_tokenizer("vqkd_tiny_test", kmeans_init=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(sign)
+    save_tokenizer(model, str(path))
+    return path
+
+
+def _knn(checkpoint, betons, cache=None, **kw):
+    from finetune.probe import knn
+    data = {"source": "beton", "train_path": str(betons["cls"]), "eval_path": str(betons["test"]), "num_workers": 1}
+    return knn(str(checkpoint), data_cfg=data, k=3, eval_crop=1.0, cache_dir=str(cache or ""), **kw)
+
+
+@pytest.fixture
+def knn_data(betons, tmp_path):
+    """The classification .beton as training data (a copy: tests rewrite it) and a held-out copy."""
+    import shutil
+    shutil.copy(betons["cls"], tmp_path / "train.beton")
+    shutil.copy(betons["cls"], tmp_path / "test.beton")
+    return {"cls": tmp_path / "train.beton", "test": tmp_path / "test.beton"}
+
+
+def _same_stat_times(path: Path, stat) -> None:
+    import os
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_beton_rewritten_in_place_with_new_labels_is_not_served_from_the_cache(knn_data, tmp_path):
+    import numpy as np
+    from ffcv.types import FieldDescType, HeaderType
+
+    from data_tools.beton_header import _metadata_type
+    ckpt, cache = _tokenizer_file(tmp_path / "tok.pt", 1), tmp_path / "cache"
+    _knn(ckpt, knn_data, cache)
+    path, before = knn_data["cls"], knn_data["cls"].stat()
+    row = _metadata_type(["image", "label"])
+    at = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    meta = np.fromfile(path, row, count=8, offset=at).copy()
+    meta["f1"] = 1 - meta["f1"]                     # every label flipped, in place: same inode, same size
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(meta.tobytes())
+    _same_stat_times(path, before)                  # and the old mtime
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    again = _knn(ckpt, knn_data, cache)
+    assert again == _knn(ckpt, knn_data)            # what the new labels give, computed without the cache
+    assert len(list(cache.glob("*/train_rank0of1.done"))) == 2
+
+
+def test_another_checkpoint_copied_over_the_old_one_is_not_served_from_the_cache(knn_data, tmp_path):
+    import shutil
+    (tmp_path / "other").mkdir()   # the same file name: torch.save names the archive's records after it
+    ckpt, other = _tokenizer_file(tmp_path / "tok.pt", 1), _tokenizer_file(tmp_path / "other" / "tok.pt", -1)
+    assert ckpt.stat().st_size == other.stat().st_size
+    cache = tmp_path / "cache"
+    _knn(ckpt, knn_data, cache)
+    before = ckpt.stat()
+    shutil.copyfile(other, ckpt)
+    _same_stat_times(ckpt, before)
+    again, fresh = _knn(ckpt, knn_data, cache), _knn(other, knn_data)
+    assert {**again, "checkpoint": ""} == {**fresh, "checkpoint": ""}
+    assert len(list(cache.glob("*/train_rank0of1.done"))) == 2
+
+
+@pytest.mark.parametrize("name", ["train_rank0of1.f32", "test_rank0of1.labels"])
+def test_a_truncated_cached_file_is_computed_again(knn_data, tmp_path, name):
+    ckpt, cache = _tokenizer_file(tmp_path / "tok.pt", 1), tmp_path / "cache"
+    first = _knn(ckpt, knn_data, cache)
+    (cached,) = cache.glob(f"*/{name}")
+    size = cached.stat().st_size
+    with open(cached, "r+b") as f:
+        f.truncate(size - 8)
+    assert _knn(ckpt, knn_data, cache) == first
+    assert cached.stat().st_size == size
+
+
+def test_an_unwritable_cache_dir_is_one_line_and_the_features_are_computed(knn_data, tmp_path, capsys):
+    ckpt = _tokenizer_file(tmp_path / "tok.pt", 1)
+    expected = _knn(ckpt, knn_data)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    assert _knn(ckpt, knn_data, blocker / "cache") == expected
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--cache_dir" in line]
+    assert notes == [f"note: --cache_dir {blocker / 'cache'} cannot be written (Not a directory); computing the "
+                     f"features without a cache"]
+
+
+def test_a_full_or_read_only_cache_dir_is_one_line(knn_data, tmp_path, capsys, small_tmpfs):
+    import os
+    import subprocess
+
+    from engine.files import OutputPathError
+    from finetune.features import FeatureFile
+    ckpt = _tokenizer_file(tmp_path / "tok.pt", 1)
+    expected = _knn(ckpt, knn_data)
+    fd = os.open(small_tmpfs / "filler", os.O_WRONLY | os.O_CREAT)   # the disk is full
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(OutputPathError) as err:     # writing features there: one line, nothing left
+        FeatureFile(str(small_tmpfs / "x" / "train"), 4).write(iter([(torch.ones(64, 4), torch.zeros(64))]))
+    assert str(err.value) == (f"cannot write the features to {small_tmpfs / 'x'} (No space left on device); free "
+                              f"space there or pass another --cache_dir (none: a temporary folder)")
+    assert sorted(p.name for p in small_tmpfs.rglob("*")) == ["filler", "x"]
+    capsys.readouterr()
+    assert _knn(ckpt, knn_data, small_tmpfs / "cache") == expected
+    assert f"note: --cache_dir {small_tmpfs / 'cache'} cannot be written (No space left on device)" in \
+        capsys.readouterr().err
+    (small_tmpfs / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    assert _knn(ckpt, knn_data, small_tmpfs / "cache2") == expected
+    assert f"note: --cache_dir {small_tmpfs / 'cache2'} cannot be written (Read-only file system)" in \
+        capsys.readouterr().err
