@@ -16,22 +16,30 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test).
 APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean constraints
 setup: $(VENV)/.done
 
-$(VENV)/.done: setup.cfg setup.py
+# setup.cfg states compatible ranges; constraints.txt the exact versions the tests ran with, which every install here
+# is held to (pip install -c), so a fresh setup reproduces them.
+$(VENV)/.done: setup.cfg setup.py constraints.txt
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
-	# torch first, from the pinned pair that works with timm's torchvision import (see setup.cfg).
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e ".[teachers,data,dev]"
+	# torch first, the pair in constraints.txt (one that works with timm's torchvision import).
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e ".[teachers,data,dev]"
 	# DeepSpeed JIT-compiles its shared-memory comm op at the first init on CPU; do it once here.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
+
+# After a deliberate upgrade in .venv: record its exact versions as the new constraints (the project itself left out).
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(VENV)/.done
 
 # The linter's settings are in ruff.toml; it runs first, so a test run also reports an unused import or a stray name.
 lint: setup

@@ -243,8 +243,8 @@ class FFCVSource(_PlannedSource):
                  world_size: int = 1, rank: int = 0, seed: int = 0, device: torch.device | str = "cpu",
                  num_workers: int = 2, os_cache: bool = True, pages_per_block: int = 32,
                  batches_ahead: int = 3, limit: int = 0, verify: bool = False) -> None:
-        from ffcv.reader import Reader
-
+        from engine.extras import require
+        Reader = require("ffcv.reader", f"reading {path} (a .beton file)").Reader
         from data_tools.ffcv_ops import LabelMapField
         check_beton(path)   # header and pointers against the file's size, before FFCV allocates by the header's say
         try:

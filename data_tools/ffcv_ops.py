@@ -18,13 +18,18 @@ from dataclasses import replace
 from typing import Callable, Tuple, Type
 
 import numpy as np
-from ffcv.fields.base import ARG_TYPE, Field
-from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-from ffcv.pipeline.state import State
+
+try:
+    from ffcv.fields.base import ARG_TYPE, Field
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+except ImportError as e:   # one line naming `pip install 'beitv2-ds[data]'`, not ffcv's traceback
+    from engine.extras import extra_error
+    raise extra_error(e, ".beton files (FFCV)") from None
 
 
 def canvas_shape(metadata: np.ndarray) -> Tuple[int, int]:

@@ -85,7 +85,9 @@ def record_classes(record: Mapping) -> tuple[list | None, int | None, int | None
 def _beton_samples(path: str, key: str) -> int:
     """The sample count in a .beton's header (24 bytes read); a missing or short file is a one-line error."""
     import numpy as np
-    from ffcv.types import HeaderType
+
+    from engine.extras import require
+    HeaderType = require("ffcv.types", f"data.{key} = {path} (a .beton file)").HeaderType
 
     try:
         with open(path, "rb") as f:

@@ -260,7 +260,7 @@ def mim_file(tmp_path):
 
 
 def export_error(capsys, *argv) -> str:
-    from pretrain.mim.train import export
+    from pretrain.mim.export import export
     return cli_error(capsys, {"export": export}, "export", *map(str, argv))
 
 

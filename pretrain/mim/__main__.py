@@ -3,7 +3,8 @@ import sys
 
 from engine.cli import run_cli
 from pretrain.mim.evaluate import evaluate
-from pretrain.mim.train import export, train
+from pretrain.mim.export import export
+from pretrain.mim.train import train
 from pretrain.mim.visualize import visualize
 
 # The stage's commands; `beitv2 mim ...` (engine.main) reads this dict too, so a command added here shows up there.

