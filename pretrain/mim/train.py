@@ -1,7 +1,6 @@
 """MIM pretraining stage: BEiT v2 with patch aggregation against a frozen tokenizer, on the shared engine."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -19,10 +18,9 @@ from engine.metrics import TensorboardPictures, forward_flops_per_image
 from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
-from pretrain.mim.export import export_to_timm
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, load_checkpoint, patch_pixel_targets,
-                                read_checkpoint, save_checkpoint)
+from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_checkpoint,
+                                save_checkpoint)
 from pretrain.mim.visualize import attention_pictures
 from pretrain.tokenizer import VQKD, load_tokenizer
 
@@ -176,19 +174,3 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
 
 
 train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES)
-
-
-def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
-    """Write the backbone of a MIM checkpoint (ours or official) in timm's `beitv2_*` layout as safetensors.
-
-    Args:
-        checkpoint: `mim.pt` of a run, an official `*_cls_pt` file, or a run's output directory.
-        out: output path ending in .safetensors.
-    """
-    if os.path.isdir(checkpoint):
-        checkpoint = os.path.join(checkpoint, "mim.pt")
-    if not out.endswith(".safetensors"):
-        raise ValueError(f"export writes safetensors: give an output path ending in .safetensors, not {out}")
-    model = load_checkpoint(checkpoint)
-    export_to_timm(model, out, fc_norm_from_norm=fc_norm_from_norm)
-    return {"checkpoint": checkpoint, "out": out, "embed_dim": model.embed_dim, "depth": len(model.blocks)}
