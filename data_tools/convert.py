@@ -445,7 +445,7 @@ def _convert(items: list[Item], out: str, s: Settings, *, kind: str, source: str
     counts = None
     if with_label:
         labels, n = np.unique([it.label for it in good], return_counts=True)
-        counts = {(class_names[l] if class_names else str(l)): int(c) for l, c in zip(labels, n)}
+        counts = {(class_names[k] if class_names else str(k)): int(c) for k, c in zip(labels, n)}
     meta = {"file": os.path.basename(out), "kind": kind, "source": os.path.abspath(source),
             "fields": {k: type(v).__name__ for k, v in fields.items()}, "num_samples": len(good),
             "num_inputs": len(items), "num_skipped": len(skipped), "skipped_report": report if skipped else None,

@@ -1,4 +1,4 @@
-"""Typed configuration and named recipes of classification fine-tuning (DESIGN.md 1.3)."""
+"""Typed configuration and named recipes of classification fine-tuning."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -104,7 +104,7 @@ class ClassifyConfig(StageConfig):
             raise ConfigError(f"config key 'layer_decay' = {self.layer_decay} must be in (0, 1]")
 
 
-# DESIGN.md 1.3: global batch 1024 (8 ranks x 128 here), AdamW betas (0.9, 0.999), wd 0.05, cosine to 1e-6, the
+# The official recipe: global batch 1024 (8 ranks x 128 here), AdamW betas (0.9, 0.999), wd 0.05, cosine to 1e-6, the
 # fine-tuning augmentation at its defaults, evaluation at 224 from 256.
 _OFFICIAL = {
     "num_classes": 1000,

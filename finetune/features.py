@@ -153,7 +153,8 @@ class FeatureFile:
         """(features [n, dim] float32, labels [n] int64), memory-mapped."""
         if os.path.getsize(self.prefix + ".f32") == 0:
             return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
-        feats = np.memmap(self.prefix + ".f32", dtype=np.float32, mode="c").reshape(-1, self.dim)   # copy-on-write: writable, never written
+        # Copy-on-write: writable, never written.
+        feats = np.memmap(self.prefix + ".f32", dtype=np.float32, mode="c").reshape(-1, self.dim)
         return feats, np.memmap(self.prefix + ".labels", dtype=np.int64, mode="c")
 
 

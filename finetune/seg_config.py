@@ -1,4 +1,4 @@
-"""Typed configuration and named recipes of semantic segmentation (UperNet, DESIGN.md 1.3; mmseg's ADE20K recipe)."""
+"""Typed configuration and named recipes of semantic segmentation (UperNet, mmseg's ADE20K recipe)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -124,7 +124,7 @@ class SegmentConfig(StageConfig):
             raise ConfigError(f"config key 'mosaic_size' = {self.mosaic_size} must be >= 28 (one garment)")
 
 
-# DESIGN.md 1.3 / the official configs: 160k iterations at global batch 16 (8 ranks x 2), AdamW betas
+# The official configs: 160k iterations at global batch 16 (8 ranks x 2), AdamW betas
 # (0.9, 0.999) wd 0.05, poly decay to 0 after a 1,500-iteration linear warm-up, 512 crops, ADE20K's 150 classes.
 _OFFICIAL = {
     "num_classes": 150,

@@ -40,8 +40,8 @@ class AverageBatchNormStats:
     """Batch norm running statistics averaged over ranks after every optimizer step (one all-reduce of all of them),
     where batch norm is not synchronised (CPU ranks): otherwise each rank's statistics drift apart, the checkpoint
     keeps rank 0's, and the end-of-run evaluation (each rank its shard, its own statistics) disagrees with the saved
-    segmenter. With SyncBatchNorm (GPUs) they are equal already and the hook does nothing. Always registered (stateless),
-    so a run can resume on any number of ranks."""
+    segmenter. With SyncBatchNorm (GPUs) they are equal already and the hook does nothing. Always registered
+    (stateless), so a run can resume on any number of ranks."""
     name = "batch_norm_stats"
 
     def __init__(self, model: nn.Module, active: bool):

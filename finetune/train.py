@@ -1,5 +1,5 @@
 """Classification fine-tuning on the shared engine: layer-wise lr decay, the official augmentation batched on the
-device, mixup/cutmix with soft targets, then top-1/top-5 on held-out images (DESIGN.md 1.3)."""
+device, mixup/cutmix with soft targets, then top-1/top-5 on held-out images."""
 from __future__ import annotations
 
 import os
@@ -72,7 +72,8 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
         model.set_grad_checkpointing(True)
     a = cfg.augment
     aug = FinetuneTrainAug(size=model.img_size, scale=(a.scale_min, 1.0), rand_augment=a.rand_augment,
-                           color_jitter=a.color_jitter, magnitude=a.magnitude, magnitude_std=a.magnitude_std, erase_prob=a.erase_prob)
+                           color_jitter=a.color_jitter, magnitude=a.magnitude, magnitude_std=a.magnitude_std,
+                           erase_prob=a.erase_prob)
     source = train_source(cfg.data, cfg.run, aug, device, wants="labels")
     mixup = Mixup(cfg.num_classes, a.mixup, a.cutmix, a.switch_prob, a.smoothing)
     soft_ce = SoftTargetCrossEntropy()
