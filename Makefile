@@ -13,8 +13,10 @@ TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # System packages: Fashion-MNIST (demo data), OpenCV + libjpeg-turbo + pkg-config (FFCV builds against them),
-# numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test).
-APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh
+# numactl (DeepSpeed's --bind_cores_to_rank), openssh-server + pdsh (the multi-node launch test), slurm-wlm + munge +
+# openmpi-bin (the SLURM and mpirun launch tests: a one-machine SLURM the test starts, docs/launch.md).
+APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh \
+	slurm-wlm munge openmpi-bin
 
 .PHONY: setup lint test test-fast demo bench clean constraints
 setup: $(VENV)/.done

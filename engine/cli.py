@@ -14,6 +14,7 @@ import fire
 from engine.config import CONFIG_KEY, ConfigError
 from engine.files import json_text
 from engine.guards import Preempted, TrainingDiverged, stop_on_sigterm
+from engine.launch_env import fill_from_scheduler
 from engine.run_plan import DRY_RUN_KEY, DryRun
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
@@ -181,6 +182,7 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
         # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
+        fill_from_scheduler()   # under srun/mpirun: RANK before rank 0 alone prints the plan (engine.launch_env)
         argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
         with stop_on_sigterm():   # outside a training loop SIGTERM stops cleanly too (engine.guards)

@@ -82,6 +82,10 @@ PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16", "auto")   # auto: resolve
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# Signals a run can take as "checkpoint and stop" (run.preempt_signal); not KILL/STOP (uncatchable) nor INT.
+PREEMPT_SIGNALS = ("TERM", "USR1", "USR2", "HUP", "XCPU")
+
+
 @dataclass
 class RunConfig:
     """Engine settings shared by every stage."""
@@ -106,6 +110,14 @@ class RunConfig:
     compile_mode: str = "default"              # with compile: default | reduce-overhead (CUDA graphs) | max-autotune...
     progress_bar: bool = True
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
+    # Scheduler (docs/launch.md): the signal that makes every rank checkpoint the same step and stop (exit 143),
+    # e.g. USR1 for `#SBATCH --signal=B:USR1@120`; SIGTERM always does too.
+    preempt_signal: str = "TERM"
+    requeue: bool = False                      # after such a stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID`
+    # > 0: checkpoint and stop this many seconds (plus one log interval) before the job's end: SLURM_JOB_END_TIME,
+    # or run.time_limit_s after the start when set.
+    stop_before_end_s: int = 0
+    time_limit_s: int = 0                      # the job's wall-clock limit from this process's start; 0: SLURM's
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.output_dir.strip()), f"{prefix}.output_dir", self.output_dir,
@@ -119,6 +131,10 @@ class RunConfig:
             _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
         _check(0 <= self.seed < 2 ** 32, f"{prefix}.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         _check(self.profile_steps >= 0, f"{prefix}.profile_steps", self.profile_steps, "must be >= 0 (0 is off)")
+        for key in ("stop_before_end_s", "time_limit_s"):
+            _check(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0 (0 is off)")
+        _check(self.preempt_signal.upper().removeprefix("SIG") in PREEMPT_SIGNALS, f"{prefix}.preempt_signal",
+               self.preempt_signal, f"must be one of {', '.join(PREEMPT_SIGNALS)}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -30,28 +31,50 @@ class PreemptionFlag:
 
     Ranks may see the signal at different steps, so they agree at the log interval, where the loop reads the
     device anyway: one all-reduce of a flag, then every rank saves the same step. A rank whose launcher is gone
-    (`LauncherWatch`) asks for the same stop.
+    (`LauncherWatch`) asks for the same stop. `signals` (TERM and run.preempt_signal: USR1...) are those taken
+    this way; `end_time` (unix seconds, the job's end: engine.launch_env.job_end_time) asks for the stop once the
+    next log interval (as long as the last one) and `margin_s` more would run past it. After `agreed()`,
+    `scheduled` says whether a signal or the time limit asked on some rank (a job to requeue), not only a launcher
+    that is gone.
     """
 
-    def __init__(self):
+    def __init__(self, signals: tuple[str, ...] = ("TERM",), end_time: float | None = None, margin_s: float = 0.0):
         self.requested = False
+        self.scheduled = False
+        self._mine = False
         self.reason = "SIGTERM"
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.end_time, self.margin_s = end_time, margin_s
+        self._last_check = time.time()
+        names = dict.fromkeys(n.strip().upper().removeprefix("SIG") for n in signals)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.Signals[f"SIG{n}"] for n in names)}
         self._watch = LauncherWatch.watching(self._launcher_gone)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.reason = signal.Signals(signum).name
+        self.requested = self._mine = True
 
     def _launcher_gone(self, what: str) -> None:
         self.reason = f"{what} exiting"
         self.requested = True
 
+    def _check_time(self) -> None:
+        now = time.time()
+        interval, self._last_check = now - self._last_check, now
+        if self.end_time is not None and not self.requested and now + interval + self.margin_s >= self.end_time:
+            self.reason = (f"the job's time limit ({self.end_time - now:.0f} s left, the last log interval took "
+                           f"{interval:.0f} s, run.stop_before_end_s={self.margin_s:g})")
+            self.requested = self._mine = True
+
     def agreed(self) -> bool:
-        flag = torch.tensor([float(self.requested)], device=dist_utils.current_device())
-        return bool(dist_utils.all_reduce_sum_(flag).item() > 0)
+        self._check_time()
+        flag = torch.tensor([float(self.requested), float(self._mine)], device=dist_utils.current_device())
+        total = dist_utils.all_reduce_sum_(flag).tolist()
+        self.scheduled = total[1] > 0
+        return total[0] > 0
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         if self._watch is not None:
             self._watch.stop()
 

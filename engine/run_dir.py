@@ -60,6 +60,7 @@ HARMLESS = frozenset({
     "run.save_interval", "run.keep_last", "run.save_final",
     "run.resume", "run.allow_config_change",
     "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
+    "run.preempt_signal", "run.requeue", "run.stop_before_end_s", "run.time_limit_s",   # when a run is stopped
     "run.compile", "run.compile_mode", "run.grad_checkpointing", "model.attention",   # the same function, faster
     "run.shard_frozen",                     # the same codes/teacher features, memory vs one all-gather a step
     "data.num_workers",                     # loader processes; the sample order is planned in the main process

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine import distributed as dist_utils
+from engine import launch_env
 from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig
@@ -82,7 +83,8 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     nonfinite = NonFiniteSteps(dist_utils.current_device())
     grad_norm = None
     profiler = None
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(("TERM", run.preempt_signal), margin_s=run.stop_before_end_s,
+                                end_time=launch_env.stop_time(run.time_limit_s, run.stop_before_end_s))
     last: dict = {}
     engine.train()
     try:
@@ -131,6 +133,9 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             if done % run.save_interval == 0 or (done == total and run.save_final) or stop:
                 ckpt.save(engine, done, {hook.name: hook.state_dict() for hook in hooks})
             if stop:
+                dist_utils.barrier()   # every rank's checkpoint is written before any rank exits (srun then ends them)
+                if run.requeue and preemption.scheduled and dist_utils.is_main():   # a signal or the time limit
+                    dist_utils.log_main(launch_env.requeue_job())
                 raise Preempted(f"stopped by {preemption.reason} after step {done}; checkpoint saved in {ckpt.dir}, "
                                 f"run the same command again to resume")
     finally:
