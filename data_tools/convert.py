@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from data_tools.beton_check import file_sha256
+from engine.extras import require
 from engine.files import OutputPathError, writable_parent_problem, write_atomically, write_text_atomically
 
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
@@ -477,7 +478,7 @@ def _settings(**options) -> Settings:
 
 
 def _image_field(s: Settings):
-    from ffcv.fields import RGBImageField
+    RGBImageField = require("ffcv.fields", "writing a .beton").RGBImageField
     return RGBImageField(write_mode=s.mode, jpeg_quality=s.quality)
 
 
@@ -486,7 +487,7 @@ def imagefolder(src: str, out: str, mode: str = "jpg", max_side: int = 512, qual
                 progress: bool = True, force: bool = False, max_skip_fraction: float = 0.01,
                 max_pixels: int = Settings.max_pixels, root: str = "") -> None:
     """Class sub-folders (SRC/<class>/<image>) or a file list (`PATH LABEL` lines) -> OUT.beton (image, label)."""
-    from ffcv.fields import IntField
+    IntField = require("ffcv.fields", "writing a .beton").IntField
     s = _settings(mode=mode, max_side=max_side, quality=quality, max_pixels=max_pixels,
                   max_skip_fraction=max_skip_fraction, workers=workers)
     items, classes, ignored = imagefolder_items(src, root or None)
@@ -521,9 +522,8 @@ class _ArrayInputs:
 def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: int = 2, progress: bool = True,
                   force: bool = False, data_dir: str = "") -> None:
     """Debian's Fashion-MNIST (dataset-fashion-mnist) -> OUT_DIR/train.beton and OUT_DIR/test.beton, 28x28 RGB."""
-    from ffcv.fields import IntField
-
     from data_tools.fashion_mnist import CLASS_NAMES, DATA_DIR, load_fashion_mnist
+    IntField = require("ffcv.fields", "writing a .beton").IntField
     s = _settings(mode=mode, max_side=0, quality=quality, max_pixels=Settings.max_pixels, max_skip_fraction=0.0,
                   workers=workers)
     outs = {split: os.path.join(out_dir, f"{split}.beton") for split in ("train", "test")}

@@ -305,6 +305,14 @@ def test_reading_a_beton_without_the_data_extra_is_one_line(without, tmp_path, c
     assert "pip install 'beitv2-ds[data]'" in line
 
 
+def test_converting_without_the_data_extra_is_one_line(without, tmp_path, capsys, fashion_mnist_available):
+    from data_tools.convert import COMMANDS
+    from tests.conftest import cli_error
+    without("ffcv")
+    assert "pip install 'beitv2-ds[data]'" in cli_error(capsys, COMMANDS, "fashion_mnist", str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "train.beton")
+
+
 def test_numba_missing_is_the_data_extra_and_a_broken_install_is_not_called_missing(without):
     without("numba")
     with pytest.raises(MissingExtra) as err:
