@@ -317,9 +317,6 @@ class CheckpointManager:
             if error:
                 return self._resplit_error(tag, world, error), None
         source = folder + UNIVERSAL if universal else folder
-        error = self._stage_mismatch(folder, engine.zero_optimization_stage(), universal)
-        if error:   # decided from file names and the config: every rank alike
-            return (error.split(":")[0], error), None
         # First every file is checked (each rank a share) and the ranks agree: damage must be found on every rank
         # alike before DeepSpeed's load, which at ZeRO-3 and from a re-split copy has collectives inside.
         error = _agree(self._damage(source, folder))
@@ -327,6 +324,9 @@ class CheckpointManager:
         if error:
             return self._load_error(folder, error, "is damaged ({}); restore it, or start over with "
                                                    "--run.resume=false"), None
+        error = self._stage_mismatch(folder, engine.zero_optimization_stage(), universal)
+        if error:   # decided from file names and the config: every rank alike
+            return (error.split(":")[0], error), None
         client_state, error = None, ""
         try:
             set_rng_state(rng_before)   # a checkpoint passed over may have set it

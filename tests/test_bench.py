@@ -257,12 +257,12 @@ def test_the_suite_rebuilds_its_tables_from_results_already_written(tmp_path, ca
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
     assert run_cli(main, [f"--from_json={tmp_path}", f"--out_dir={tmp_path}"]) == 0
     cpu, cuda = (json.loads((tmp_path / f"suite_{d}.json").read_text()) for d in ("cpu", "cuda"))
-    assert {r["benchmark"] for r in cpu["rows"]} == {"loader", "tokenizer"} and len(cpu["rows"]) == 6
+    assert {r["benchmark"] for r in cpu["rows"]} == {"loader", "tokenizer"} and len(cpu["rows"]) == 7
     assert {r["benchmark"] for r in cuda["rows"]} == {"pretrain"} and cuda["machine"]["device"] == "NVIDIA H200"
     assert (tmp_path / "suite_cuda.md").read_text().count("| pretrain |") == 3
     # Again, with the suite files now in the folder: each result still counts once.
     assert run_cli(main, [f"--from_json={tmp_path}", f"--out_dir={tmp_path}"]) == 0
-    assert len(json.loads((tmp_path / "suite_cpu.json").read_text())["rows"]) == 6
+    assert len(json.loads((tmp_path / "suite_cpu.json").read_text())["rows"]) == 7
     capsys.readouterr()
     for args, error in ((["--benches=loader,nope"], "error: unknown benchmark 'nope'; choose from loader, "),
                         ([f"--from_json={tmp_path / 'missing'}"], "error: no JSON results in ")):

@@ -313,8 +313,10 @@ def test_converting_without_the_data_extra_is_one_line(without, tmp_path, capsys
     assert not os.path.exists(tmp_path / "out" / "train.beton")
 
 
-def test_numba_missing_is_the_data_extra_and_a_broken_install_is_not_called_missing(without):
+def test_numba_missing_is_the_data_extra_and_a_broken_install_is_not_called_missing(without, monkeypatch):
     without("numba")
+    for name in [m for m in sys.modules if m.split(".")[0] == "ffcv"]:   # imported earlier in this process: FFCV
+        monkeypatch.delitem(sys.modules, name)                          # must import numba again, and fail
     with pytest.raises(MissingExtra) as err:
         importlib.import_module("data_tools.ffcv_ops")
     _one_line(err.value, "data")
