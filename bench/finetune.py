@@ -1,10 +1,11 @@
 """Classification fine-tune step speed through the real training loop: images/s, MFU and peak memory per variant.
 
-Each variant runs `finetune.train.train` (DeepSpeed engine, layer-wise lr decay, the fine-tuning augmentation and
-mixup/cutmix on the device, logging, then the held-out evaluation on 64 images) for 2 x `warmup` steps on synthetic
-images with synthetic labels (`init=random`: nothing to learn) and reports the second log interval. A variant that
-fails is recorded with its error and the others still run; the JSON is rewritten after every variant. DeepSpeed's
-autocast mode sets process-wide state, so list the `lean*` variants after the DeepSpeed-bf16 ones.
+Each variant runs `finetune.classify.train.train` (DeepSpeed engine, layer-wise lr decay, the fine-tuning
+augmentation and mixup/cutmix on the device, logging, then the held-out evaluation on 64 images) for 2 x `warmup`
+steps on synthetic images with synthetic labels (`init=random`: nothing to learn) and reports the second log
+interval. A variant that fails is recorded with its error and the others still run; the JSON is rewritten after every
+variant. DeepSpeed's autocast mode sets process-wide state, so list the `lean*` variants after the DeepSpeed-bf16
+ones.
 
 The baseline is the official formulation's attention (`--model.attention=explicit`: softmax in Python, no fused
 kernel) at the same precision. Ratios compare variants measured in one run on one machine. Writes JSON.
@@ -20,7 +21,7 @@ import tempfile
 from bench.common import device_info, run_stage_variants, stage_overrides, stage_variant_names, write_json
 from engine.cli import run_cli
 from engine.config import resolve
-from finetune.config import RECIPES, ClassifyConfig
+from finetune.classify.config import RECIPES, ClassifyConfig
 from finetune.model import CLS_ARCHS
 
 EVAL_IMAGES = 64   # the stage's held-out evaluation after training: kept small, it is not measured
@@ -32,7 +33,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     the test arch at batch 16 in fp32 on CPU."""
     names = stage_variant_names(variants, zero, warmup, batch, arch, CLS_ARCHS, "classifier")
     from engine import distributed as dist_utils
-    from finetune.train import build_model, train
+    from finetune.classify.train import build_model, train
     device = dist_utils.init()
     cuda = device.type == "cuda"
     arch = arch or ("beit_base_patch16_224" if cuda else "beitv2_tiny_test")

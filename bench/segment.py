@@ -1,6 +1,6 @@
 """Segmentation fine-tune step speed through the real training loop: images/s, MFU and peak memory per variant.
 
-Each variant runs `finetune.seg_train.train` (DeepSpeed engine, layer-wise lr decay, the mmseg training pipeline on
+Each variant runs `finetune.segment.train.train` (DeepSpeed engine, layer-wise lr decay, the mmseg training pipeline on
 the device (`SegTrainAug`: resize, cat_max_ratio crop, flip, photometric distortion), UperNet decode + auxiliary
 losses, logging, then the held-out mIoU on 8 images) for 2 x `warmup` steps and reports the second log interval, so
 the device-side augmentation is inside the timed steps. The data are synthetic (`data.source=synthetic`): square
@@ -27,8 +27,8 @@ import tempfile
 from bench.common import device_info, run_stage_variants, stage_overrides, stage_variant_names, write_json
 from engine.cli import run_cli
 from engine.config import resolve
-from finetune.seg_config import RECIPES, SegmentConfig
-from finetune.upernet import SEG_ARCHS
+from finetune.segment.config import RECIPES, SegmentConfig
+from finetune.segment.upernet import SEG_ARCHS
 
 # Each segmenter arch with the recipe that trains it (crop, image scale, augmentation, layer decay).
 RECIPE_FOR = {"upernet_beitv2_base": "upernet_beitv2_base_ade20k",
@@ -44,7 +44,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     16 (the recipe's global batch on one device) in bf16 on GPU, the test segmenter at batch 8 in fp32 on CPU."""
     names = stage_variant_names(variants, zero, warmup, batch, arch, SEG_ARCHS, "segmenter")
     from engine import distributed as dist_utils
-    from finetune.seg_train import build_model, train
+    from finetune.segment.train import build_model, train
     device = dist_utils.init()
     cuda = device.type == "cuda"
     arch = arch or ("upernet_beitv2_base" if cuda else "upernet_beitv2_tiny_test")

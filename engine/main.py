@@ -25,8 +25,8 @@ STAGES = {
     "mosaics": "data_tools.mosaics",
     "tokenizer": "pretrain.tokenizer.__main__",
     "mim": "pretrain.mim.__main__",
-    "classify": "finetune.classify",
-    "segment": "finetune.segment",
+    "classify": "finetune.classify.__main__",
+    "segment": "finetune.segment.__main__",
 }
 
 

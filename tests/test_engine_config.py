@@ -55,8 +55,8 @@ def _numeric_keys(values: dict, prefix: str = ""):
 
 
 def _stages():
-    from finetune.config import RECIPES as CLS_RECIPES, ClassifyConfig
-    from finetune.seg_config import RECIPES as SEG_RECIPES, SegmentConfig
+    from finetune.classify.config import RECIPES as CLS_RECIPES, ClassifyConfig
+    from finetune.segment.config import RECIPES as SEG_RECIPES, SegmentConfig
     from pretrain.mim.config import RECIPES as MIM_RECIPES, MIMConfig
     return [(TokenizerConfig, RECIPES, "vqkd_tiny_test", {}),
             (MIMConfig, MIM_RECIPES, "beitv2_tiny_test", {"tokenizer": "tok.pt"}),
@@ -204,7 +204,7 @@ def test_finetune_values_that_train_on_something_else_are_refused(stage, key, va
 
 
 def test_segment_train_with_img_size_0_stops_in_one_line_before_compute(capsys, tmp_path):
-    from finetune.segment import COMMANDS
+    from finetune.segment.__main__ import COMMANDS
     from tests.conftest import cli_error
     err = cli_error(capsys, COMMANDS, "train", "upernet_beitv2_tiny_test", f"--run.output_dir={tmp_path / 'x'}",
                     "--model.img_size=0")

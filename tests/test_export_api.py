@@ -89,7 +89,7 @@ def test_every_mim_arch_exports_a_folder_timm_loads_with_the_same_features(arch,
 @pytest.mark.parametrize("arch", _arch_params(CLS_ARCHS))
 @torch.no_grad()
 def test_every_classifier_arch_exports_a_folder_timm_loads_with_the_same_logits(arch, tmp_path):
-    from finetune.export import export_classifier_folder
+    from finetune.classify.export import export_classifier_folder
     model = _perturb(build_classifier(arch, 7, **_short(CLS_ARCHS, arch)))
     x = _image(model.img_size)
     expected_features, expected_logits = model.forward_features(x), model(x)
@@ -147,7 +147,7 @@ def test_mim_export_command_writes_the_folder_and_a_model_card_from_the_run(tmp_
 
 
 def test_classify_export_command_names_the_classes_of_the_run(tmp_path):
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     names = [f"class {i}" for i in range(3)]
     run = _run_folder(tmp_path, "ft_run", {"top1": 0.5, "per_class": [{"class": n, "images": 1} for n in names]})
     model = _perturb(build_classifier("beitv2_tiny_test", 3))
@@ -238,7 +238,7 @@ def test_token_ids_of_real_images_are_the_tokenizers_codes(fashion, model_files,
 
 def test_a_classifier_its_run_folder_and_its_exports_give_the_same_features(fashion, model_files, tmp_path):
     from engine.api import features, load_model, preprocessing
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     run = model_files / "ft_run"
     model = load_model(run)   # the run folder: its classifier.pt and the run's eval_crop
     assert type(model).__name__ == "BeitClassifier" and preprocessing(model)["crop_pct"] == 1.0
@@ -297,7 +297,7 @@ def test_reading_a_beton_without_the_data_extra_is_one_line(without, tmp_path, c
         importlib.import_module("data_tools.ffcv_ops")
     _one_line(err.value, "data")
     # A train command given a .beton says so before it builds anything (engine.run_plan reads the header).
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     from tests.conftest import cli_error
     (tmp_path / "x.beton").write_bytes(b"\0" * 64)
     line = cli_error(capsys, COMMANDS, "train", "beitv2_tiny_test_ft", "--dry_run",

@@ -308,7 +308,7 @@ def test_a_beton_of_the_other_kind_is_one_line_where_each_stage_opens_it(betons)
     from engine.config import RunConfig
     seg, cls = betons["seg"], betons["cls"]
     run = RunConfig(micro_batch_size=2)
-    with pytest.raises(BetonHeaderError) as err:    # classification training (finetune.train)
+    with pytest.raises(BetonHeaderError) as err:    # classification training (finetune.classify.train)
         train_source(_data(train_path=seg), run, EvalAug(32), "cpu", wants="labels")
     assert str(err.value) == SEG_TO_CLS.format(path=seg)
     with pytest.raises(BetonHeaderError) as err:    # evaluate, k-NN, linear probe
@@ -358,7 +358,7 @@ def _tokenizer_file(path: Path, sign: int) -> Path:
 
 
 def _knn(checkpoint, betons, cache=None, **kw):
-    from finetune.probe import knn
+    from finetune.classify.probe import knn
     data = {"source": "beton", "train_path": str(betons["cls"]), "eval_path": str(betons["test"]), "num_workers": 1}
     return knn(str(checkpoint), data_cfg=data, k=3, eval_crop=1.0, cache_dir=str(cache or ""), **kw)
 

@@ -49,7 +49,7 @@ def nan_classifier(tmp_path):
 
 def test_evaluating_non_finite_weights_is_refused_at_load_naming_the_file(nan_classifier, tmp_path, capsys):
     # Before: it evaluated, printed `"loss": NaN` (not JSON) and exited 0.
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     out = tmp_path / "eval.json"
     err = cli_error(capsys, COMMANDS, "evaluate", str(nan_classifier), EVAL_DATA, f"--out={out}")
     assert err == (f"error: {nan_classifier} holds weights that are not finite (NaN or inf) in 1 tensor, first "
@@ -61,7 +61,7 @@ def test_evaluating_non_finite_weights_is_refused_at_load_naming_the_file(nan_cl
 def test_fine_tuning_from_non_finite_weights_names_the_starting_file(nan_classifier, tmp_path, capsys,
                                                                      fashion_mnist_available):
     # Before: it trained on, skipped every step and stopped advising a lower optim.lr.
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     run = tmp_path / "ft"
     err = cli_error(capsys, COMMANDS, "train", "beitv2_tiny_test_ft", f"--init={nan_classifier}",
                     f"--run.output_dir={run}")
@@ -95,7 +95,7 @@ def test_results_are_strict_json_with_non_finite_values_as_null(tmp_path, capsys
 # Sends this process SIGTERM when the evaluation has read its first batch: a scheduler's notice mid-evaluation.
 SIGTERM_IN_EVALUATION = '''
     import os, signal, sys
-    import finetune.evaluate as ev
+    import finetune.classify.evaluate as ev
     from engine.main import main
     measure = ev.classification_metrics
     def signalled(model, batches, *args):
@@ -271,7 +271,7 @@ def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_
     splits 3 over 2 ranks. Both ranks stop before building anything, with the line that says what keeps it."""
     from engine.config import resolve, save_json
     from engine.global_batch import RECORD
-    from finetune.config import RECIPES, ClassifyConfig
+    from finetune.classify.config import RECIPES, ClassifyConfig
     run = tmp_path / "run"
     flags = ["--run.micro_batch_size=3", "--schedule.total_steps=4"]
     cfg = resolve(ClassifyConfig, RECIPES, "beitv2_tiny_test_ft", {"run.output_dir": str(run),

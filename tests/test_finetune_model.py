@@ -11,8 +11,8 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
 from engine.ds_setup import layer_decay_param_groups
-from finetune.evaluate import classification_metrics
-from finetune.mixup import Mixup
+from finetune.classify.evaluate import classification_metrics
+from finetune.classify.mixup import Mixup
 from finetune.model import build_classifier, load_classifier, save_classifier
 from pretrain.mim import build_mim_model, export_to_timm, save_checkpoint
 from tests.conftest import ROOT

@@ -35,14 +35,14 @@ def test_a_tiny_fine_tune_learns_fashion_mnist_and_evaluates_the_same_through_th
     curve = losses(learned)
     assert curve[200] < curve[20] - 0.3, curve
     # The saved classifier, evaluated alone, gives the numbers the run measured with its own weights.
-    from finetune.evaluate import evaluate
+    from finetune.classify.evaluate import evaluate
     again = evaluate(str(learned))
     assert again["images"] == 301 and again["top1"] == pytest.approx(ev["top1"], abs=1e-9)
     assert again["loss"] == pytest.approx(ev["loss"], rel=1e-5)
 
 
 def test_knn_on_two_ranks_equals_one_process_and_probes_beat_chance(learned, tmp_path, monkeypatch):
-    from finetune.probe import knn, linear_probe
+    from finetune.classify.probe import knn, linear_probe
     data = '{"source": "fashion_mnist", "limit": 1001, "eval_images": 301}'
     ckpt = str(learned / "classifier.pt")
     common = [f"--data_cfg={data}", "--eval_crop=1.0", "--pooling=mean"]   # the pooling the classifier learned
@@ -88,7 +88,7 @@ def test_a_killed_fine_tune_resumes_with_the_same_losses(tmp_path, fashion_mnist
 
 
 def _cli_error(capsys, *argv):
-    from finetune.classify import COMMANDS
+    from finetune.classify.__main__ import COMMANDS
     return cli_error(capsys, COMMANDS, *argv)
 
 

@@ -8,9 +8,9 @@ from torch import nn
 
 from engine.ds_setup import layer_decay_param_groups
 from finetune.model import build_classifier
-from finetune.seg_metrics import (confusion_matrix, evaluate_segmenter, predict_image, segmentation_metrics,
+from finetune.segment.metrics import (confusion_matrix, evaluate_segmenter, predict_image, segmentation_metrics,
                                   slide_logits, scaled_size)
-from finetune.upernet import BeitFeaturePyramid, build_segmenter, load_segmenter, save_segmenter
+from finetune.segment.upernet import BeitFeaturePyramid, build_segmenter, load_segmenter, save_segmenter
 from pretrain.mim import save_checkpoint
 from tests.dist_util import run_ranks
 from tests.test_finetune_model import tiny_mim

@@ -32,9 +32,9 @@ def mosaics_beton(tmp_path_factory, fashion_mnist_available):
 def test_a_tiny_segmenter_learns_mosaics_from_a_beton(mosaics_beton, tmp_path):
     """Trained on 24 mosaics from the converted .beton and evaluated on the same images: mIoU must rise well above
     that of the same model before training (the machinery learns; generalisation is the demo's question)."""
-    from finetune.seg_config import SegAugmentConfig, SegEvalConfig
-    from finetune.seg_train import held_out_metrics, train
-    from finetune.upernet import build_segmenter, load_segmenter
+    from finetune.segment.config import SegAugmentConfig, SegEvalConfig
+    from finetune.segment.train import held_out_metrics, train
+    from finetune.segment.upernet import build_segmenter, load_segmenter
     from engine.config import DataConfig
     train_beton = str(mosaics_beton / "train.beton")
     data = DataConfig(source="beton", train_path=train_beton, eval_path=train_beton, eval_images=0, num_workers=1)
@@ -74,7 +74,7 @@ def test_a_killed_segmentation_run_resumes_with_the_same_losses_and_evaluates_al
     assert losses(killed) == losses(tmp_path / "straight")   # bitwise: steps 4-8 redone identically
     assert losses(killed, "loss_aux") == losses(tmp_path / "straight", "loss_aux")
     # 8 validation mosaics on 2 ranks (4 + 4) and 7 (4 + 3, uneven) through the evaluate CLI vs one process.
-    from finetune.seg_evaluate import evaluate
+    from finetune.segment.evaluate import evaluate
     run_eval = json.loads((killed / "eval.json").read_text())
     one = evaluate(str(killed))
     assert one["images"] == run_eval["images"] == 8 and one["mIoU"] == pytest.approx(run_eval["mIoU"], abs=1e-12)
@@ -88,12 +88,12 @@ def test_a_killed_segmentation_run_resumes_with_the_same_losses_and_evaluates_al
 
 
 def _cli_error(capsys, *argv):
-    from finetune.segment import COMMANDS
+    from finetune.segment.__main__ import COMMANDS
     return cli_error(capsys, COMMANDS, *argv)
 
 
 def test_bad_inputs_are_one_line_errors(tiny_tokenizer_file, capsys, tmp_path, fashion_mnist_available):
-    from finetune.upernet import build_segmenter, save_segmenter
+    from finetune.segment.upernet import build_segmenter, save_segmenter
     err = _cli_error(capsys, *tiny_args(tmp_path / "a", f"--init={tiny_tokenizer_file}"))
     assert "tokenizer" in err and str(tiny_tokenizer_file) in err
     seg = tmp_path / "segmenter.pt"

@@ -171,7 +171,7 @@ def test_labels_without_a_record_are_checked_on_the_device(betons, tmp_path, cap
     assert err.startswith(f"error: {bare}: label 12 is outside the model's 5 classes (0..4), by step 1; set "
                           f"num_classes to the data's class count")
     from engine.labels import LabelRange
-    from finetune.evaluate import classification_metrics
+    from finetune.classify.evaluate import classification_metrics
 
     class Stub(torch.nn.Module):   # logits are the image's pixels
         num_classes = 3

@@ -20,9 +20,9 @@ from engine.labels import LabelRange
 from engine.run_dir import claimed_output_dir
 from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
-from finetune.config import RECIPES, ClassifyConfig
-from finetune.evaluate import held_out_metrics
-from finetune.mixup import Mixup
+from finetune.classify.config import RECIPES, ClassifyConfig
+from finetune.classify.evaluate import held_out_metrics
+from finetune.classify.mixup import Mixup
 from finetune.model import BeitClassifier, build_classifier, save_classifier
 from pretrain.mim.attention import set_attention_kernel
 

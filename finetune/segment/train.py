@@ -20,9 +20,9 @@ from engine.labels import LabelRange
 from engine.run_dir import claimed_output_dir
 from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
-from finetune.seg_config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
-from finetune.seg_metrics import evaluate_segmenter, per_class_table
-from finetune.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter
+from finetune.segment.config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
+from finetune.segment.metrics import evaluate_segmenter, per_class_table
+from finetune.segment.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter
 from pretrain.mim.attention import set_attention_kernel
 
 EVAL_BATCH = 8   # held-out images decoded per batch (each is then predicted on its own, window by window)

@@ -3,10 +3,10 @@
 import sys
 
 from engine.cli import run_cli
-from finetune.evaluate import evaluate
-from finetune.export import export
-from finetune.probe import knn, linear_probe
-from finetune.train import train
+from finetune.classify.evaluate import evaluate
+from finetune.classify.export import export
+from finetune.classify.probe import knn, linear_probe
+from finetune.classify.train import train
 
 # `beitv2 classify ...` (engine.main) reads this dict too, so a command added here shows up there.
 COMMANDS = {"train": train, "evaluate": evaluate, "export": export, "linear_probe": linear_probe, "knn": knn}

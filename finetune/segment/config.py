@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.config import ConfigError, StageConfig, merge
 from finetune.model import CLS_ARCHS
-from finetune.upernet import SEG_ARCHS
+from finetune.segment.upernet import SEG_ARCHS
 
 
 @dataclass

@@ -27,7 +27,7 @@ from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from engine.run_plan import Split, data_split
-from finetune.evaluate import topk_hits
+from finetune.classify.evaluate import topk_hits
 from finetune.feature_cache import cache_key, usable_folder
 from finetune.features import FeatureFile, FrozenFeatures, extract
 

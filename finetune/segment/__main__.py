@@ -2,8 +2,8 @@
 import sys
 
 from engine.cli import run_cli
-from finetune.seg_evaluate import evaluate
-from finetune.seg_train import train
+from finetune.segment.evaluate import evaluate
+from finetune.segment.train import train
 
 # `beitv2 segment ...` (engine.main) reads this dict too, so a command added here shows up there.
 COMMANDS = {"train": train, "evaluate": evaluate}

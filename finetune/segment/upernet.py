@@ -9,7 +9,7 @@
 Convolution blocks are conv + batch norm + ReLU with mmcv's `ConvModule` names (`conv`, `bn`), so an mmseg state
 dict of this model has the same keys. Batch norm is synchronised across ranks on GPUs (`convert_sync_batchnorm`,
 as the official SyncBN); torch's SyncBatchNorm needs an accelerator, so CPU ranks normalise with their own batch and
-average the running statistics after every step (finetune.seg_train.AverageBatchNormStats).
+average the running statistics after every step (finetune.segment.train.AverageBatchNormStats).
 """
 from __future__ import annotations
 

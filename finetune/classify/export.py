@@ -28,7 +28,7 @@ def export(checkpoint: str, out: str, arch: str = "", num_classes: int = 0) -> d
     from safetensors.torch import save_file
 
     from engine.files import write_atomically
-    from finetune.evaluate import OFFICIAL_EVAL_CROP
+    from finetune.classify.evaluate import OFFICIAL_EVAL_CROP
     from finetune.model import build_classifier, load_classifier
 
     if os.path.isdir(checkpoint):

@@ -7,10 +7,10 @@ import os
 from engine.cli import check_counts
 from engine.config import ConfigError, DataConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
-from finetune.seg_config import SegAugmentConfig, SegEvalConfig, SegmentConfig
-from finetune.seg_metrics import MS_RATIOS
-from finetune.seg_train import held_out_metrics
-from finetune.upernet import build_segmenter, load_segmenter
+from finetune.segment.config import SegAugmentConfig, SegEvalConfig, SegmentConfig
+from finetune.segment.metrics import MS_RATIOS
+from finetune.segment.train import held_out_metrics
+from finetune.segment.upernet import build_segmenter, load_segmenter
 
 
 def evaluate(checkpoint: str, arch: str = "", num_classes: int = 0, data_cfg: dict | None = None,
