@@ -91,8 +91,8 @@ def load_model(source: str | os.PathLike, arch: str | None = None, num_classes: 
         # The tokenizer reads RGB in [0, 1] (it rescales to [-1, 1] itself); its stages encode whole images.
         model.data_config = _data_config(model.img_size, (0.0,) * 3, (1.0,) * 3, 1.0)
     elif kind == "mim":
-        from pretrain.mim import load_checkpoint
-        model = load_checkpoint(path, arch=arch)
+        from pretrain.mim import load_mim_model
+        model = load_mim_model(path, arch=arch)
         model.data_config = _data_config(model.patch_embed.img_size[0], IMAGENET_MEAN, IMAGENET_STD, 0.875)
     else:
         from engine.export import read_weights_file

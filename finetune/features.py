@@ -76,8 +76,8 @@ class FrozenFeatures(nn.Module):
             from pretrain.tokenizer import load_tokenizer
             return load_tokenizer(path)
         if self.kind == "mim":
-            from pretrain.mim import load_checkpoint
-            return load_checkpoint(path)
+            from pretrain.mim import load_mim_model
+            return load_mim_model(path)
         from finetune.model import build_classifier, load_classifier
         return build_classifier(arch, 0, path) if arch else load_classifier(path)
 

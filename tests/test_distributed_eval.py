@@ -69,9 +69,9 @@ def test_tokenizer_evaluate_on_two_ranks_equals_one_process(tmp_path, tiny_token
 
 
 def test_mim_evaluate_on_two_ranks_equals_one_process(tmp_path, tiny_tokenizer_file):
-    from pretrain.mim.model import build_mim_model, save_checkpoint
+    from pretrain.mim.model import build_mim_model, save_mim_model
     torch.manual_seed(0)
-    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
+    save_mim_model(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
     args = {"checkpoint": str(tmp_path / "mim.pt"), "tokenizer": str(tiny_tokenizer_file),
             "masking": {"min_patches": 2}}
     threads = torch.get_num_threads()

@@ -14,7 +14,7 @@ from PIL import Image
 from engine.cli import run_cli
 from engine.extras import MissingExtra, extra_error
 from finetune.model import CLS_ARCHS, build_classifier, save_classifier
-from pretrain.mim import MIM_ARCHS, build_mim_model, save_checkpoint
+from pretrain.mim import MIM_ARCHS, build_mim_model, save_mim_model
 from pretrain.mim.export import export_timm_folder
 
 # The full-size archs keep their width, heads, patch and input size here but only two blocks (a block more is the same
@@ -130,7 +130,7 @@ def test_mim_export_command_writes_the_folder_and_a_model_card_from_the_run(tmp_
     from pretrain.mim.__main__ import COMMANDS
     run = _run_folder(tmp_path, "mim_run", {"mim_acc": 0.25, "images": 100})
     model = _perturb(build_mim_model("beitv2_tiny_test"))
-    save_checkpoint(model, os.path.join(run, "mim.pt"))
+    save_mim_model(model, os.path.join(run, "mim.pt"))
     out = tmp_path / "backbone"
     assert run_cli(COMMANDS, ["export", run, str(out)]) == 0
     card = (out / "README.md").read_text()
@@ -161,7 +161,7 @@ def test_classify_export_command_names_the_classes_of_the_run(tmp_path):
 def test_an_export_over_a_file_is_one_line(tmp_path, capsys):
     from pretrain.mim.__main__ import COMMANDS
     from tests.conftest import cli_error
-    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
+    save_mim_model(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
     (tmp_path / "taken").write_text("x")
     assert "is a file" in cli_error(capsys, COMMANDS, "export", str(tmp_path / "mim.pt"), str(tmp_path / "taken"))
     assert ".safetensors" in cli_error(capsys, COMMANDS, "export", str(tmp_path / "mim.pt"), str(tmp_path / "o.pt"))
@@ -181,7 +181,7 @@ def model_files(tmp_path_factory):
     from pretrain.tokenizer import build_tokenizer, save_tokenizer
     folder = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)
-    save_checkpoint(_perturb(build_mim_model("beitv2_tiny_test")), folder / "mim.pt")
+    save_mim_model(_perturb(build_mim_model("beitv2_tiny_test")), folder / "mim.pt")
     save_tokenizer(build_tokenizer("vqkd_tiny_test", kmeans_init=False), str(folder / "tokenizer.pt"))
     run = folder / "ft_run"
     save_classifier(_perturb(build_classifier("beitv2_tiny_test", 10)), run / "classifier.pt")

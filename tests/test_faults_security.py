@@ -253,9 +253,9 @@ def test_reading_a_weights_file_refuses_pickled_code(references, tmp_path):
 
 @pytest.fixture
 def mim_file(tmp_path):
-    from pretrain.mim import build_mim_model, save_checkpoint
+    from pretrain.mim import build_mim_model, save_mim_model
     path = tmp_path / "mim.pt"
-    save_checkpoint(build_mim_model("beitv2_tiny_test"), path)
+    save_mim_model(build_mim_model("beitv2_tiny_test"), path)
     return path
 
 

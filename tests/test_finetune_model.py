@@ -14,7 +14,7 @@ from engine.ds_setup import layer_decay_param_groups
 from finetune.classify.evaluate import classification_metrics
 from finetune.classify.mixup import Mixup
 from finetune.model import build_classifier, load_classifier, save_classifier
-from pretrain.mim import build_mim_model, export_to_timm, save_checkpoint
+from pretrain.mim import build_mim_model, export_to_timm, save_mim_model
 from tests.conftest import ROOT
 from tests.dist_util import run_ranks
 from tests.test_mim_model import tiny
@@ -75,7 +75,7 @@ def one_line_value_error(fn, path) -> str:
 def mim_file(tmp_path_factory):
     model = tiny_mim()
     path = tmp_path_factory.mktemp("mim") / "mim.pt"
-    save_checkpoint(model, path)
+    save_mim_model(model, path)
     return model, path
 
 
@@ -245,7 +245,7 @@ def test_file_that_fits_nothing_names_the_keys(tmp_path):
 
 def test_checkpoint_of_another_width_names_wrong_shapes(tmp_path):
     path = tmp_path / "narrow.pt"
-    save_checkpoint(tiny_mim(embed_dim=32), path)   # same depth, grid and heads; width 32 instead of 64
+    save_mim_model(tiny_mim(embed_dim=32), path)   # same depth, grid and heads; width 32 instead of 64
     msg = one_line_value_error(lambda: build_classifier(TINY, NUM_CLASSES, path), path)
     assert "wrong shapes" in msg and "(1, 1, 32) vs (1, 1, 64)" in msg
 
@@ -253,7 +253,7 @@ def test_checkpoint_of_another_width_names_wrong_shapes(tmp_path):
 def test_checkpoint_of_another_arch_is_a_one_line_error(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "small_demo.pt"
-    save_checkpoint(build_mim_model("beitv2_small_demo"), path)   # width 192, 6 blocks, 3 heads, 6 x 6 grid
+    save_mim_model(build_mim_model("beitv2_small_demo"), path)   # width 192, 6 blocks, 3 heads, 6 x 6 grid
     msg = one_line_value_error(lambda: build_classifier(TINY, NUM_CLASSES, path), path)
     assert "wrong shapes" in msg
 

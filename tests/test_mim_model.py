@@ -9,9 +9,9 @@ import timm
 import torch
 from timm.models.beit import Beit
 
-from pretrain.mim import (BlockMaskGenerator, build_mim_model, export_to_timm, gather_masked, load_checkpoint,
-                          save_checkpoint, to_timm_state_dict)
-from pretrain.mim.model import read_checkpoint
+from pretrain.mim import (BlockMaskGenerator, build_mim_model, export_to_timm, gather_masked, load_mim_model,
+                          save_mim_model, to_timm_state_dict)
+from pretrain.mim.model import read_mim_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Key names and shapes of the official releases (a copy kept in the repository).
@@ -217,12 +217,12 @@ def test_flops_close_to_design_numbers():
 def test_save_and_load_roundtrip(tmp_path):
     model = tiny(vocab_size=32)
     path = tmp_path / "mim.pt"
-    save_checkpoint(model, path)
-    loaded = load_checkpoint(path)   # arch comes from the file, including the vocab override
+    save_mim_model(model, path)
+    loaded = load_mim_model(path)   # arch comes from the file, including the vocab override
     assert loaded.lm_head.out_features == 32
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    assert load_checkpoint(path, drop_path_rate=0.1).blocks[-1].drop_path1.drop_prob == pytest.approx(0.1 * 2 / 3)
+    assert load_mim_model(path, drop_path_rate=0.1).blocks[-1].drop_path1.drop_prob == pytest.approx(0.1 * 2 / 3)
 
 
 def test_load_official_layout_infers_arch(tmp_path):
@@ -231,7 +231,7 @@ def test_load_official_layout_infers_arch(tmp_path):
     sd["rel_pos_bias.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)   # as official files
     path = tmp_path / "official_like.pth"
     torch.save({"module": sd, "epoch": 3}, path)
-    loaded = load_checkpoint(path)
+    loaded = load_mim_model(path)
     assert loaded.arch_kwargs["early_layers"] == model.early_layers
     images, mask = batch()
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_load_safetensors(tmp_path):
     path = tmp_path / "mim.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
               metadata={"arch": json.dumps(model.arch_kwargs)})
-    loaded = load_checkpoint(path)
+    loaded = load_mim_model(path)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
@@ -255,28 +255,28 @@ def test_load_mismatch_is_one_line_naming_file_and_keys(tmp_path):
     path = tmp_path / "broken.pt"
     torch.save({"model": sd}, path)
     with pytest.raises(ValueError) as err:
-        load_checkpoint(path, arch=TINY)
+        load_mim_model(path, arch=TINY)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg
     assert "blocks.1.norm1.weight" in msg and "extra.weight" in msg
     # Shape mismatches are named too (here: a file with 64 codes read as a 128-code model).
-    save_checkpoint(tiny(), path)
+    save_mim_model(tiny(), path)
     with pytest.raises(ValueError, match=r"wrong shapes \['lm_head.weight"):
-        load_checkpoint(path, arch=TINY, vocab_size=128)
+        load_mim_model(path, arch=TINY, vocab_size=128)
 
 
 def test_read_checkpoint_rejects_pickled_objects(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save({"model": {}, "opt": torch.optim.SGD}, path)   # a class: needs full unpickling
     with pytest.raises(ValueError, match="contains pickled code/objects that are not weights"):
-        read_checkpoint(path)
+        read_mim_file(path)
 
 
 def test_a_tokenizer_file_given_as_a_mim_model_is_a_one_line_error(tmp_path):
     from pretrain.tokenizer import build_tokenizer, save_tokenizer
     save_tokenizer(build_tokenizer("vqkd_tiny_test"), str(tmp_path / "tok.pt"))
     with pytest.raises(ValueError, match="is a 'beitv2-ds/tokenizer/1' file, not a BEiT v2 MIM model; pass a BEiT"):
-        load_checkpoint(tmp_path / "tok.pt")
+        load_mim_model(tmp_path / "tok.pt")
 
 
 def test_compile_fullgraph_forward_backward():

@@ -12,7 +12,7 @@ from pretrain.mim import build_mim_model
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.evaluate import evaluate
 from pretrain.mim.export import export_to_timm
-from pretrain.mim.model import gather_masked, load_checkpoint, patch_pixel_targets
+from pretrain.mim.model import gather_masked, load_mim_model, patch_pixel_targets
 from tests.dist_util import losses, run_stage
 
 
@@ -76,7 +76,7 @@ def test_pixel_pretraining_runs_on_two_ranks_and_exports_to_timm(tmp_path):
     curve = losses(out)
     assert sorted(curve) == list(range(1, 17)) and all(0 < v < 10 for v in curve.values()), curve
     assert set(losses(out, "agg_loss")) == set(curve)
-    model = load_checkpoint(out / "mim.pt").eval()
+    model = load_mim_model(out / "mim.pt").eval()
     assert model.arch_kwargs["target"] == "pixels" and model.lm_head.out_features == 192
     torch.manual_seed(0)
     init = build_mim_model("beitv2_tiny_test", target="pixels")

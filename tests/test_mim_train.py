@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.config import resolve
-from pretrain.mim import build_mim_model, save_checkpoint
+from pretrain.mim import build_mim_model, save_mim_model
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.evaluate import evaluate
 from pretrain.mim.train import build_model
@@ -67,7 +67,7 @@ def test_held_out_evaluation_sees_what_pretraining_learned(tmp_path, zero2_fp32_
     assert json.loads((tmp_path / "eval.json").read_text()) == trained
     # An untrained model of the same arch, on the same images and masks (so the same labels and majority code).
     torch.manual_seed(0)
-    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "untrained.pt")
+    save_mim_model(build_mim_model("beitv2_tiny_test"), tmp_path / "untrained.pt")
     untrained = evaluate(str(tmp_path / "untrained.pt"), tokenizer=str(tiny_tokenizer_file), data_cfg=data,
                          masking={"min_patches": 2})
     assert untrained["majority_code_acc"] == trained["majority_code_acc"]
@@ -98,7 +98,7 @@ def test_pretraining_starts_from_given_weights(tmp_path, zero2_fp32_run, tiny_to
     fresh, continued = losses(zero2_fp32_run), losses(out)
     assert continued[1] < fresh[1] - 0.5, (continued, fresh)
     other_arch = tmp_path / "small.pt"
-    save_checkpoint(build_mim_model("beitv2_small_demo"), other_arch)
+    save_mim_model(build_mim_model("beitv2_small_demo"), other_arch)
     cfg = resolve(MIMConfig, RECIPES, "beitv2_tiny_test", {"tokenizer": "t.pt", "init_weights": str(other_arch)})
     with pytest.raises(ValueError) as err:
         build_model(cfg)

@@ -11,7 +11,7 @@ from finetune.model import build_classifier
 from finetune.segment.metrics import (confusion_matrix, evaluate_segmenter, predict_image, segmentation_metrics,
                                   slide_logits, scaled_size)
 from finetune.segment.upernet import BeitFeaturePyramid, build_segmenter, load_segmenter, save_segmenter
-from pretrain.mim import save_checkpoint
+from pretrain.mim import save_mim_model
 from tests.dist_util import run_ranks
 from tests.test_finetune_model import tiny_mim
 
@@ -63,7 +63,7 @@ def test_a_segmenter_has_mmseg_key_names_and_official_layer_decay_ids():
 
 def test_backbone_routes_load_into_the_segmenter_and_a_segmenter_file_round_trips(tmp_path):
     mim = tmp_path / "mim.pt"
-    save_checkpoint(tiny_mim(), mim)
+    save_mim_model(tiny_mim(), mim)
     # 64 px crops: the 4 x 4 tables of the 32 px checkpoint are resized to 8 x 8, as the classifier route does.
     seg = build_segmenter(TINY, 11, mim, img_size=64)
     cls = build_classifier("beitv2_tiny_test", 11, mim, img_size=64)

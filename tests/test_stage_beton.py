@@ -66,12 +66,12 @@ def test_mim_resumes_inside_an_epoch_of_a_beton_and_exports_to_timm(tmp_path, be
     import timm
     import torch
 
-    from pretrain.mim import load_checkpoint
+    from pretrain.mim import load_mim_model
     target = tmp_path / "backbone.safetensors"
     proc = subprocess.run([sys.executable, "-m", "pretrain.mim", "export", str(ref), str(target)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ours = load_checkpoint(str(ref / "mim.pt")).eval()
+    ours = load_mim_model(str(ref / "mim.pt")).eval()
     theirs = timm.create_model("beitv2_base_patch16_224", pretrained=True, num_classes=0,
                                pretrained_cfg_overlay=dict(file=str(target)), img_size=32, patch_size=8,
                                embed_dim=64, depth=3, num_heads=2).eval()

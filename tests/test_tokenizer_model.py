@@ -204,8 +204,8 @@ def test_codebook_indices_are_the_codes_of_encode_without_touching_the_codebook(
 
 
 def test_a_file_that_is_not_a_tokenizer_is_a_one_line_error(tmp_path):
-    from pretrain.mim import build_mim_model, save_checkpoint
-    save_checkpoint(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
+    from pretrain.mim import build_mim_model, save_mim_model
+    save_mim_model(build_mim_model("beitv2_tiny_test"), tmp_path / "mim.pt")
     torch.save(torch.ones(3), tmp_path / "tensor.pt")
     (tmp_path / "junk.safetensors").write_text("junk")
     for name, message in (("mim.pt", "is a 'beitv2-ds/mim/1' file, not a VQ-KD tokenizer"),

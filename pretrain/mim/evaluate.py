@@ -22,7 +22,7 @@ from engine.config import ConfigError, DataConfig, config_section, saved_run_con
 from engine.evaluation import eval_device, write_result
 from pretrain.mim.config import MaskingConfig
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import gather_masked, load_checkpoint
+from pretrain.mim.model import gather_masked, load_mim_model
 from pretrain.mim.train import check_tokenizer
 from pretrain.tokenizer import load_tokenizer
 
@@ -51,7 +51,7 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "mim.pt")
     device = eval_device()
-    model = load_checkpoint(checkpoint).to(device).eval()   # first: a wrong path is reported as such
+    model = load_mim_model(checkpoint).to(device).eval()   # first: a wrong path is reported as such
     if model.arch_kwargs.get("target", "codes") != "codes":
         raise ConfigError(f"{checkpoint} was pretrained on pixel targets: mim evaluate measures masked-code "
                           f"prediction; compare its features with classify linear_probe or knn instead")

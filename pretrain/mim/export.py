@@ -34,7 +34,7 @@ def to_timm_state_dict(model_or_state_dict: nn.Module | Mapping[str, torch.Tenso
     """The backbone of a MIM model as a timm `Beit(use_rel_pos_bias=True, global_pool="avg")` state dict.
 
     Args:
-        model_or_state_dict: A `BeitV2MIM` or its state dict (official files load via `read_checkpoint`).
+        model_or_state_dict: A `BeitV2MIM` or its state dict (official files load via `read_mim_file`).
         fc_norm_from_norm: Copy the pretraining `norm` into `fc_norm` instead of a fresh unit LayerNorm
             (the official fine-tuning starts fresh).
 
@@ -91,14 +91,14 @@ def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
         fc_norm_from_norm: copy the pretraining `norm` into `fc_norm` (default: a fresh unit LayerNorm, as official
             fine-tuning starts).
     """
-    from pretrain.mim.model import load_checkpoint
+    from pretrain.mim.model import load_mim_model
 
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "mim.pt")
     if out.endswith((".pt", ".pth", ".bin", ".ckpt")):
         raise ValueError(f"export writes safetensors: give a folder (weights, config.json and a model card) or a "
                          f"path ending in .safetensors, not {out}")
-    model = load_checkpoint(checkpoint)
+    model = load_mim_model(checkpoint)
     result = {"checkpoint": checkpoint, "out": out, "embed_dim": model.embed_dim, "depth": len(model.blocks)}
     if out.endswith(".safetensors"):
         export_to_timm(model, out, fc_norm_from_norm=fc_norm_from_norm)

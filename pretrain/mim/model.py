@@ -25,8 +25,8 @@ from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_bloc
 from engine.export import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
-__all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_checkpoint",
-           "masked_positions", "patch_pixel_targets", "read_checkpoint", "save_checkpoint"]
+__all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_mim_model",
+           "masked_positions", "patch_pixel_targets", "read_mim_file", "save_mim_model"]
 
 FILE_FORMAT = "beitv2-ds/mim/1"
 # What the heads predict for a masked patch: the frozen tokenizer's code (BEiT v2) or the patch's own normalised
@@ -328,7 +328,7 @@ def _kernel_from_switch(kwargs: str | Mapping[str, Any]) -> str | Mapping[str, A
             "attention": "sdpa" if kwargs["fused_attn"] else "explicit"}
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
+def read_mim_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
     """`(state_dict, saved arch or None)` from an official or our file, without unpickling objects.
 
     Accepts `{"model"|"module"|"state_dict": sd, ...}`, a bare state dict, or safetensors (an `arch` JSON entry
@@ -365,7 +365,7 @@ def _infer_arch(sd: Mapping[str, torch.Tensor], path: str) -> dict[str, Any]:
                      f"stored in the weights)")
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | Mapping[str, Any] | None = None,
+def load_mim_model(path: str | os.PathLike, arch: str | Mapping[str, Any] | None = None,
                     **overrides: Any) -> BeitV2MIM:
     """Load a MIM model from an official release or one of our files (strict, weights only).
 
@@ -378,16 +378,16 @@ def load_checkpoint(path: str | os.PathLike, arch: str | Mapping[str, Any] | Non
         ValueError: unreadable file, or weights that do not match the architecture (one line: the file and
             the first missing, unexpected and mis-shaped keys).
     """
-    sd, saved_arch = read_checkpoint(path)
+    sd, saved_arch = read_mim_file(path)
     arch = arch if arch is not None else saved_arch if saved_arch is not None else _infer_arch(sd, os.fspath(path))
     model = build_mim_model(arch, **overrides)
     name = arch if isinstance(arch, str) else "(arch from file)"
     return load_strict(model, sd, os.fspath(path), f"MIM arch {name}")
 
 
-def save_checkpoint(model: BeitV2MIM, path: str | os.PathLike,
+def save_mim_model(model: BeitV2MIM, path: str | os.PathLike,
                     state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write `{"model", "arch", "format"}` atomically (fp32, CPU); `load_checkpoint` reads it back.
+    """Write `{"model", "arch", "format"}` atomically (fp32, CPU); `load_mim_model` reads it back.
 
     Args:
         model: The model (its `arch_kwargs` are saved).

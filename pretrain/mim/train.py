@@ -19,8 +19,8 @@ from engine.run_plan import start_run
 from engine.trainer import fit, seed_everything
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_checkpoint,
-                                save_checkpoint)
+from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_mim_file,
+                                save_mim_model)
 from pretrain.mim.visualize import attention_pictures
 from pretrain.tokenizer import VQKD, load_tokenizer
 
@@ -88,7 +88,7 @@ def build_model(cfg: MIMConfig) -> BeitV2MIM:
     model = build_mim_model(cfg.arch, **overrides)
     if cfg.init_weights:
         try:
-            load_strict(model, read_checkpoint(cfg.init_weights)[0], cfg.init_weights, f"MIM arch {cfg.arch}")
+            load_strict(model, read_mim_file(cfg.init_weights)[0], cfg.init_weights, f"MIM arch {cfg.arch}")
         except ValueError as e:
             raise ValueError(f"{e}; --init_weights takes weights of the run's arch: pick the recipe or --arch that "
                              f"matches the file") from None
@@ -167,7 +167,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     try:
         result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
                      flops_per_image=model.flops_per_image() + target_flops,
-                     final_weights=("mim.pt", lambda path, sd: save_checkpoint(model, path, sd)))
+                     final_weights=("mim.pt", lambda path, sd: save_mim_model(model, path, sd)))
     finally:
         pictures.close()
     return result.summary()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from data_tools.gpu_augment import normalize
 from engine.evaluation import eval_device
 from engine.files import write_atomically
-from pretrain.mim.model import BeitV2MIM, load_checkpoint
+from pretrain.mim.model import BeitV2MIM, load_mim_model
 
 __all__ = ["attention_maps", "attention_picture", "cls_attention", "visualize"]
 
@@ -158,7 +158,7 @@ def visualize(checkpoint: str, images: str, out: str, batch_size: int = 16) -> d
         checkpoint = os.path.join(checkpoint, "mim.pt")
     paths = image_files(images)
     device = eval_device()
-    model = load_checkpoint(checkpoint).to(device).eval()   # first: a wrong path is reported as such
+    model = load_mim_model(checkpoint).to(device).eval()   # first: a wrong path is reported as such
     side = model.patch_embed.img_size[0]
     pixels = read_images(paths, side)   # every file is checked before anything is written
     os.makedirs(out, exist_ok=True)

@@ -211,7 +211,7 @@ def _infer_arch(sd: dict, path: str) -> dict:
                      f"count is unknown: pass the arch (--tokenizer_arch=NAME, load_tokenizer(path, arch=NAME))")
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict | None]:
+def read_tokenizer_file(path: str) -> tuple[dict, dict | None]:
     """(state_dict, arch kwargs or None) from an official or our tokenizer file, without unpickling objects."""
     sd, arch = read_weights_file(path, "VQ-KD tokenizer", FILE_FORMAT)
     return {k: v for k, v in sd.items() if not k.startswith(_DROP_PREFIXES) and k not in _LEGACY_KEYS}, arch
@@ -224,7 +224,7 @@ def load_tokenizer(path: str, arch: str | None = None, **overrides) -> VQKD:
         path: checkpoint (`{"model": ...}`, `{"state_dict": ...}`, a bare state dict, or safetensors).
         arch: architecture name; by default the file's own, else inferred from the shapes (official releases).
     """
-    sd, saved_arch = read_checkpoint(path)
+    sd, saved_arch = read_tokenizer_file(path)
     if arch is not None:
         model = build_tokenizer(arch, **overrides)
     else:
