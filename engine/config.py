@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from engine.files import write_text_atomically
 
@@ -175,7 +175,12 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """The sections every stage shares; a stage's config subclasses it and adds its model's sections."""
+    """The sections every stage shares; a stage's config subclasses it and adds its model's sections.
+
+    `harmless_on_resume`: the stage's own keys a resume may change without `run.allow_config_change` (they change
+    how fast or what is evaluated, not what is trained); the engine's are `engine.run_dir.HARMLESS`.
+    """
+    harmless_on_resume: ClassVar[frozenset[str]] = frozenset()
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

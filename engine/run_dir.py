@@ -14,7 +14,8 @@ writes files after `fit`, such as eval.json, holds `claimed_output_dir` around b
   only read a run directory, also while it trains. A filesystem without flock support (some network mounts) runs
   without the lock, with a note.
 - Resume check: when a checkpoint is there and `run.resume` is set, the resolved config is compared with the saved
-  `config.json`. Any difference outside `HARMLESS` is a one-line error listing the first keys with old -> new,
+  `config.json`. Any difference outside `HARMLESS` (and the stage's
+  `harmless_on_resume`) is a one-line error listing the first keys with old -> new,
   unless `run.allow_config_change=true` says the change is meant. A key missing from the saved config (added to the
   code since that run began) is compared with its default. The batch is compared as the global batch (micro x
   accum x ranks, engine.global_batch): a resume on another number of ranks re-splits the checkpoint
@@ -61,13 +62,12 @@ HARMLESS = frozenset({
     "run.resume", "run.allow_config_change",
     "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
     "run.preempt_signal", "run.requeue", "run.stop_before_end_s", "run.time_limit_s",   # when a run is stopped
-    "run.compile", "run.compile_mode", "run.grad_checkpointing", "model.attention",   # the same function, faster
+    "run.compile", "run.compile_mode", "run.grad_checkpointing",   # the same function, faster
     "run.shard_frozen",                     # the same codes/teacher features, memory vs one all-gather a step
     "data.num_workers",                     # loader processes; the sample order is planned in the main process
     "data.verify",                          # checks the .beton's sha256 before training, reads the same samples
-    "data.eval_images", "data.eval_path", "augment.eval_crop",   # evaluation after training only
-    "eval.stride", "eval.ratios", "eval.flip",                   # (segmentation's test-time view)
-})
+    "data.eval_images", "data.eval_path",   # evaluation after training only
+})   # and each stage's own (StageConfig.harmless_on_resume)
 
 
 def _holder() -> dict:
@@ -171,13 +171,14 @@ def _show(value: Any) -> str:
 
 
 def check_resume(cfg: Any, run: Any) -> None:
-    """Raises ConfigError when resuming from a checkpoint in `run.output_dir` with settings (outside `HARMLESS`)
-    that differ from its config.json, unless `run.allow_config_change` is set."""
+    """Raises ConfigError when resuming from a checkpoint in `run.output_dir` with settings (outside `HARMLESS` and
+    the stage's `harmless_on_resume`) that differ from its config.json, unless `run.allow_config_change` is set."""
     path = os.path.join(run.output_dir, "config.json")
     if not (run.resume and os.path.exists(os.path.join(run.output_dir, "checkpoints", LATEST))
             and os.path.exists(path)):
         return
-    changed = resume_changes(run, [c for c in config_changes(_load(path), cfg, run) if c[0] not in HARMLESS])
+    harmless = HARMLESS | getattr(cfg, "harmless_on_resume", frozenset())
+    changed = resume_changes(run, [c for c in config_changes(_load(path), cfg, run) if c[0] not in harmless])
     if not changed:
         return
     shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])

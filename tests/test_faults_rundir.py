@@ -185,3 +185,30 @@ def test_every_rank_learns_that_the_directory_is_held(tmp_path):
         run_ranks(_fit_on_two_ranks, 2, out)   # rank 1 would hang (or start) without the broadcast
     finally:
         holder.release()
+
+
+def test_each_stage_names_its_own_keys_a_resume_may_change(tmp_path):
+    """The engine lists only run.* / data.* keys; a stage's kernel or evaluation view is the stage's to declare."""
+    import json
+
+    from engine.config import to_dict
+    from engine.run_dir import LATEST, check_resume
+    from finetune.classify.config import ClassifyConfig
+    from pretrain.mim.config import MIMConfig
+    for cls, harmless, other in ((MIMConfig, {"model": {"attention": "explicit"}}, {"model": {"drop_path": 0.2}}),
+                                 (ClassifyConfig, {"augment": {"eval_crop": 0.5}}, {"augment": {"mixup": 0.5}})):
+        out = tmp_path / cls.__name__
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / LATEST).write_text("step_00000002")
+        cfg = cls()
+        cfg.run.output_dir = str(out)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg)))
+        (section, values), = harmless.items()
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+        check_resume(cfg, cfg.run)   # no error: the stage declared it
+        (section, values), = other.items()
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+        with pytest.raises(ConfigError, match=f"{section}.{key}"):
+            check_resume(cfg, cfg.run)

@@ -79,6 +79,7 @@ class AugmentConfig:
 
 @dataclass
 class ClassifyConfig(StageConfig):
+    harmless_on_resume = frozenset({"model.attention", "augment.eval_crop"})   # a kernel; the view after training
     arch: str = "beitv2_small_demo"
     num_classes: int = 10
     # Backbone to start from: a MIM checkpoint (ours or official `*_cls_pt`), a fine-tuned or timm or exported

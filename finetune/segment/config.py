@@ -83,6 +83,8 @@ class SegEvalConfig:
 
 @dataclass
 class SegmentConfig(StageConfig):
+    # Another attention kernel (the same function); the test-time view of the evaluation after training.
+    harmless_on_resume = frozenset({"model.attention", "eval.stride", "eval.ratios", "eval.flip"})
     arch: str = "upernet_beitv2_small_demo"
     num_classes: int = 11
     # Backbone to start from: any checkpoint route of classification (mim.pt, official releases, timm, exported,

@@ -60,6 +60,7 @@ class MaskingConfig:
 
 @dataclass
 class MIMConfig(StageConfig):
+    harmless_on_resume = frozenset({"model.attention"})   # the same function, another kernel
     arch: str = "beitv2_small_demo"
     tokenizer: str = ""          # frozen tokenizer checkpoint (ours or official)
     tokenizer_arch: str = ""     # only for arch-less files whose shapes are ambiguous
