@@ -44,7 +44,7 @@ def _data_config(size: int, mean, std, crop_pct: float) -> dict[str, Any]:
 
 
 def _kind(path: str) -> str:
-    from engine.export import read_weights_file
+    from engine.weights import read_weights_file
     from finetune.model import FILE_FORMAT as CLS_FORMAT
     from pretrain.mim.model import FILE_FORMAT as MIM_FORMAT
     from pretrain.tokenizer.model import FILE_FORMAT as TOK_FORMAT
@@ -95,7 +95,7 @@ def load_model(source: str | os.PathLike, arch: str | None = None, num_classes: 
         model = load_mim_model(path, arch=arch)
         model.data_config = _data_config(model.patch_embed.img_size[0], IMAGENET_MEAN, IMAGENET_STD, 0.875)
     else:
-        from engine.export import read_weights_file
+        from engine.weights import read_weights_file
         from finetune.model import FILE_FORMAT, build_classifier, load_classifier
         sd, saved_arch = read_weights_file(path, "classifier", FILE_FORMAT)
         if arch or not isinstance(saved_arch, dict):   # an official or timm file: its arch from its shapes

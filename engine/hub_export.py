@@ -173,7 +173,7 @@ def write_timm_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, torch
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
-    from engine.export import load_strict
+    from engine.weights import load_strict
 
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

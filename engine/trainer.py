@@ -18,7 +18,7 @@ from engine import schedule as sched
 from engine.checkpoint import CheckpointManager
 from engine.config import OptimConfig, RunConfig, ScheduleConfig
 from engine.ds_setup import initialize, loop_owns_step, zero_stage
-from engine.export import save_final_weights
+from engine.weights import save_final_weights
 from engine.global_batch import record as record_global_batch
 from engine.interfaces import DataSource, FitResult, StepHook
 from engine.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag

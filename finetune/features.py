@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from data_tools.gpu_augment import normalize
-from engine.export import read_weights_file
+from engine.weights import read_weights_file
 from engine.files import OutputPathError, write_text_atomically
 
 POOLINGS = ("cls", "mean", "agg_cls")

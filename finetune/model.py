@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from timm.models.beit import Beit, checkpoint_filter_fn
 
-from engine.export import load_strict, read_weights_file, save_weights_file
+from engine.weights import load_strict, read_weights_file, save_weights_file
 from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.registry import build_from_registry, load_registered
 from pretrain.mim.export import to_timm_state_dict

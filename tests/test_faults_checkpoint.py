@@ -123,7 +123,7 @@ def test_leftovers_of_a_killed_save_do_not_end_up_in_the_next_checkpoint(referen
     manager = CheckpointManager(str(run))
     assert manager.latest_tag() == "step_00000008" and manager.saved_world_size("step_00000008") == 2
     assert not manager.needs_resplit(2)
-    from engine.export import consolidated_state_dict
+    from engine.weights import consolidated_state_dict
     ours, theirs = consolidated_state_dict(str(run)), consolidated_state_dict(str(reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

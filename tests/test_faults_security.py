@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     from engine import distributed as dist_utils
     from engine.config import OptimConfig, RunConfig, ScheduleConfig
     from engine.ds_setup import param_groups
-    from engine.export import save_weights_file
+    from engine.weights import save_weights_file
     from engine.trainer import fit
 
     dist_utils.init()
@@ -217,7 +217,7 @@ def test_a_binary_deepspeed_config_is_one_line(tmp_path):
                                        (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
                                        (3, "zero_pp_rank_0_mp_rank_00_model_states.pt")])
 def test_the_consolidation_refuses_a_file_holding_pickled_code(references, tmp_path, zero, name):
-    from engine.export import consolidated_state_dict
+    from engine.weights import consolidated_state_dict
     folder = killed_after_step_4(references[zero], tmp_path / "run")
     clean = consolidated_state_dict(str(tmp_path / "run"))   # ZeRO 0, 2 and 3 paths still consolidate
     assert set(clean) == {"weight", "bias"} and all(v.dtype == torch.float32 for v in clean.values())
@@ -240,7 +240,7 @@ def test_the_universal_converter_refuses_a_file_holding_pickled_code(references,
 
 
 def test_reading_a_weights_file_refuses_pickled_code(references, tmp_path):
-    from engine.export import read_weights_file
+    from engine.weights import read_weights_file
     path = tmp_path / "final.pt"
     shutil.copy(references[0] / "final.pt", path)
     sd, _ = read_weights_file(path, "test weights", "test/1")

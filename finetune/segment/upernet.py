@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.export import load_strict, read_weights_file, save_weights_file
+from engine.weights import load_strict, read_weights_file, save_weights_file
 from engine.flops import TRAIN_FACTOR, patch_embed_flops, vit_blocks_flops
 from engine.registry import build_from_registry, load_registered
 from finetune.model import CLS_ARCHS, FILE_FORMAT as CLS_FILE_FORMAT, BeitClassifier, backbone_state_dict

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.registry import build_from_registry
 from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.export import load_strict, read_weights_file, save_weights_file
+from engine.weights import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_mim_model",

@@ -11,7 +11,7 @@ from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import ConfigError, describe
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
-from engine.export import load_strict
+from engine.weights import load_strict
 from engine.frozen import frozen_entry, shards_frozen
 from engine.global_batch import keep_global_batch
 from engine.metrics import TensorboardPictures, forward_flops_per_image

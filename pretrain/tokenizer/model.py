@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.registry import build_from_registry
 from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.export import load_strict, read_weights_file, save_weights_file
+from engine.weights import load_strict, read_weights_file, save_weights_file
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"

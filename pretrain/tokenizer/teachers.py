@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.export import load_strict
+from engine.weights import load_strict
 from engine.script_archive import ScriptArchiveError, is_script_archive, read_script_archive
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
