@@ -141,6 +141,9 @@ def summarize(data):
     results["segmentation_detail"] = {
         k: {**{m: v[m] for m in SEG_METRICS}, "images": v.get("images"),
             "per_class_iou": {c["class"]: c["iou"] for c in v.get("per_class", [])}} for k, v in seg.items()}
+    # Fine-tuned top-1 per class, by the class names the evaluation wrote (the data's, from convert's record).
+    results["finetune_per_class"] = {k: {c["class"]: c["top1"] for c in v["per_class"]}
+                                     for k, v in data["finetune"].items() if v and v.get("per_class")}
     if all(k in seg for k in BACKBONES):
         results["pretraining_gain"]["segmentation"] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
     results["seconds"] = dict(data["seconds"] or {})
@@ -274,6 +277,21 @@ def pct(x):  # fractions are reported as percentages with one decimal
     return f"{100 * x:.1f}%"
 
 
+def finetune_class_table(per_class):
+    """Markdown lines of the fine-tuned top-1 per class, one column per backbone; none when no evaluation named
+    its classes."""
+    if not per_class:
+        return []
+    kinds = list(per_class)
+    classes = list(dict.fromkeys(c for v in per_class.values() for c in v))
+    lines = ["Fine-tune top-1 per class (held-out):", "",
+             "| class | " + " | ".join(f"{k} top-1" for k in kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for c in classes:
+        values = [per_class[k].get(c) for k in kinds]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else pct(v) for v in values) + " |")
+    return lines + [""]
+
+
 def segmentation_table(detail):
     """Markdown lines of the per-class held-out IoU, one column per segmentation run ('-' for a class absent from
     the data); none without segmentation results."""
@@ -310,6 +328,7 @@ def report_md(results, data, plots, notes):
         rows.append(("segmentation pretraining gain (mIoU)", f"{100 * gains['segmentation']:+.1f} points"))
     lines = ["# BEiT v2 demo results", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += finetune_class_table(results["finetune_per_class"])
     lines += segmentation_table(results["segmentation_detail"])
     if notes:
         lines += ["Not in this report:", ""] + [f"- {n}" for n in notes] + [""]

@@ -61,8 +61,11 @@ def out(tmp_path):
     for kind, top1 in {"pretrained": 0.80, "random": 0.71}.items():
         write(tmp_path, f"transfer/finetune_{kind}/metrics.jsonl",
               [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 6)])
-        write(tmp_path, f"transfer/finetune_{kind}/eval.json", {"top1": top1, "top5": 0.95, "images": 200,
-                                                                "loss": 0.6})
+        write(tmp_path, f"transfer/finetune_{kind}/eval.json", {
+            "top1": top1, "top5": 0.95, "images": 200, "loss": 0.6,
+            "per_class": [{"class": "T-shirt/top", "images": 100, "top1": top1 + 0.1},
+                          {"class": "Trouser", "images": 100, "top1": top1 - 0.1},
+                          {"class": "Bag", "images": 0, "top1": None}]})
     classes = ["background", "T-shirt/top", "Trouser", "Bag"]
     for kind, (miou, ious) in {"pretrained": (0.42, [0.93, 0.25, None, 0.08]),
                                "random": (0.157, [0.90, 0.05, None, 0.0])}.items():
@@ -98,6 +101,8 @@ def test_full_report(out):
     assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
     assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
     assert results["seconds"]["tokenizer"] == 120.5
+    assert results["finetune_per_class"]["random"] == {"T-shirt/top": pytest.approx(0.81),
+                                                       "Trouser": pytest.approx(0.61), "Bag": None}
     env = results["environment"]   # what a rerun elsewhere needs to compare with
     assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["deepspeed"]
     assert env["cores"] == os.cpu_count() and env["cpu"] and env["python"] == platform.python_version()
@@ -112,6 +117,8 @@ def test_full_report(out):
                 "| segmentation mIoU, pretrained backbone | 42.0% (mAcc 52.0%, aAcc 80.2%) |",
                 "| segmentation mIoU, random backbone | 15.7% (mAcc 25.7%, aAcc 80.2%) |",
                 "| segmentation pretraining gain (mIoU) | +26.3 points |",
+                "| class | pretrained top-1 | random top-1 |", "| T-shirt/top | 90.0% | 81.0% |",
+                "| Trouser | 70.0% | 61.0% |", "| Bag | - | - |",
                 "| class | pretrained IoU | random IoU |", "| background | 93.0% | 90.0% |",
                 "| T-shirt/top | 25.0% | 5.0% |", "| Trouser | - | - |", "| Bag | 8.0% | 0.0% |",
                 "| segment | 300.0 |", "![segmentation IoU per class](report/segmentation_iou.png)"):
@@ -165,7 +172,7 @@ def test_missing_segmentation_leaves_its_rows_out_with_a_note(out):
     assert results["segmentation"] == {} and results["segmentation_detail"] == {}
     assert results["linear_probe"]["pretrained"] == 0.62  # the rest of the report is untouched
     report = (out / "report.md").read_text()
-    assert "segmentation mIoU" not in report and "| class |" not in report and "segmentation_iou.png" not in report
+    assert "segmentation mIoU" not in report and "IoU |" not in report and "segmentation_iou.png" not in report
     assert "`transfer/segment_pretrained/eval.json` missing" in report
     assert not (out / "report/segmentation_iou.png").exists()
     assert_png(out / "report/loss_curves.png")
