@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 
 import torch
@@ -83,19 +84,22 @@ def _step_of(line: str) -> float:
 
 
 class RunLogger:
-    """Rank 0 writes tensorboard scalars and `metrics.jsonl`; other ranks stay silent."""
+    """Rank 0 writes tensorboard scalars and `metrics.jsonl`; other ranks stay silent. On a terminal a progress bar
+    shows the run; without one (launchers, log files, `run.progress_bar=false`) every logged step prints one plain
+    line: step, loss, lr, images/s and the time left."""
 
     def __init__(self, output_dir: str, total_steps: int, start_step: int, show_progress: bool = True):
         self.active = dist_utils.is_main()
         self.jsonl = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.bar = None
+        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
         self._truncate_after(start_step)
         self.tb = open_tensorboard(os.path.join(output_dir, "tb"), purge_step=start_step + 1)
-        if show_progress:
+        if show_progress and sys.stderr.isatty():   # a bar in a log file is a wall of carriage returns
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, mininterval=2.0)
 
@@ -118,6 +122,16 @@ class RunLogger:
         if self.bar is not None:
             shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "images_per_s")}
             self.bar.set_postfix(shown, refresh=False)
+        elif prefix == "train":
+            print(self._line(step, scalars), file=sys.stderr, flush=True)
+
+    def _line(self, step: int, scalars: dict[str, float]) -> str:
+        done, elapsed = step - self.start, time.perf_counter() - self.t0
+        left = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta = "?" if left != left else f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        parts = [f"step {step}/{self.total}"]
+        parts += [f"{k} {scalars[k]:.4g}" for k in ("loss", "lr", "images_per_s") if scalars.get(k) is not None]
+        return " | ".join(parts + [f"eta {eta}"]).replace("images_per_s", "images/s")
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

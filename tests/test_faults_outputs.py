@@ -294,3 +294,14 @@ def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_
     lines = (proc.stdout + proc.stderr).splitlines()
     assert lines.count(expected) == 2, [line for line in lines if "error" in line]   # each rank, one line
     assert sorted(p.name for p in run.rglob("*")) == before   # nothing written
+
+
+def test_without_a_terminal_every_logged_step_prints_one_plain_line(tmp_path, capsys):
+    from engine.metrics import RunLogger
+    logger = RunLogger(str(tmp_path / "run"), total_steps=10, start_step=2, show_progress=True)   # stderr: no tty
+    assert logger.bar is None
+    logger.log(4, {"loss": 1.23456, "lr": 1.5e-3, "images_per_s": 512.0, "mim_acc": 0.5})
+    logger.log(4, {"top1": 0.5}, prefix="eval")   # evaluation rows go to the files only
+    logger.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step 4/10 | loss 1.235 | lr 0.0015 | images/s 512 | eta 0:0")
