@@ -458,9 +458,20 @@ def _convert(items: list[Item], out: str, s: Settings, *, kind: str, source: str
             "alpha_background": list(ALPHA_BACKGROUND), "sha256": digest, "seconds": round(time.time() - t0, 1),
             "ffcv": "1.0.2"}
     _write_json(out + ".json", meta)
-    print(f"wrote {out}: {len(good)} samples, {len(skipped)} skipped"
-          + (f" (listed in {report})" if skipped else "") + f", sha256 {digest[:16]}...", file=sys.stderr)
+    classes = f"{meta['num_classes']} classes, " if meta["num_classes"] else ""
+    print(f"wrote {out}: {len(good)} images, {classes}{len(skipped)} skipped"
+          + (f" (listed in {report})" if skipped else "") + f", {_size(out)}, sha256 {digest}", file=sys.stderr)
     return meta
+
+
+def _size(path: str) -> str:
+    """The file's size on disk, for the closing line."""
+    size = float(os.path.getsize(path))
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
 
 
 def _settings(**options) -> Settings:
@@ -544,7 +555,8 @@ def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: i
             "num_classes": len(CLASS_NAMES),
             "counts": {CLASS_NAMES[i]: int(c) for i, c in zip(ids, n)}, "settings": asdict(s), "sha256": digest,
             "ffcv": "1.0.2"})
-        print(f"wrote {out}: {len(images)} samples, sha256 {digest[:16]}...", file=sys.stderr)
+        print(f"wrote {out}: {len(images)} images, {len(CLASS_NAMES)} classes, 0 skipped, {_size(out)}, sha256 "
+              f"{digest}", file=sys.stderr)
 
 
 COMMANDS = {"imagefolder": imagefolder, "fashion_mnist": fashion_mnist, "ade20k": ade20k}

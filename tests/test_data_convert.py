@@ -111,7 +111,11 @@ def test_refuses_to_overwrite_without_force(good_folder, tmp_path, capsys):
     out = tmp_path / "x.beton"
     assert run("imagefolder", src, out, "--mode=raw", *QUIET) == 0
     before = out.read_bytes()
-    capsys.readouterr()
+    # It ends with what it wrote: images, classes, skipped files, size on disk and the whole sha256.
+    record = json.load(open(str(out) + ".json"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"wrote {out}: {record['num_samples']} images, {record['num_classes']} classes, 0 skipped, "
+                    f"{len(before) / 2 ** 20:.1f} MiB, sha256 {record['sha256']}")   # FFCV writes 8 MiB pages
     assert run("imagefolder", src, out, "--mode=jpg", *QUIET) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"convert: error: {out} exists; pass --force to overwrite it"]
