@@ -1,5 +1,5 @@
 """What every evaluation command shares: where it runs (each rank its shard under a launcher, else one device), and
-writing its result once, atomically."""
+writing its result once, atomically (and, beside a run, into its tensorboard logs)."""
 from __future__ import annotations
 
 import json
@@ -30,4 +30,22 @@ def write_result(result: dict, out: str) -> dict:
                             f"{f' in {out}' if out else ''}")
     if out and dist_utils.is_main():
         write_text_atomically(out, json.dumps(result, indent=2, allow_nan=False))
+        log_to_run(result, out)
     return result
+
+
+def log_to_run(result: dict, out: str) -> None:
+    """When `out` sits in a run's folder (beside its `tb/`), its numbers also go to tensorboard as `eval/<key>` at
+    the run's last logged step, next to the training curves: codebook usage, masked-token accuracy, top-1, mIoU."""
+    from engine.metrics import last_logged_step, open_tensorboard
+    run_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(os.path.join(run_dir, "tb")):
+        return
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    writer = open_tensorboard(os.path.join(run_dir, "tb"), filename_suffix=".eval")
+    if writer is None or not scalars:
+        return
+    step = last_logged_step(run_dir)
+    for key, value in scalars.items():
+        writer.add_scalar(f"eval/{key}", value, step)
+    writer.close()

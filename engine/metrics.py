@@ -75,6 +75,16 @@ def open_tensorboard(folder: str, **kwargs):
         return None
 
 
+def last_logged_step(output_dir: str) -> int:
+    """The last step in a run's metrics.jsonl (0 when it has none)."""
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            steps = [s for s in map(_step_of, f) if s != float("inf")]
+    except OSError:
+        return 0
+    return int(max(steps, default=0))
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl row; a row torn by a kill mid-write (or a blank line) sorts after every step."""
     try:

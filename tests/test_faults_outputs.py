@@ -305,3 +305,22 @@ def test_without_a_terminal_every_logged_step_prints_one_plain_line(tmp_path, ca
     logger.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("step 4/10 | loss 1.235 | lr 0.0015 | images/s 512 | eta 0:0")
+
+
+def test_tensorboard_reads_the_training_curves_and_an_evaluation_written_beside_the_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.evaluation import write_result
+    from engine.metrics import RunLogger
+    logger = RunLogger(str(tmp_path), total_steps=4, start_step=0, show_progress=False)
+    for step in (2, 4):
+        logger.log(step, {"loss": 1.0 / step, "lr": 1e-3})
+    logger.close()
+    write_result({"top1": 0.75, "top5": 0.9, "arch": "tiny", "per_class": []}, str(tmp_path / "eval.json"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 0.5), (4, 0.25)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("eval/top1")] == [(4, 0.75)]   # the last step
+    assert "eval/arch" not in events.Tags()["scalars"]
+    write_result({"top1": 0.5}, str(tmp_path / "elsewhere" / "eval.json"))   # not beside a run: no tb/ is made
+    assert not (tmp_path / "elsewhere" / "tb").exists()
