@@ -192,7 +192,16 @@ class TensorboardPictures:
         if step % self.every or step in (self._first, self._last) or not self.active:
             return
         self._last = step   # the other micro-batches of this step draw nothing
-        module = engine.module
+        self._draw(engine.module, step)
+
+    def final(self, module: torch.nn.Module, step: int) -> None:
+        """The pictures of the trained weights at the run's last step (`step`), unless that step drew them already;
+        a stage calls it after `fit` with its model."""
+        if self.active and self.images is not None and step != self._last:
+            self._last = step
+            self._draw(module, step)
+
+    def _draw(self, module: torch.nn.Module, step: int) -> None:
         was_training = module.training
         module.eval()
         try:

@@ -149,7 +149,7 @@ def test_visualize_bad_image_is_a_one_line_error(mim_run, tmp_path, capsys):
 def test_mim_training_logs_attention_pictures(mim_run):
     scalars, images = tb_events(mim_run / "tb")
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]   # the pictures' file purges no scalars
-    assert [s for s, _ in images["pictures/attention"]] == [2]     # the checkpoint steps (save_interval 2)
+    assert [s for s, _ in images["pictures/attention"]] == [2, 4]  # the checkpoint steps (save_interval 2), the end
     assert images["pictures/attention"][0][1].size == (3 * 32, 4 * 2 * 32)   # 4 fixed images, 2 rows each
 
 
@@ -158,7 +158,7 @@ def test_tokenizer_training_logs_token_map_pictures(tmp_path):
     train("vqkd_tiny_test", **{"run.output_dir": str(tmp_path / "run"), **TINY_RUN})
     scalars, images = tb_events(tmp_path / "run" / "tb")
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
-    assert [s for s, _ in images["pictures/token_maps"]] == [2]
+    assert [s for s, _ in images["pictures/token_maps"]] == [2, 4]   # and the trained weights at the last step
     picture = np.asarray(images["pictures/token_maps"][0][1])
     assert picture.shape == (32, 4 * 2 * 32, 3)   # 4 fixed images, each beside its token map
     assert len(np.unique(picture[:, 32:64].reshape(-1, 3), axis=0)) <= 16   # a map: one colour per token

@@ -168,6 +168,7 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
         result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
                      flops_per_image=model.flops_per_image() + target_flops,
                      final_weights=("mim.pt", lambda path, sd: save_mim_model(model, path, sd)))
+        pictures.final(model, result.step)   # the trained model's attention maps, at the last step
     finally:
         pictures.close()
     return result.summary()

@@ -72,6 +72,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
         result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
                      flops_per_image=model.flops_per_image(teacher_flops), keep_fp32_buffers=("quantize.",),
                      final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
+        pictures.final(model, result.step)   # the trained tokenizer's token maps, at the last step
     finally:
         pictures.close()
     return result.summary()
