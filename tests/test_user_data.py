@@ -95,7 +95,7 @@ def test_yaml_reads_the_numbers_people_write(tmp_path):
 def _commands(stage):
     import importlib
     return importlib.import_module({"tokenizer": "pretrain.tokenizer.__main__", "mim": "pretrain.mim.__main__",
-                                    "classify": "finetune.classify", "segment": "finetune.segment"}[stage]).COMMANDS
+                                    "classify": "finetune.classify.__main__", "segment": "finetune.segment.__main__"}[stage]).COMMANDS
 
 
 @pytest.mark.parametrize("stage,recipe,extra", [
