@@ -94,8 +94,9 @@ def test_yaml_reads_the_numbers_people_write(tmp_path):
 
 def _commands(stage):
     import importlib
-    return importlib.import_module({"tokenizer": "pretrain.tokenizer.__main__", "mim": "pretrain.mim.__main__",
-                                    "classify": "finetune.classify.__main__", "segment": "finetune.segment.__main__"}[stage]).COMMANDS
+    group = {"tokenizer": "pretrain.tokenizer", "mim": "pretrain.mim", "classify": "finetune.classify",
+             "segment": "finetune.segment"}[stage]
+    return importlib.import_module(f"{group}.__main__").COMMANDS
 
 
 @pytest.mark.parametrize("stage,recipe,extra", [
