@@ -43,22 +43,6 @@ def _data_config(size: int, mean, std, crop_pct: float) -> dict[str, Any]:
             "interpolation": "bilinear"}
 
 
-def _kind(path: str) -> str:
-    from engine.weights import read_weights_file
-    from finetune.model import FILE_FORMAT as CLS_FORMAT
-    from pretrain.mim.model import FILE_FORMAT as MIM_FORMAT
-    from pretrain.tokenizer.model import FILE_FORMAT as TOK_FORMAT
-    sd, _ = read_weights_file(path, "model", (MIM_FORMAT, TOK_FORMAT, CLS_FORMAT))
-    if any(k.startswith("quantize.") for k in sd):
-        return "tokenizer"
-    if "rel_pos_bias.relative_position_bias_table" in sd and "norm.weight" in sd:
-        return "mim"
-    if "patch_embed.proj.weight" in sd:
-        return "classifier"
-    raise ValueError(f"{path} is not a BEiT v2 model (no patch_embed, quantize or rel_pos_bias weights): pass a "
-                     f"mim.pt, tokenizer.pt, classifier.pt, an official release or an exported folder")
-
-
 def load_model(source: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
                device: str | torch.device = "cpu") -> nn.Module:
     """The model in `source`, in eval mode on `device`, with its preprocessing as `model.data_config`.
@@ -83,7 +67,8 @@ def load_model(source: str | os.PathLike, arch: str | None = None, num_classes: 
         path = found[0]
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"model not found: {path}")
-    kind = _kind(path)
+    from finetune.features import checkpoint_kind
+    kind = checkpoint_kind(path)
     saved = _saved_run_config(path)
     if kind == "tokenizer":
         from pretrain.tokenizer import load_tokenizer

@@ -23,16 +23,25 @@ from engine.files import OutputPathError, write_text_atomically
 POOLINGS = ("cls", "mean", "agg_cls")
 
 
-def _checkpoint_kind(path: str) -> str:
+def checkpoint_kind(path: str) -> str:
+    """`tokenizer`, `mim` or `classifier`: what a weights file of ours, an official release or a timm file holds,
+    told by its keys (the quantizer; the shared position bias with the MIM head; a patch embedding).
+
+    Raises:
+        ValueError: none of them (one line naming the file).
+    """
     from finetune.model import FILE_FORMAT as CLS_FORMAT
     from pretrain.mim.model import FILE_FORMAT as MIM_FORMAT
     from pretrain.tokenizer.model import FILE_FORMAT as TOK_FORMAT
-    sd, _ = read_weights_file(path, "backbone", (MIM_FORMAT, TOK_FORMAT, CLS_FORMAT))
+    sd, _ = read_weights_file(path, "model", (MIM_FORMAT, TOK_FORMAT, CLS_FORMAT))
     if any(k.startswith("quantize.") for k in sd):
         return "tokenizer"
     if "rel_pos_bias.relative_position_bias_table" in sd and "lm_head.weight" in sd:
         return "mim"
-    return "classifier"
+    if "patch_embed.proj.weight" in sd:
+        return "classifier"
+    raise ValueError(f"{path} is not a BEiT v2 model (no patch_embed, quantize or rel_pos_bias weights): pass a "
+                     f"mim.pt, tokenizer.pt, classifier.pt, an official release or an exported folder")
 
 
 class FrozenFeatures(nn.Module):
@@ -55,7 +64,7 @@ class FrozenFeatures(nn.Module):
                 raise ValueError("checkpoint 'random' needs --arch (a MIM arch, e.g. beitv2_small_demo)")
             self.kind, model = "mim", build_mim_model(arch)
         else:
-            self.kind = _checkpoint_kind(checkpoint)
+            self.kind = checkpoint_kind(checkpoint)
             model = self._load(checkpoint, arch)
         self.model = model.eval().requires_grad_(False)
         self.vit = model.encoder if self.kind == "tokenizer" else model

@@ -95,3 +95,18 @@ def cli_error(capsys, commands: dict, *argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()[-1]   # after the libraries' own warnings
     assert err.startswith("error: ")
     return err
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (and read-only after a remount); needs root and mount rights."""
+    import subprocess
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

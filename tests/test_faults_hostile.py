@@ -175,22 +175,6 @@ def test_a_file_list_label_above_int64_is_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "list.txt"]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (a real full disk), as in test_faults_security.py; needs root and mount rights."""
-    import os
-    import subprocess
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 @pytest.mark.timeout(120)
 def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, small_tmpfs):
     """A real 64 KiB tmpfs: FFCV's worker fails writing its first 8 MiB page; the parent used to wait forever."""

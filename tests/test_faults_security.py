@@ -297,20 +297,6 @@ def test_an_export_to_a_full_disk_is_one_line(capsys, monkeypatch, mim_file, tmp
     assert os.listdir(tmp_path) == ["mim.pt"]   # no temporary left behind
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (a real full disk, and read-only after a remount); needs root and mount rights."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_an_export_to_a_real_full_or_read_only_disk_is_one_line(capsys, mim_file, small_tmpfs):
     out = small_tmpfs / "out.safetensors"   # the tiny model's export is ~0.4 MB
     err = export_error(capsys, mim_file, out)

@@ -37,12 +37,12 @@ EXTRACT_BATCH = 256   # images per forward pass when features are computed (fixe
 
 @contextlib.contextmanager
 def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, eval_crop: float, cache_dir: str,
-              seed: int) -> Iterator[tuple[FrozenFeatures, FeatureFile, FeatureFile, list[Split]]]:
-    """This rank's train and test features. With `cache_dir` they are kept in a folder named by what determines
-    them (the checkpoint's and the .beton files' content, arch, layer, pooling, data, view, seed of `random`, ranks:
-    `finetune.feature_cache`) and reused by later runs;
-    without, they live in a temporary folder for the duration of the `with` block. Also yields what each split is
-    (`engine.run_plan.data_split`), printed first."""
+              seed: int, num_classes: int) -> Iterator[tuple[FrozenFeatures, tuple, tuple, int]]:
+    """(model, this rank's train (features, labels), its test (features, labels), the class count checked against
+    the labels: `_class_count`). With `cache_dir` the features are kept in a folder named by what determines them
+    (the checkpoint's and the .beton files' content, arch, layer, pooling, data, view, seed of `random`, ranks:
+    `finetune.feature_cache`) and reused by later runs; without, they live in a temporary folder for the duration
+    of the `with` block. What each split is (`engine.run_plan.data_split`) is printed first."""
     if not 0 < eval_crop <= 1:
         raise ConfigError(f"--eval_crop must be in (0, 1], got {eval_crop}")
     if os.path.isdir(checkpoint):
@@ -68,7 +68,9 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
         train, test = (extract(model, labelled_batches(data, split, view, EXTRACT_BATCH, device, rank, world),
                                os.path.join(folder, name), device)
                        for split, name in zip(("train", "test"), names))
-        yield model, train, test, splits
+        (x_train, y_train), (x_test, y_test) = train.read(), test.read()
+        yield (model, (x_train, y_train), (x_test, y_test),
+               _class_count(splits, num_classes, [y_train, y_test]))
 
 
 def _class_count(splits: list[Split], num_classes: int, labels: list[np.ndarray]) -> int:
@@ -135,11 +137,8 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
     check_counts(epochs=epochs, batch_size=batch_size)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test,
-                                                                                                splits):
-        x_train, y_train = train.read()
-        x_test, y_test = test.read()
-        num_classes = _class_count(splits, num_classes, [y_train, y_test])
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed, num_classes) as (
+            model, (x_train, y_train), (x_test, y_test), num_classes):
         mean, var, n_train = _feature_stats(x_train, model.dim)
         world = dist_utils.world_size()
         local_batch = batch_size // world
@@ -209,11 +208,8 @@ def knn(checkpoint: str, arch: str = "", layer: int = 0, pooling: str = "cls", d
     check_counts(k=k)
     if temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed) as (model, train, test,
-                                                                                                splits):
-        x_train, y_train = train.read()
-        x_test, y_test = test.read()
-        num_classes = _class_count(splits, num_classes, [y_train, y_test])
+    with _features(checkpoint, arch, layer, pooling, data_cfg, eval_crop, cache_dir, seed, num_classes) as (
+            model, (x_train, y_train), (x_test, y_test), num_classes):
         dev = eval_device()   # the GPU when there is one (also what nccl collectives need)
         queries = F.normalize(dist_utils.all_gather_uneven(torch.from_numpy(np.array(x_test)).to(dev)), dim=1)
         labels = dist_utils.all_gather_uneven(torch.from_numpy(np.array(y_test)).to(dev))
