@@ -84,6 +84,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # Signals a run can take as "checkpoint and stop" (run.preempt_signal); not KILL/STOP (uncatchable) nor INT.
 PREEMPT_SIGNALS = ("TERM", "USR1", "USR2", "HUP", "XCPU")
+# Experiment trackers run.report_to may name; each is optional and imported only when named.
+TRACKERS = ("wandb", "mlflow")
 
 
 @dataclass
@@ -109,6 +111,9 @@ class RunConfig:
     compile: bool = False                      # torch.compile the model's forward
     compile_mode: str = "default"              # with compile: default | reduce-overhead (CUDA graphs) | max-autotune...
     progress_bar: bool = True
+    # Also send the training and evaluation metrics to these trackers, where the user has them installed
+    # (comma-separated: wandb, mlflow; off by default: tensorboard's tb/ folder is always written).
+    report_to: str = ""
     profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
     # Scheduler (docs/launch.md): the signal that makes every rank checkpoint the same step and stop (exit 143),
     # e.g. USR1 for `#SBATCH --signal=B:USR1@120`; SIGTERM always does too.
@@ -133,6 +138,9 @@ class RunConfig:
         _check(self.profile_steps >= 0, f"{prefix}.profile_steps", self.profile_steps, "must be >= 0 (0 is off)")
         for key in ("stop_before_end_s", "time_limit_s"):
             _check(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0 (0 is off)")
+        unknown = sorted({t.strip() for t in self.report_to.split(",") if t.strip()} - set(TRACKERS))
+        _check(not unknown, f"{prefix}.report_to", self.report_to,
+               f"names unknown trackers {unknown}: use a comma-separated subset of {', '.join(TRACKERS)}, or ''")
         _check(self.preempt_signal.upper().removeprefix("SIG") in PREEMPT_SIGNALS, f"{prefix}.preempt_signal",
                self.preempt_signal, f"must be one of {', '.join(PREEMPT_SIGNALS)}")
 

@@ -57,7 +57,7 @@ SHOWN = 3   # differing keys named in the error
 # Not here on purpose: data.os_cache, which switches FFCV to another (page-blocked) sample order.
 HARMLESS = frozenset({
     "run.output_dir",                       # the same folder by definition, however it is spelled
-    "run.log_interval", "run.progress_bar", "run.profile_steps",
+    "run.log_interval", "run.progress_bar", "run.profile_steps", "run.report_to",
     "run.save_interval", "run.keep_last", "run.save_final",
     "run.resume", "run.allow_config_change",
     "run.max_nonfinite_steps",              # when a diverging run stops, not what a healthy one computes
