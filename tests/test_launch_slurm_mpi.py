@@ -42,9 +42,9 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
-def submit(slurm, out) -> int:
+def submit(slurm, out, launcher: str = "srun") -> int:
     slurm.env.update(RECIPE="vqkd_tiny_test", TEACHER="", TRAIN="", OUT=str(out), EXTRA=" ".join(ARGS[1:]),
-                     OMP_NUM_THREADS="1", PYTHON=sys.executable)
+                     OMP_NUM_THREADS="1", PYTHON=sys.executable, LAUNCHER=launcher)
     return slurm.sbatch(JOB_SCRIPT, *ON_THIS_NODE, f"--output={out}.out", cwd=ROOT)
 
 
@@ -67,9 +67,11 @@ def test_srun_job_matches_torchrun(slurm, reference, tmp_path):
     assert json.loads((out / "config.json").read_text())["run"]["preempt_signal"] == "USR1"
 
 
-def test_preempted_job_checkpoints_is_requeued_and_finishes_with_the_same_losses(slurm, reference, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
+def test_preempted_job_checkpoints_is_requeued_and_finishes_with_the_same_losses(slurm, reference, tmp_path,
+                                                                                 launcher):
     out = tmp_path / "run"
-    job = submit(slurm, out)
+    job = submit(slurm, out, launcher)
     wait_for_rows(out / "metrics.jsonl", 4, lambda: slurm.job(job)["JobState"] not in ("PENDING", "RUNNING"))
     # What `#SBATCH --signal=B:USR1@300` does before the time limit: the batch shell alone gets the signal.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm.env, check=True)
@@ -83,6 +85,8 @@ def test_preempted_job_checkpoints_is_requeued_and_finishes_with_the_same_losses
     stopped = int(log.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
     assert 4 <= stopped < STEPS
     assert losses(out) == reference
+    if launcher == "deepspeed":   # DeepSpeed's SLURM runner started the ranks, at both starts
+        assert log.count("cmd = srun -n 2 --kill-on-bad-exit=1") == 2, log[-4000:]
 
 
 def test_mpirun_matches_torchrun_and_resumes_after_a_signal(reference, tmp_path):
@@ -111,4 +115,26 @@ def test_mpirun_matches_torchrun_and_resumes_after_a_signal(reference, tmp_path)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert f"resumed from {out}/checkpoints at step {stopped}/{STEPS}" in done.stderr
+    assert losses(out) == reference
+
+
+def test_deepspeed_openmpi_runner_matches_torchrun(reference, tmp_path):
+    """`deepspeed --launcher openmpi`: DeepSpeed's runner builds the mpirun line from a hostfile; the ranks read
+    OpenMPI's variables. Its runner takes a script (the console script), not a module."""
+    if shutil.which("mpirun") is None or shutil.which("ompi_info") is None:
+        pytest.skip("mpirun not installed: `make setup` installs Debian's openmpi-bin")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--force_multi",
+           "--no_ssh_check", "--master_addr", "127.0.0.1", "--launcher", "openmpi",
+           "--launcher_args", "--allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo",
+           os.path.join(os.path.dirname(sys.executable), "beitv2"), "tokenizer", "train", *ARGS,
+           f"--run.output_dir={out}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "cmd = mpirun -n 2 -hostfile" in log
     assert losses(out) == reference
