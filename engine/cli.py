@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import fire
 
-from engine.config import CONFIG_KEY, ConfigError
+from engine.config import CONFIG_KEY, PREEMPT_SIGNALS, ConfigError
 from engine.files import json_text
-from engine.guards import Preempted, TrainingDiverged, stop_on_sigterm
+from engine.guards import Preempted, TrainingDiverged, stop_on_signals
 from engine.launch_env import fill_from_scheduler
 from engine.run_plan import DRY_RUN_KEY, DryRun
 
@@ -185,7 +185,7 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
         fill_from_scheduler()   # under srun/mpirun: RANK before rank 0 alone prints the plan (engine.launch_env)
         argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
-        with stop_on_sigterm():   # outside a training loop SIGTERM stops cleanly too (engine.guards)
+        with stop_on_signals(PREEMPT_SIGNALS):   # outside a training loop they stop cleanly too (engine.guards)
             result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
     except DryRun as e:   # --dry_run: the plan is printed, nothing was built
         result = e.result

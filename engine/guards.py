@@ -79,28 +79,44 @@ class PreemptionFlag:
             self._watch.stop()
 
 
+_requeue_on_signal = False
+
+
+def requeue_on_signal(on: bool) -> None:
+    """A train command's run.requeue, once its config is resolved: a scheduler's signal outside the training loop
+    (while the model loads, during the evaluation after it) requeues the job too, as one inside it does."""
+    global _requeue_on_signal
+    _requeue_on_signal = on
+
+
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Around a whole command: SIGTERM raises `Preempted` (exit 143 with one `stopped:` line, engine.cli) instead
-    of killing the process where it stands, so `finally` blocks run (temporary files removed, the run lock
-    released) and nothing is left half-written. The training loop's `PreemptionFlag` takes SIGTERM over while it
-    trains (a checkpoint first); this covers what runs outside it: starting up, a stage's evaluation after training
-    (its eval.json is not written) and the evaluation commands. Only in the main thread (where Python delivers
-    signals)."""
+def stop_on_signals(signals: tuple[str, ...]) -> Iterator[None]:
+    """Around a whole command: SIGTERM and the other signals a scheduler may send before the end (`signals`,
+    run.preempt_signal's choices) raise `Preempted` (exit 143 with one `stopped:` line, engine.cli) instead of
+    killing the process where it stands, so `finally` blocks run (temporary files removed, the run lock released)
+    and nothing is left half-written; with run.requeue, rank 0 requeues the job first. The training loop's
+    `PreemptionFlag` takes its signals over while it trains (a checkpoint first); this covers what runs outside it:
+    starting up, a stage's evaluation after training (its eval.json is not written) and the evaluation commands.
+    Only in the main thread (where Python delivers signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame) -> None:
-        raise Preempted("SIGTERM outside a training loop; nothing was left half-written and the checkpoints are "
-                        "whole: run the same command again (a training run resumes from its last checkpoint, and "
-                        "a finished one only evaluates)")
+        requeued = ""
+        if _requeue_on_signal and os.environ.get("RANK", "0") == "0":
+            from engine.launch_env import requeue_job
+            requeued = f" ({requeue_job()})"
+        raise Preempted(f"{signal.Signals(signum).name} outside a training loop{requeued}; nothing was left "
+                        f"half-written and the checkpoints are whole: run the same command again (a training run "
+                        f"resumes from its last checkpoint, and a finished one only evaluates)")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.Signals[f"SIG{n}"] for n in signals)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class LauncherWatch(threading.Thread):

@@ -209,6 +209,8 @@ def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str |
                 origins["num_classes"] = f"the data: {splits[0].where}"
         check_labels(splits, cfg.num_classes, origins.get("num_classes", "the default"))
     _log([s.line() for s in splits] + config_lines(cfg, origins))
+    from engine.guards import requeue_on_signal   # imports torch, which the plan alone does not need
+    requeue_on_signal(cfg.run.requeue)
     if dry_run:
         raise DryRun({"dry_run": True, "data": [dataclasses.asdict(s) for s in splits],
                       "config": to_dict(cfg), "origins": dict(sorted(origins.items()))})

@@ -90,10 +90,11 @@ def test_results_are_strict_json_with_non_finite_values_as_null(tmp_path, capsys
     assert strict_json(capsys.readouterr().out) == {"loss": None, "n": [1.0, None]}
 
 
-# ---- SIGTERM outside the training loop ------------------------------------------------------------------------
+# ---- a scheduler's signal outside the training loop ---------------------------------------------------------
 
-# Sends this process SIGTERM when the evaluation has read its first batch: a scheduler's notice mid-evaluation.
-SIGTERM_IN_EVALUATION = '''
+# Sends this process SIG$SIGNAL_IN_EVAL when the evaluation has read its first batch: a scheduler's notice
+# mid-evaluation.
+SIGNAL_IN_EVALUATION = '''
     import os, signal, sys
     import finetune.classify.evaluate as ev
     from engine.main import main
@@ -102,10 +103,10 @@ SIGTERM_IN_EVALUATION = '''
         def batches_then_sigterm():
             for i, batch in enumerate(batches):
                 if i == 0:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ["SIGNAL_IN_EVAL"]))
                 yield batch
         return measure(model, batches_then_sigterm(), *args)
-    if os.environ.get("SIGTERM_IN_EVAL"):
+    if os.environ.get("SIGNAL_IN_EVAL"):
         ev.classification_metrics = signalled
     sys.exit(main(sys.argv[1:]))
 '''
@@ -120,25 +121,34 @@ def test_sigterm_during_classify_evaluate_exits_143_and_writes_nothing(tmp_path)
     ckpt = tmp_path / "classifier.pt"
     save_classifier(build_classifier("beitv2_tiny_test", 10), ckpt)
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SIGTERM_IN_EVALUATION), "classify", "evaluate",
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SIGNAL_IN_EVALUATION), "classify", "evaluate",
                            str(ckpt), EVAL_DATA, "--batch_size=8", f"--out={out}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(ENV, SIGTERM_IN_EVAL="1"))
+                          text=True, timeout=300, env=dict(ENV, SIGNAL_IN_EVAL="TERM"))
     assert proc.returncode == 143, proc.stderr[-2000:]   # before: killed by the signal (-15), no word
     assert proc.stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM outside a training loop; nothing was "
                                                            "left half-written")
     assert not out.exists() and not _leftovers(tmp_path) and proc.stdout == ""
 
 
-def test_sigterm_during_a_stage_evaluation_after_training_exits_143_and_the_rerun_evaluates(
-        tmp_path, fashion_mnist_available):
+@pytest.mark.parametrize("signal_name", ["TERM", "USR1"])
+def test_a_signal_during_a_stage_evaluation_after_training_exits_143_and_the_rerun_evaluates(
+        tmp_path, fashion_mnist_available, signal_name):
+    """USR1 as the job's preemption signal (`#SBATCH --signal=B:USR1@300`) with run.requeue: outside the loop it
+    stops as cleanly as SIGTERM (it used to kill the process: no requeue, no word) and rank 0 asks for the requeue
+    (here no SLURM job, so it says why not)."""
     run = tmp_path / "ft"
     args = ["classify", "train", "beitv2_tiny_test_ft", f"--run.output_dir={run}", "--schedule.total_steps=2",
             "--run.save_interval=2", "--data.eval_images=40"]
-    cmd = [sys.executable, "-c", textwrap.dedent(SIGTERM_IN_EVALUATION), *args]
+    if signal_name == "USR1":
+        args += ["--run.preempt_signal=USR1", "--run.requeue=true"]
+    cmd = [sys.executable, "-c", textwrap.dedent(SIGNAL_IN_EVALUATION), *args]
+    env = {k: v for k, v in ENV.items() if k != "SLURM_JOB_ID"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(ENV, SIGTERM_IN_EVAL="1"))
+                          env=dict(env, SIGNAL_IN_EVAL=signal_name))
     assert proc.returncode == 143, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM outside a training loop")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stopped: SIG{signal_name} outside a training loop"), last
+    assert ("not requeued: no SLURM_JOB_ID" in last) == (signal_name == "USR1"), last
     assert (run / "classifier.pt").exists() and not (run / "eval.json").exists() and not _leftovers(run)
     # The same command again: the run is complete, so it only evaluates (and its lock was released).
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
