@@ -9,14 +9,12 @@ every training feature, the k = 20 nearest vote with weight exp(similarity / 0.0
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,9 +22,10 @@ from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.config import ConfigError, DataConfig, OptimConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from engine.run_plan import Split, data_split
+from engine.schedule import lr_at
 from finetune.classify.evaluate import topk_hits
 from finetune.feature_cache import cache_key, usable_folder
 from finetune.features import FeatureFile, FrozenFeatures, extract
@@ -161,6 +160,7 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
         else:
             opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         total, warmup = epochs * steps_per_epoch, min(warmup_epochs, epochs) * steps_per_epoch
+        schedule = OptimConfig(lr=lr, min_lr=0.0)
         history, step = [], 0
         for epoch in range(epochs):
             order = np.random.default_rng([seed, epoch, dist_utils.rank()]).permutation(len(y_train))
@@ -170,15 +170,12 @@ def linear_probe(checkpoint: str, arch: str = "", layer: int = 0, pooling: str =
                 x = torch.from_numpy(np.array(x_train[idx])).to(device, non_blocking=True)
                 y = torch.from_numpy(np.array(y_train[idx])).to(device, non_blocking=True)
                 for g in opt.param_groups:   # linear warm-up, then cosine to 0 (per step)
-                    g["lr"] = lr * step / warmup if step < warmup else \
-                        0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+                    g["lr"] = lr_at(step, schedule, total, warmup)
                 loss = F.cross_entropy(head(x), y)
                 opt.zero_grad(set_to_none=False)
                 loss.backward()
-                if world > 1:   # data parallel: the mean gradient of all ranks' micro-batches
-                    for p in linear.parameters():
-                        dist.all_reduce(p.grad.data, op=dist.ReduceOp.SUM)
-                        p.grad.data.div_(world)
+                for p in linear.parameters():   # data parallel: the mean gradient of all ranks' micro-batches
+                    dist_utils.all_reduce_sum_(p.grad).div_(world)
                 opt.step()
                 loss_sum += loss.detach()
                 step += 1
