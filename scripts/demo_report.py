@@ -255,22 +255,63 @@ def plot_codebook(tok_eval, path):
     return save(fig, path)
 
 
-def plot_token_maps(tokens, num_codes, path):
-    """The first 16 token maps; ids are arbitrary, so colour is only id / num_codes on a perceptually uniform map."""
-    maps = tokens[:16]
-    cols = min(4, len(maps))
-    rows = -(-len(maps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, grid in zip(axes.flat, maps):
-        ax.imshow(grid / num_codes, cmap="viridis", vmin=0, vmax=1)
-        if max(grid.shape) <= 8:  # ids only fit on small grids
-            for (y, x), code in np.ndenumerate(grid):
-                light = code / num_codes > 0.5  # viridis turns light above the middle: dark text there
-                ax.text(x, y, str(code), ha="center", va="center", fontsize=6, color="black" if light else "white")
-    fig.suptitle("token ids of held-out test images (colour: id)")
-    return save(fig, path)
+def repo_import(module):
+    """A module of this repository (the script runs from scripts/, where the package may not be on the path)."""
+    import importlib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)
+    return importlib.import_module(module)
+
+
+def encoded_images(out, count):
+    """The images `tokenizer encode` turned into `test_tokens.npy`: without `--images` it encodes the first `count`
+    Fashion-MNIST test images, uint8 [count, 28, 28] (grey); None when the tokenizer was trained on other data or
+    Fashion-MNIST is not installed here (the token maps are then drawn alone)."""
+    config = read_json(os.path.join(out, "tokenizer", "config.json")) or {}
+    if config.get("data", {}).get("source", "fashion_mnist") != "fashion_mnist":
+        return None
+    try:
+        images, _ = repo_import("data_tools.sources").fashion_mnist("test", count)
+    except (ImportError, OSError, ValueError):
+        return None
+    return images if len(images) == count else None
+
+
+def token_maps_picture(tokens, num_codes, inputs=None):
+    """The first 16 token maps, each beside its input image when `inputs` are given, as an `engine.pictures`
+    Picture: tiles of at least 224 px (nearest neighbour, one square per token), titled, ids as numbers on grids of
+    at most 8 x 8. Ids are arbitrary, so a colour is only id / num_codes on a perceptually uniform map; a colour bar
+    gives the scale."""
+    from matplotlib import colormaps
+    pictures = repo_import("engine.pictures")
+    maps = np.asarray(tokens[:16])
+    side = inputs.shape[1] if inputs is not None else max(maps.shape[1:])
+    tile = pictures.tile_side(side)
+    lut = np.round(colormaps["viridis"](np.linspace(0, 1, max(num_codes, 2)))[:, :3] * 255).astype(np.uint8)
+    groups = []
+    for i, grid in enumerate(maps):
+        gh, gw = grid.shape
+        marks = ()
+        if max(grid.shape) <= 8:  # ids only fit on small grids; viridis turns light above the middle: dark text there
+            marks = tuple(((x + 0.5) * tile / gw, (y + 0.5) * tile / gh, str(code),
+                           "black" if code / num_codes > 0.5 else "white") for (y, x), code in np.ndenumerate(grid))
+        token_map = pictures.Tile(pictures.nearest(lut[np.clip(grid, 0, len(lut) - 1)], tile),
+                                  f"token ids: {len(np.unique(grid))} distinct\nof {num_codes} codes", marks)
+        image = [] if inputs is None else [pictures.Tile(pictures.nearest(inputs[i], tile), f"test image {i + 1}")]
+        groups.append(image + [token_map])
+    note = ("Colour: the token id on viridis, from 0 (dark) to the last code (yellow); ids are arbitrary, so only "
+            "equal colours mean something (the same code).")
+    if inputs is None:
+        note += " The input images were not available here: the maps are drawn alone."
+    bar = pictures.ColourBar("viridis", 0, num_codes - 1, "token id")
+    return pictures.render(groups, 4 if inputs is not None else 8, "token ids of held-out test images", bar, note)
+
+
+def plot_token_maps(tokens, num_codes, path, inputs=None):
+    """`token_maps_picture` as a PNG at `path`; returns its file name."""
+    repo_import("engine.pictures").save_png(token_maps_picture(tokens, num_codes, inputs).image, path)
+    return os.path.basename(path)
 
 
 def pct(x):  # fractions are reported as percentages with one decimal
@@ -383,7 +424,8 @@ def main(out_dir):
              ("codebook usage", plot_codebook(data["tok_eval"], at("codebook_usage.png")))]
     if data["tokens"] is not None and len(data["tokens"]):
         num_codes = results["tokenizer"]["num_codes"]
-        plots.append(("token maps", plot_token_maps(data["tokens"], num_codes, at("token_maps.png"))))
+        inputs = encoded_images(out_dir, min(16, len(data["tokens"])))
+        plots.append(("token maps", plot_token_maps(data["tokens"], num_codes, at("token_maps.png"), inputs)))
     write_atomically(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     write_atomically(os.path.join(out_dir, "report.md"), report_md(results, data, plots, missing_notes(data)))
     print(f"demo_report: report in {os.path.join(out_dir, 'report.md')}, numbers in results.json, plots in {plot_dir}/")

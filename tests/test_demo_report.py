@@ -184,3 +184,35 @@ def test_missing_required_input_fails_with_one_line(out, capsys):
     err = capsys.readouterr().err
     assert err == f"demo_report: {out / 'mim/metrics.jsonl'} missing: run make demo first\n"
     assert not (out / "results.json").exists()
+
+
+def test_token_maps_show_each_map_beside_its_test_image(out):
+    """The first 16 maps, each beside the Fashion-MNIST test image `tokenizer encode` read for it, in tiles of at
+    least 224 px (nearest neighbour), titled, with a colour bar; with other data, the maps alone and a note."""
+    from data_tools.sources import fashion_mnist
+    from engine.pictures import nearest, tile_side
+    from tests.picture_checks import assert_stands_on_its_own, region
+    assert demo_report.main(str(out)) == 0
+    tokens = np.load(out / "tokenizer/test_tokens.npy")
+    inputs = demo_report.encoded_images(str(out), 16)
+    assert (inputs == fashion_mnist("test", 16)[0]).all()
+    picture = demo_report.token_maps_picture(tokens, 8, inputs)
+    with Image.open(out / "report/token_maps.png") as image:
+        assert (np.asarray(image.convert("RGB")) == picture.image).all()
+    assert_stands_on_its_own(picture, 16, 2)
+    side = tile_side(28)
+    cell = side // 3
+    for i in range(16):
+        image_box, map_box = picture.tiles[2 * i:2 * i + 2]
+        assert (region(picture.image, image_box) == nearest(inputs[i], side)[..., None]).all()
+        corners = region(picture.image, map_box)[2::cell, 2::cell][:3, :3]   # a token's square, clear of its id
+        for a in np.ndindex(3, 3):
+            for b in np.ndindex(3, 3):   # equal ids, equal colours; other ids, other colours
+                assert (corners[a] == corners[b]).all() == (tokens[i][a] == tokens[i][b])
+    write(out, "tokenizer/config.json", {"data": {"source": "beton"}})
+    assert demo_report.encoded_images(str(out), 16) is None
+    alone = demo_report.token_maps_picture(tokens, 8, None)
+    assert_stands_on_its_own(alone, 16, 1)
+    assert demo_report.main(str(out)) == 0
+    with Image.open(out / "report/token_maps.png") as image:
+        assert (np.asarray(image.convert("RGB")) == alone.image).all()

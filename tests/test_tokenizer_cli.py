@@ -40,8 +40,12 @@ def test_encode_writes_the_token_ids_of_the_test_images_and_a_png(tiny_tokenizer
     from pretrain.tokenizer.data import images_for_encoding
     expected = load_tokenizer(str(tiny_tokenizer_file)).get_codebook_indices(images_for_encoding("", "test", 10, 32))
     assert np.array_equal(ids.reshape(10, -1), expected.numpy())
-    with Image.open(png) as im:
-        assert im.size == (8 * 2 * 32, 2 * 32)   # 8 pairs per row, 2 rows; each pair is image | token map
+    from pretrain.tokenizer.pictures import code_colours, token_map_picture
+    colours = code_colours(load_tokenizer(str(tiny_tokenizer_file)).quantize.embedding.weight)
+    picture = token_map_picture(images_for_encoding("", "test", 10, 32), ids, colours)
+    with Image.open(png) as im:   # each image beside its token map, 224 px tiles, 4 pairs a row at most: 3 rows
+        assert (np.asarray(im.convert("RGB")) == picture.image).all()
+    assert len(picture.tiles) == 20 and len({top for top, _, _, _ in picture.tiles}) == 3
 
 
 def test_encode_a_folder_and_bad_input(tmp_path, tiny_tokenizer_file):

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from data_tools.gpu_augment import normalize
 from engine.evaluation import eval_device
-from engine.files import write_atomically
+from engine.pictures import ColourBar, Picture, Tile, nearest, render, save_png, tile_side
 from pretrain.mim.model import BeitV2MIM, load_mim_model
 
-__all__ = ["attention_maps", "attention_picture", "cls_attention", "visualize"]
+__all__ = ["attention_figure", "attention_grid", "attention_maps", "attention_picture", "attention_pictures",
+           "block_names", "cls_attention", "visualize"]
 
 
 def cls_attention(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,31 +97,67 @@ def _heat_colours() -> np.ndarray:
     return np.round(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
-def attention_picture(image: torch.Tensor, backbone: torch.Tensor, head: torch.Tensor, alpha: float = 0.6
-                      ) -> np.ndarray:
-    """One image's maps as a grid, uint8 RGB `[2 * S, (1 + heads) * S, 3]` with `S` the image side.
+ALPHA = 0.6   # weight of the colour map over the image in a map tile
+HEAT_BAR = ColourBar("inferno", 0.0, 1.0, "attention / the tile's maximum", [0, 0.25, 0.5, 0.75, 1])
+HEAT_NOTE = ("Each map: the share of the [CLS] query's attention on each patch (the share it keeps on itself left "
+             "out), one square per patch, scaled to the tile's maximum (in its title) and blended {:.0%} over the "
+             "input: dark is little attention, yellow the most.")
 
-    Row 1: the image, then one tile per head of the last backbone block; row 2: the image, then one tile per head
-    of the aggregation head. Each tile is that head's map scaled to its own maximum, upsampled to the image
-    (nearest: one square per patch), coloured with `inferno` and blended over the image.
+
+def _map_tile(rgb: np.ndarray, attention: torch.Tensor, lut: np.ndarray, alpha: float) -> np.ndarray:
+    """One attention map `[grid_h, grid_w]` (probabilities) scaled to its maximum, upsampled by nearest neighbour
+    to the tile `rgb` (float `[T, T, 3]`, 0-255), coloured and blended over it."""
+    a = attention.detach().float().cpu().numpy()
+    scaled = nearest(a / max(float(a.max()), 1e-12), rgb.shape[0], rgb.shape[1])
+    return np.round((1 - alpha) * rgb + alpha * lut[np.round(scaled * 255).astype(np.int64)]).clip(0, 255
+                                                                                                  ).astype(np.uint8)
+
+
+def _tiles(image: torch.Tensor, maps: torch.Tensor, block: str, per_head: bool, lut: np.ndarray, alpha: float,
+           input_title: str = "input") -> list[Tile]:
+    """The input, the mean of the heads' maps and (with `per_head`) each head's map, at `tile_side` pixels."""
+    side = tile_side(image.shape[-1])
+    rgb = nearest(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255, side)
+    mean = maps.float().mean(0)
+    tiles = [Tile(np.round(rgb).astype(np.uint8), input_title),
+             Tile(_map_tile(rgb, mean, lut, alpha), f"{block} [CLS],\nhead mean (max {mean.max():.1%})")]
+    if per_head:
+        tiles += [Tile(_map_tile(rgb, m, lut, alpha), f"{block},\nhead {h + 1} (max {m.max():.1%})")
+                  for h, m in enumerate(maps.float())]
+    return tiles
+
+
+def block_names(model: BeitV2MIM) -> tuple[str, str]:
+    """How the pictures name the two blocks `attention_maps` reads: the backbone's last, the aggregation head's
+    last (1-based)."""
+    return f"block {len(model.blocks)}", f"aggregation block {len(model.cls_pt_layers)}"
+
+
+def attention_figure(image: torch.Tensor, backbone: torch.Tensor, head: torch.Tensor, alpha: float = ALPHA,
+                     names: tuple[str, str] = ("last block", "aggregation block")) -> Picture:
+    """One image's maps as an `engine.pictures.Picture`: two rows of `tile_side(S)` px tiles (>= 224).
+
+    Row 1: the image, the mean over the heads of the last backbone block's [CLS] attention, then each head's;
+    row 2: the same for the last block of the patch-aggregation head. Each map is scaled to its own maximum (its
+    title gives that maximum as a share of the [CLS] attention), upsampled to the tile by nearest neighbour (one
+    square per patch), coloured with `inferno` and blended over the image; a colour bar gives the scale.
 
     Args:
         image: `[3, S, S]` RGB in [0, 1].
         backbone, head: `[heads, grid_h, grid_w]` maps of `attention_maps`.
         alpha: weight of the colour map in each tile.
+        names: the two blocks, as titles name them (`block_names(model)`).
     """
     lut = _heat_colours()
-    side = image.shape[-1]
-    rgb = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    rows = []
-    for maps in (backbone, head):
-        maps = maps.detach().float().cpu()
-        scaled = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        up = F.interpolate(scaled[None], size=(side, side), mode="nearest")[0].numpy()
-        tiles = [rgb * 255] + [(1 - alpha) * rgb * 255 + alpha * lut[np.round(m * 255).astype(np.int64)]
-                               for m in up]
-        rows.append(np.concatenate(tiles, 1))
-    return np.round(np.concatenate(rows, 0)).clip(0, 255).astype(np.uint8)
+    groups = [_tiles(image, maps, name, True, lut, alpha) for maps, name in zip((backbone, head), names)]
+    return render(groups, 1, f"[CLS] attention per head: {names[0]} (top), {names[1]} (bottom)", HEAT_BAR,
+                  HEAT_NOTE.format(alpha))
+
+
+def attention_picture(image: torch.Tensor, backbone: torch.Tensor, head: torch.Tensor, alpha: float = ALPHA,
+                      names: tuple[str, str] = ("last block", "aggregation block")) -> np.ndarray:
+    """`attention_figure(...).image`: uint8 RGB `[H, W, 3]`."""
+    return attention_figure(image, backbone, head, alpha, names).image
 
 
 def _out_names(paths: list[str]) -> list[str]:
@@ -137,10 +174,11 @@ def _out_names(paths: list[str]) -> list[str]:
 def visualize(checkpoint: str, images: str, out: str, batch_size: int = 16) -> dict:
     """Attention maps of the [CLS] token per head, one PNG per image.
 
-    Each PNG is a grid of `S x S` tiles (`S` = the model's input size, e.g. 224): 2 rows and 1 + heads columns,
-    i.e. `(1 + heads) * S` wide and `2 * S` high. Row 1: the image, then the [CLS] attention of each head of the
-    last backbone block; row 2: the image, then that of the patch-aggregation head's last block. Each map is
-    scaled to its own maximum and blended over the image (dark: little attention, yellow: most).
+    Each PNG (`attention_figure`) has two rows of tiles of `T` pixels (`T` = the model's input size `S` times the
+    smallest whole factor that makes it >= 224), each titled: row 1 the image, the mean over the heads of the [CLS]
+    attention in the last backbone block, then each head's; row 2 the same for the last block of the
+    patch-aggregation head. Each map is scaled to its own maximum and blended over the image (dark: little
+    attention, yellow: most); a colour bar on the right gives the scale.
 
     Args:
         checkpoint: `mim.pt` of a run (or the run's output directory), or an official `*_cls_pt` file.
@@ -149,8 +187,6 @@ def visualize(checkpoint: str, images: str, out: str, batch_size: int = 16) -> d
         out: folder for the PNGs (`<image stem>.png`; created if missing).
         batch_size: images per forward pass.
     """
-    from PIL import Image
-
     from engine.cli import check_counts
     from pretrain.tokenizer.data import image_files, read_images
     check_counts(batch_size=batch_size)
@@ -162,32 +198,36 @@ def visualize(checkpoint: str, images: str, out: str, batch_size: int = 16) -> d
     side = model.patch_embed.img_size[0]
     pixels = read_images(paths, side)   # every file is checked before anything is written
     os.makedirs(out, exist_ok=True)
-    files = []
+    files, size = [], None
     for start in range(0, len(paths), batch_size):
         batch = pixels[start:start + batch_size].to(device)
         backbone, head = attention_maps(model, batch)
         for i, name in enumerate(_out_names(paths)[start:start + batch_size]):
-            picture = Image.fromarray(attention_picture(batch[i], backbone[i], head[i]))
+            picture = attention_picture(batch[i], backbone[i], head[i], names=block_names(model))
             path = os.path.join(out, name)
-            write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+            save_png(picture, path)
             files.append(path)
+            size = [picture.shape[1], picture.shape[0]]
     heads = model.blocks[-1].attn.num_heads
     return {"checkpoint": checkpoint, "images": len(files), "out": out, "heads": heads,
-            "png_size": [(1 + heads) * side, 2 * side], "files": files}
+            "tile": tile_side(side), "png_size": size, "files": files}
 
 
-TENSORBOARD_SIDE = 112   # tiles of the training pictures are at most this big: (1 + heads) columns of them per row
+def attention_grid(model: BeitV2MIM, images: torch.Tensor) -> Picture:
+    """The training runs' picture (`attention_pictures`) with its layout: each image beside the mean over the heads
+    of its [CLS] attention in the last backbone block and in the last aggregation-head block, two images a row,
+    tiles of `tile_side(S)` px, a colour bar (`mim visualize` draws every head)."""
+    backbone, head = attention_maps(model, images)
+    lut, names = _heat_colours(), block_names(model)
+    groups = []
+    for i in range(len(images)):
+        tiles = [_tiles(images[i], maps[i], name, False, lut, ALPHA, f"input {i + 1}")
+                 for maps, name in zip((backbone, head), names)]
+        groups.append(tiles[0] + tiles[1][1:])   # the input once, then both means
+    return render(groups, 2, f"[CLS] attention, mean over the heads: {names[0]} and {names[1]}", HEAT_BAR,
+                  HEAT_NOTE.format(ALPHA))
 
 
 def attention_pictures(model: BeitV2MIM, images: torch.Tensor) -> dict[str, np.ndarray]:
-    """Tensorboard picture of a training run: `attention_picture` of each fixed image, stacked top to bottom,
-    tiles shrunk to at most `TENSORBOARD_SIDE` pixels (a ViT-B's 13 columns of 224 px would be 2912 px wide)."""
-    from PIL import Image
-    backbone, head = attention_maps(model, images)
-    grid = np.concatenate([attention_picture(images[i], backbone[i], head[i]) for i in range(len(images))], 0)
-    side = images.shape[-1]
-    if side > TENSORBOARD_SIDE:
-        h, w = grid.shape[:2]
-        size = (w * TENSORBOARD_SIDE // side, h * TENSORBOARD_SIDE // side)
-        grid = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BOX))
-    return {"pictures/attention": grid}
+    """Tensorboard picture of a training run: `attention_grid(model, images).image`."""
+    return {"pictures/attention": attention_grid(model, images).image}

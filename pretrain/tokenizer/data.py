@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from data_tools import sources
-from engine.files import write_atomically
+from engine.pictures import save_png
 from pretrain.tokenizer.pictures import token_map_grid
 
 
@@ -75,8 +75,9 @@ def _to_float(images: np.ndarray, img_size: int) -> torch.Tensor:
 
 
 def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, path: str,
-                       columns: int = 8) -> None:
-    """Write a grid of (image | token map) pairs (`pictures.token_map_grid`); the format follows the suffix.
+                       columns: int = 4) -> None:
+    """Write each image beside its token map (`pictures.token_map_picture`: tiles >= 224 px, titled, a legend of
+    the codes used most); the format follows the suffix.
 
     Args:
         pixels: `[N, 3, side, side]` RGB in [0, 1].
@@ -84,9 +85,6 @@ def save_token_map_png(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarra
         colours: uint8 `[num_codes, 3]`: `pictures.code_colours(codebook)` colours codes by the codebook's
             geometry (nearby codes, nearby colours).
         path: output image file.
-        columns: pairs per row.
+        columns: (image, map) pairs per row, at most.
     """
-    from PIL import Image
-    image = Image.fromarray(token_map_grid(pixels, ids, colours, columns))
-    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    write_atomically(path, lambda tmp: image.save(tmp, format=image_format))
+    save_png(token_map_grid(pixels, ids, colours, columns), path)

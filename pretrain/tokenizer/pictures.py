@@ -1,10 +1,13 @@
-"""Pictures of token maps: each code coloured by where it sits in the codebook, images beside their maps."""
+"""Pictures of token maps: each code coloured by where it sits in the codebook, images beside their maps
+(`engine.pictures` lays them out: tiles >= 224 px, titled, a legend of the codes)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["code_colours", "token_map_grid"]
+from engine.pictures import Legend, Picture, Tile, nearest, render, tile_side
+
+__all__ = ["code_colours", "token_map_grid", "token_map_picture"]
 
 
 def code_colours(codebook: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -44,26 +47,41 @@ def code_colours(codebook: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.round(colours).astype(np.uint8)
 
 
-def token_map_grid(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, columns: int = 8) -> np.ndarray:
-    """A grid of (image | token map) pairs as uint8 RGB `[H, W, 3]`.
+def token_map_picture(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, columns: int = 4,
+                      title: str = "token maps: each image beside its tokens") -> Picture:
+    """Each image beside its token map, as an `engine.pictures.Picture` (its tiles: image 1, map 1, image 2, ...).
 
-    Each pair is `side x 2*side` pixels (`side` = the images' size), `columns` pairs per row, the last row
-    padded with black; each token covers a `side/grid` square in the colour `colours[id]`.
+    A tile is `tile_side(side)` pixels (>= 224): the image and its map upsampled by nearest neighbour, so each token
+    is a square of one colour, `colours[id]`. A map's title says how many distinct codes it uses of the codebook's;
+    the legend lists the codes used most in the shown maps, with their colour and patch count.
 
     Args:
         pixels: `[N, 3, side, side]` RGB in [0, 1].
         ids: `[N, grid_h, grid_w]` token ids.
         colours: uint8 `[num_codes, 3]`, e.g. from `code_colours`.
-        columns: pairs per row.
+        columns: (image, map) pairs per row, at most; the rows are filled evenly.
+        title: the picture's title.
     """
     n, side = pixels.shape[0], pixels.shape[-1]
+    tile = tile_side(side)
     images = (pixels.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    tiles = []
+    ids = np.asarray(ids)
+    groups = []
     for i in range(n):
-        token_map = colours[ids[i]].repeat(side // ids.shape[1], 0).repeat(side // ids.shape[2], 1)
-        canvas = np.zeros((side, side, 3), np.uint8)   # a grid that does not divide the side leaves a black rim
-        canvas[:token_map.shape[0], :token_map.shape[1]] = token_map[:side, :side]
-        tiles.append(np.concatenate([images[i], canvas], 1))
-    tiles += [np.zeros_like(tiles[0])] * (-n % columns)
-    rows = [np.concatenate(tiles[r:r + columns], 1) for r in range(0, len(tiles), columns)]
-    return np.concatenate(rows, 0)
+        distinct = len(np.unique(ids[i]))
+        groups.append([Tile(nearest(images[i], tile), f"input {i + 1}"),
+                       Tile(nearest(colours[ids[i]], tile),
+                            f"token ids: {distinct} distinct\nof {len(colours)} codes")])
+    codes, counts = np.unique(ids, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    plural = lambda k: f"{k} patch" if k == 1 else f"{k} patches"   # noqa: E731
+    legend = Legend(f"most used codes ({len(codes)} in all)",
+                    [(colours[codes[j]], f"code {codes[j]}: {plural(counts[j])}") for j in order[:16]])
+    note = (f"{ids.shape[1]} x {ids.shape[2]} tokens per image, one square per patch. A code's colour is its vector's "
+            "first three principal components over the codebook as red, green, blue: similar codes look alike.")
+    return render(groups, columns, title, legend, note)
+
+
+def token_map_grid(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, columns: int = 4) -> np.ndarray:
+    """`token_map_picture(...).image`: uint8 RGB `[H, W, 3]`, each image beside its titled token map, a legend."""
+    return token_map_picture(pixels, ids, colours, columns).image

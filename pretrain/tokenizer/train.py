@@ -37,7 +37,7 @@ def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarra
     codebook's principal components (`pictures.code_colours`)."""
     ids = model.get_codebook_indices(images).view(-1, *model.grid).cpu().numpy()
     colours = code_colours(model.quantize.embedding.weight)
-    return {"pictures/token_maps": token_map_grid(images, ids, colours, columns=len(images))}
+    return {"pictures/token_maps": token_map_grid(images, ids, colours, columns=2)}   # 2 x 2 pairs, 4 images
 
 
 def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
