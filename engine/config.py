@@ -1,6 +1,8 @@
 """Typed run configuration: dataclasses that reject unknown keys and impossible values, with named recipes.
 
-Every stage describes its run with a dataclass that nests `OptimConfig`, `ScheduleConfig` and `RunConfig`.
+Every stage describes its run with a dataclass that nests `OptimConfig`, `ScheduleConfig` and `RunConfig`. Each key
+is declared with `key(default, help, range or choices)`: `validate` checks every value against its declaration (and
+a section's `rules` method checks what spans keys), and `describe` writes a train command's --help from them.
 A recipe is a plain dict of overrides applied on top of the defaults, then an optional config file (`--config`, a
 saved config.json or YAML), then the command-line flags (`resolve`).
 The resolved config is written as JSON beside the run so that the run can be reproduced and resumed.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -16,7 +19,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from engine.files import write_text_atomically
 
@@ -25,28 +28,69 @@ class ConfigError(ValueError):
     """A bad configuration value or key; the message is one line naming the key and what to do."""
 
 
+def key(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, choices: Any = None, note: str = "") -> Any:
+    """A config key: its default, its one-line help and the values it takes (a range, each item's for a list, or
+    `choices`), which `validate` checks (a None value, `T | None` left unset, is not) and --help shows. `note` ends
+    the error: what a value means or what to use instead."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "note": note}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _num(x: float) -> str:
+    return f"2**{x.bit_length() - 1}" if isinstance(x, int) and x > 2 ** 16 and not x & (x - 1) else str(x)
+
+
+def _allowed(meta: Mapping[str, Any]) -> str:
+    """What a key's declaration allows, as the errors and --help say it: `in (0, 1]`, `>= 1`, `one of a, b`."""
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(meta["choices"])
+    lo = ("[", meta["ge"]) if meta.get("ge") is not None else ("(", meta["gt"]) if meta.get("gt") is not None else None
+    hi = ("]", meta["le"]) if meta.get("le") is not None else (")", meta["lt"]) if meta.get("lt") is not None else None
+    if lo and hi:
+        return f"in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo or hi:
+        return {"[": ">=", "(": ">", "]": "<=", ")": "<"}[(lo or hi)[0]] + f" {_num((lo or hi)[1])}"
+    return ""
+
+
+def _fits(x: Any, m: Mapping[str, Any]) -> bool:
+    return ((m.get("ge") is None or x >= m["ge"]) and (m.get("gt") is None or x > m["gt"])
+            and (m.get("le") is None or x <= m["le"]) and (m.get("lt") is None or x < m["lt"]))
+
+
+def _check_key(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if value is None or not _allowed(meta):
+        return
+    if meta.get("choices") is not None:
+        ok = value in meta["choices"]
+    else:
+        ok = all(_fits(x, meta) for x in (value if isinstance(value, (tuple, list)) else [value]))
+    _check(ok, name, value, f"must be {_allowed(meta)}" + (f" ({meta['note']})" if meta.get("note") else ""))
+
+
+def _check(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} {what}")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW hyper-parameters. Decoupled weight decay is skipped for 1-d parameters, biases and token embeddings."""
-    lr: float = 2e-4
-    min_lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    weight_decay_end: float | None = None   # cosine weight-decay schedule to this value; None keeps it constant
-    grad_clip: float = 0.0                  # global grad-norm clip; 0 is off
+    """AdamW hyper-parameters."""
+    # Adam moves every weight by about lr per step whatever the gradient's scale: above 1 no weight survives.
+    lr: float = key(2e-4, "peak learning rate of AdamW", gt=0, le=1, note="e.g. 1.5e-3")
+    min_lr: float = key(1e-5, "learning rate at the end of the decay (<= lr)", ge=0)
+    betas: tuple[float, float] = key((0.9, 0.99), "AdamW's (beta1, beta2)", ge=0, lt=1, note="both")
+    eps: float = key(1e-8, "AdamW's epsilon", gt=0)
+    weight_decay: float = key(1e-4, "decoupled weight decay; none on 1-d weights, biases and token embeddings", ge=0)
+    weight_decay_end: float | None = key(None, "cosine weight-decay schedule to this value; null keeps it constant",
+                                         ge=0, note="or null for a constant weight decay")
+    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 is off", ge=0, note="0 disables clipping")
 
-    def validate(self, prefix: str = "optim") -> None:
-        # Adam moves every weight by about lr per step whatever the gradient's scale: above 1 no weight survives.
-        _check(0 < self.lr <= 1, f"{prefix}.lr", self.lr, "must be in (0, 1] (e.g. 1.5e-3)")
-        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", self.min_lr, "must be in [0, lr]")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas,
-               "must be two numbers in [0, 1)")
-        _check(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
-               self.weight_decay_end, "must be >= 0 (or null for a constant weight decay)")
-        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+    def rules(self, prefix: str) -> None:
+        _check(self.min_lr <= self.lr, f"{prefix}.min_lr", self.min_lr, f"must be <= {prefix}.lr ({self.lr})")
         # Decoupled decay multiplies each weight by (1 - lr x weight_decay) per step: at >= 1 the weights flip sign
         # and grow without bound (a 1e6 decay turned most tensors non-finite within a few steps).
         decay = max(self.weight_decay, self.weight_decay_end or 0.0)
@@ -56,32 +100,20 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Per-step schedule, measured in epochs or steps: linear warm-up, then `decay` to `optim.min_lr`.
-
-    `decay`: `cosine` (pretraining, classification) starts after the warm-up; `poly` (mmseg's linear poly of the
-    segmentation recipes) runs from step 0 and the warm-up scales it, as mmcv's iteration-based schedule does."""
-    epochs: float = 1.0
-    warmup_epochs: float = 0.0
-    total_steps: int | None = None    # overrides epochs when set
-    warmup_steps: int | None = None   # overrides warmup_epochs when set
-    decay: str = "cosine"             # cosine | poly
-
-    def validate(self, prefix: str = "schedule") -> None:
-        _check(self.decay in ("cosine", "poly"), f"{prefix}.decay", self.decay, "must be cosine or poly")
-        _check(self.epochs > 0, f"{prefix}.epochs", self.epochs, "must be > 0")
-        _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _check(self.total_steps is None or self.total_steps > 0, f"{prefix}.total_steps", self.total_steps,
-               "must be > 0")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps,
-               "must be >= 0")
+    """Per-step schedule, measured in epochs or steps: linear warm-up, then `decay` to `optim.min_lr`."""
+    epochs: float = key(1.0, "training length in epochs", gt=0)
+    warmup_epochs: float = key(0.0, "linear warm-up in epochs", ge=0)
+    total_steps: int | None = key(None, "training length in steps; overrides epochs when set", gt=0)
+    warmup_steps: int | None = key(None, "warm-up in steps; overrides warmup_epochs when set", ge=0)
+    # mmcv's iteration-based poly schedule runs from step 0 and the warm-up scales it.
+    decay: str = key("cosine", "cosine after the warm-up (pretraining, classification) or poly from step 0 (the "
+                     "segmentation recipes, as mmseg)", choices=("cosine", "poly"))
 
 
 # `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward (engine.ds_setup).
 PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16", "auto")   # auto: resolved when the config is (engine.precision)
 # torch.compile's modes; `reduce-overhead` replays the compiled graphs as CUDA graphs (one launch per graph).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 # Signals a run can take as "checkpoint and stop" (run.preempt_signal); not KILL/STOP (uncatchable) nor INT.
 PREEMPT_SIGNALS = ("TERM", "USR1", "USR2", "HUP", "XCPU")
 # Experiment trackers run.report_to may name; each is optional and imported only when named.
@@ -91,53 +123,45 @@ TRACKERS = ("wandb", "mlflow")
 @dataclass
 class RunConfig:
     """Engine settings shared by every stage."""
-    output_dir: str = "runs/default"
-    ds_config: str = "ds_configs/zero1.json"   # ZeRO and communication settings; batch/optim/precision come from here
-    precision: str = "fp32"                    # fp32 | bf16 | bf16_autocast | fp16 (engine.ds_setup) | auto
-    micro_batch_size: int = 8                  # per rank, per forward
-    grad_accum_steps: int = 1
-    seed: int = 0
-    log_interval: int = 10                     # steps between reading metrics off the device
-    save_interval: int = 500                   # steps between checkpoints (and one at the end)
-    keep_last: int = 2                         # checkpoints kept on disk
-    save_final: bool = True                    # checkpoint (and export weights) when the run ends
-    resume: bool = True                        # continue from the latest checkpoint in output_dir
-    # A resume whose settings differ from the run's config.json in a key that changes what is trained (seed, arch,
-    # tokenizer, lr, batch...) is an error unless this says the change is meant (engine.run_dir keeps the history).
-    allow_config_change: bool = False
-    max_nonfinite_steps: int = 5               # consecutive non-finite losses before the run stops
-    grad_checkpointing: bool = False
-    shard_frozen: bool = True                  # ZeRO-3, >1 rank: partition frozen tokenizer/teacher too
-    compile: bool = False                      # torch.compile the model's forward
-    compile_mode: str = "default"              # with compile: default | reduce-overhead (CUDA graphs) | max-autotune...
-    progress_bar: bool = True
-    # Also send the training and evaluation metrics to these trackers, where the user has them installed
-    # (comma-separated: wandb, mlflow; off by default: tensorboard's tb/ folder is always written).
-    report_to: str = ""
-    profile_steps: int = 0                     # > 0: torch.profiler over this many steps after the 2nd log point
-    # Scheduler (docs/launch.md): the signal that makes every rank checkpoint the same step and stop (exit 143),
-    # e.g. USR1 for `#SBATCH --signal=B:USR1@120`; SIGTERM always does too.
-    preempt_signal: str = "TERM"
-    requeue: bool = False                      # after such a stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID`
-    # > 0: checkpoint and stop this many seconds (plus one log interval) before the job's end: SLURM_JOB_END_TIME,
-    # or run.time_limit_s after the start when set.
-    stop_before_end_s: int = 0
-    time_limit_s: int = 0                      # the job's wall-clock limit from this process's start; 0: SLURM's
+    output_dir: str = key("runs/default", "folder of the run: checkpoints, logs, config.json")
+    ds_config: str = key("ds_configs/zero1.json", "DeepSpeed JSON: ZeRO and communication (batch, optimizer and "
+                         "precision come from these keys)")
+    precision: str = key("fp32", "fp32; bf16 or fp16 (DeepSpeed's); bf16_autocast (fp32 weights, autocast forward); "
+                         "auto (what this machine computes natively)", choices=PRECISIONS)
+    micro_batch_size: int = key(8, "images per rank per forward", ge=1)
+    grad_accum_steps: int = key(1, "micro-batches per optimizer step", ge=1)
+    seed: int = key(0, "seed of the weights, the data order and the random draws", ge=0, lt=2 ** 32,
+                    note="numpy's seed range")
+    log_interval: int = key(10, "steps between reading metrics off the device", ge=1)
+    save_interval: int = key(500, "steps between checkpoints (and one at the end)", ge=1)
+    keep_last: int = key(2, "checkpoints kept on disk", ge=1)
+    save_final: bool = key(True, "checkpoint (and export the weights) when the run ends")
+    resume: bool = key(True, "continue from the latest checkpoint in output_dir")
+    # engine.run_dir keeps the history of such changes in the run's folder.
+    allow_config_change: bool = key(False, "let a resume change a key that changes what is trained (seed, arch, "
+                                    "tokenizer, lr, batch...)")
+    max_nonfinite_steps: int = key(5, "consecutive non-finite losses before the run stops", ge=1)
+    grad_checkpointing: bool = key(False, "recompute the blocks' activations in the backward: less memory")
+    shard_frozen: bool = key(True, "ZeRO-3 on more than one rank: partition the frozen tokenizer/teacher too")
+    compile: bool = key(False, "torch.compile the model's forward")
+    compile_mode: str = key("default", "torch.compile's mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
+    progress_bar: bool = key(True, "show a progress bar")
+    report_to: str = key("", f"also send the metrics to these trackers where installed, comma-separated: "
+                         f"{', '.join(TRACKERS)} (tensorboard's tb/ is always written)")
+    profile_steps: int = key(0, "> 0: torch.profiler over this many steps after the 2nd log point", ge=0,
+                             note="0 is off")
+    # docs/launch.md: e.g. USR1 for `#SBATCH --signal=B:USR1@120`.
+    preempt_signal: str = key("TERM", f"the signal that makes every rank checkpoint the same step and stop (exit "
+                              f"143): {', '.join(PREEMPT_SIGNALS)}; SIGTERM always does too")
+    requeue: bool = key(False, "after such a stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")
+    stop_before_end_s: int = key(0, "> 0: checkpoint and stop this many seconds (plus a log interval) before the "
+                                 "job's end (SLURM_JOB_END_TIME, or time_limit_s)", ge=0, note="0 is off")
+    time_limit_s: int = key(0, "the job's wall-clock limit from this process's start; 0: SLURM's", ge=0,
+                            note="0 is off")
 
-    def validate(self, prefix: str = "run") -> None:
+    def rules(self, prefix: str) -> None:
         _check(bool(self.output_dir.strip()), f"{prefix}.output_dir", self.output_dir,
                "must name a folder for the run's checkpoints and logs")
-        _check(self.precision in PRECISIONS, f"{prefix}.precision", self.precision,
-               f"must be one of {', '.join(PRECISIONS)}")
-        _check(self.compile_mode in COMPILE_MODES, f"{prefix}.compile_mode", self.compile_mode,
-               f"must be one of {', '.join(COMPILE_MODES)}")
-        for key in ("micro_batch_size", "grad_accum_steps", "log_interval", "save_interval", "keep_last",
-                    "max_nonfinite_steps"):
-            _check(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
-        _check(0 <= self.seed < 2 ** 32, f"{prefix}.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
-        _check(self.profile_steps >= 0, f"{prefix}.profile_steps", self.profile_steps, "must be >= 0 (0 is off)")
-        for key in ("stop_before_end_s", "time_limit_s"):
-            _check(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0 (0 is off)")
         unknown = sorted({t.strip() for t in self.report_to.split(",") if t.strip()} - set(TRACKERS))
         _check(not unknown, f"{prefix}.report_to", self.report_to,
                f"names unknown trackers {unknown}: use a comma-separated subset of {', '.join(TRACKERS)}, or ''")
@@ -147,38 +171,21 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from.
-
-    Args:
-        source: `fashion_mnist` (Debian's dataset-fashion-mnist, in memory), `beton` (FFCV file) or
-            `synthetic` (random images, for benchmarks).
-        train_path, eval_path: .beton files (source=beton). A path given by the user (a flag, a --config file,
-            --data_cfg) over a recipe's source switches the source to beton (`settle_data`).
-        limit: use only the first N training images (0 = all), e.g. for a quick demo.
-        eval_images: held-out images used by evaluation (0 = all). Both cap a .beton only when set with its path
-            or after it (a recipe's limits are for the built-in data; the user's file is read whole).
-        num_workers: loader worker processes.
-        os_cache: FFCV: read through the OS page cache (datasets that fit in RAM) or quasi-random order.
-        verify: FFCV: before training, compare each .beton's sha256 with the one `data_tools.convert` recorded in
-            `<file>.json` (a mismatch or a missing record is a one-line error). Off by default: it reads the whole
-            file, minutes for a 150 GB .beton. Decoded batches are always checked for all-black images
-            (data_tools.beton_check), which damaged JPEGs turn into.
-    """
-    source: str = "fashion_mnist"
-    train_path: str = ""
-    eval_path: str = ""
-    limit: int = 0
-    eval_images: int = 2000
-    num_workers: int = 2
-    os_cache: bool = True
-    verify: bool = False
-
-    def validate(self, prefix: str = "data") -> None:
-        if self.source not in ("fashion_mnist", "beton", "synthetic"):
-            raise ConfigError(f"config key '{prefix}.source' = {self.source!r} must be fashion_mnist, beton or "
-                              f"synthetic")
-        for key in ("limit", "eval_images", "num_workers"):
-            _check(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0")
+    """Where images come from. A path given by the user (a flag, a --config file, --data_cfg) over a recipe's source
+    switches the source to beton, and `limit`/`eval_images` cap a .beton only when set with its path or after it (a
+    recipe's are for the built-in data): `settle_data`. Decoded batches are always checked for all-black images
+    (data_tools.beton_check), which damaged JPEGs turn into."""
+    source: str = key("fashion_mnist", "where images come from: Fashion-MNIST in memory (Debian's "
+                      "dataset-fashion-mnist), an FFCV file, or random ones (benchmarks)",
+                      choices=("fashion_mnist", "beton", "synthetic"))
+    train_path: str = key("", "training .beton (data.source=beton)")
+    eval_path: str = key("", "held-out .beton (data.source=beton)")
+    limit: int = key(0, "train on the first N images only; 0: all", ge=0)
+    eval_images: int = key(2000, "held-out images evaluated; 0: all", ge=0)
+    num_workers: int = key(2, "loader worker processes", ge=0)
+    os_cache: bool = key(True, "FFCV: read through the OS page cache (data that fits in RAM), else quasi-random order")
+    verify: bool = key(False, "FFCV: compare each .beton's sha256 with its `data_tools.convert` record before "
+                       "training (reads the whole file: minutes for 150 GB)")
 
 
 @dataclass
@@ -193,11 +200,6 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-def _check(ok: bool, key: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r} {what}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -511,31 +513,59 @@ def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], re
     return cfg, {**origins, **notes}
 
 
-def validate(cfg: Any, prefix: str = "") -> None:
-    """Call `validate(prefix)` on `cfg` and on every nested dataclass."""
+def _keys(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """(dotted name, value, declaration) of every key of `cfg`, its sections' keys in place."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+        name, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value, f"{prefix}.{f.name}" if prefix else f.name)
-    if hasattr(cfg, "validate"):
-        cfg.validate(prefix) if prefix else cfg.validate()
+            yield from _keys(value, name)
+        else:
+            yield name, value, f
 
 
-def describe(cls: type, recipes: Mapping[str, Any]) -> str:
-    """Recipes and every config key with its default, for a command's --help."""
-    lines = [f"Recipes: {', '.join(recipes)}.", "",
-             "--config=FILE starts from a saved config.json (or YAML with the same keys): defaults < recipe < "
-             "FILE < flags. --dry_run prints what the run reads and its resolved config, then exits (nothing is "
-             "built).", "", "Config keys (defaults before the recipe):"]
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every key of `cfg` against its declaration (`key`), each section's after it its `rules(prefix)`: the
+    checks that span keys."""
+    for f in dataclasses.fields(cfg):
+        name, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, name)
+        else:
+            _check_key(name, value, f.metadata)
+    if hasattr(cfg, "rules"):
+        cfg.rules(prefix)
 
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                lines.append(f"  --{prefix}{f.name}={value!r}")
-    walk(cls(), "")
+
+def _wrap(head: str, words: list[str], indent: int, width: int = 114) -> list[str]:
+    """`head` and then `words`, packed into lines of `width` (fire indents a docstring by 4), later ones indented."""
+    lines, line = [], head
+    for word in words:
+        if len(line) + 1 + len(word) > width and line.strip():
+            lines.append(line.rstrip())
+            line = " " * indent
+        line += ("" if line.endswith(" ") else " ") + word
+    return lines + [line.rstrip()]
+
+
+def describe(cls: type, recipes: Mapping[str, Any], command: Callable) -> str:
+    """A train command's help: each recipe's differences from the defaults, then every config key with its default,
+    the value of the command's default recipe where it differs, its help and its allowed values."""
+    recipe, defaults = inspect.signature(command).parameters["recipe"].default, cls()
+
+    def changes(name: str) -> dict[str, Any]:
+        cfg = from_dict(cls, merge(to_dict(defaults), recipes[name]))
+        return {k: v for (k, d, _), (_, v, _) in zip(_keys(defaults), _keys(cfg)) if v != d}
+    lines = [f"Recipes: the first word or --recipe (default {recipe}), each with the keys it changes:"]
+    for name in recipes:
+        lines += _wrap(f"  {name}:", [f"{k}={v!r}".replace(", ", ",") for k, v in changes(name).items()], 6)
+    lines += ["", "--config=FILE starts from a saved config.json (or YAML with the same keys): defaults < recipe < "
+              "FILE < flags.", "--dry_run prints what the run reads and its resolved config, then exits (nothing is "
+              "built).", "", f"Config keys: --key=DEFAULT ('-> VALUE' where {recipe} differs), what it sets; allowed:"]
+    ours = changes(recipe)
+    for name, value, f in _keys(defaults):
+        left = f"--{name}={value!r}" + (f" -> {ours[name]!r}" if name in ours else "")
+        text = "; ".join(t for t in (f.metadata.get("help", ""), _allowed(f.metadata)) if t)
+        lines += _wrap(f"  {left:<37} ", text.split(), 40)
     return "\n".join(lines)
 
 
@@ -596,4 +626,4 @@ def _note(msg: str) -> None:
 __all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "DataConfig", "StageConfig", "config_section",
            "resolve_with_origins", "settle_data",
            "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
-           "resolve", "to_dict", "validate", "save_json", "load_json", "field"]
+           "resolve", "to_dict", "validate", "save_json", "load_json", "field", "key"]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, RunConfig, validate
 from engine.guards import PreemptionFlag
 from engine.launch_env import expand_hostlist, fill_from_scheduler, job_end_time
 
@@ -75,12 +75,12 @@ def test_mpirun_ranks_and_the_master_address_across_nodes():
 
 
 def test_preempt_signal_key_is_checked():
-    RunConfig(preempt_signal="USR1").validate()
-    RunConfig(preempt_signal="SIGUSR2").validate()
+    validate(RunConfig(preempt_signal="USR1"), "run")
+    validate(RunConfig(preempt_signal="SIGUSR2"), "run")
     with pytest.raises(ConfigError, match=r"^config key 'run.preempt_signal' = 'KILL' must be one of TERM, USR1"):
-        RunConfig(preempt_signal="KILL").validate()
+        validate(RunConfig(preempt_signal="KILL"), "run")
     with pytest.raises(ConfigError, match=r"^config key 'run.stop_before_end_s' = -1 must be >= 0"):
-        RunConfig(stop_before_end_s=-1).validate()
+        validate(RunConfig(stop_before_end_s=-1), "run")
 
 
 def test_the_chosen_signal_and_the_time_limit_stop_the_loop_and_count_as_scheduled(monkeypatch):

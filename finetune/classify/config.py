@@ -3,97 +3,55 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig, merge
+from engine.config import ConfigError, StageConfig, key, merge
 from finetune.model import CLS_ARCHS
 
 
 @dataclass
 class ModelConfig:
-    """Args:
-        drop_path: stochastic depth rate.
-        img_size: input side; None keeps the arch's (a checkpoint's position tables are resized to it).
-        new_head: a fine-tuned checkpoint whose head has another number of classes starts with a fresh head.
-        ema_decay: > 0 keeps an exponential moving average of the weights (fp32; official: 0.9999), evaluated and
-            saved (`classifier_ema.pt`) beside the trained weights; needs ZeRO <= 2 (whole weights on each rank).
-        attention: `sdpa` (fused kernel, the bias as mask) or `explicit` (softmax in Python, the official
-            formulation); the same function.
-    """
-    drop_path: float = 0.1
-    img_size: int | None = None
-    new_head: bool = False
-    ema_decay: float = 0.0
-    attention: str = "sdpa"
-
-    def validate(self, prefix: str = "model") -> None:
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
-        if self.attention not in ("sdpa", "explicit"):
-            raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be sdpa or explicit "
-                              f"(flex needs the shared bias of pretraining)")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"config key '{prefix}.ema_decay' = {self.ema_decay} must be in [0, 1) (0 is off)")
-        if self.img_size is not None and self.img_size < 1:
-            raise ConfigError(f"config key '{prefix}.img_size' = {self.img_size} must be >= 1")
+    drop_path: float = key(0.1, "stochastic depth rate", ge=0, lt=1)
+    img_size: int | None = key(None, "input side; null: the arch's (a checkpoint's position tables are resized to it)",
+                               ge=1)
+    new_head: bool = key(False, "a fine-tuned checkpoint whose head has another class count starts with a fresh head")
+    ema_decay: float = key(0.0, "> 0: keep an fp32 moving average of the weights (official 0.9999), evaluated and "
+                           "saved (classifier_ema.pt) beside them; needs ZeRO <= 2", ge=0, lt=1, note="0 is off")
+    attention: str = key("sdpa", "sdpa (fused kernel, the bias as mask) or explicit (softmax in Python, the official "
+                         "formulation): the same function", choices=("sdpa", "explicit"),
+                         note="flex needs the shared bias of pretraining")
 
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation (batched on the device) and the evaluation view.
-
-    Args:
-        scale_min: RandomResizedCrop's smallest area fraction.
-        rand_augment: RandAugment rand-m{magnitude}-mstd{magnitude_std}-inc1.
-        color_jitter: colour jitter strength, applied only when RandAugment is off (as timm does).
-        erase_prob: random erasing probability.
-        mixup, cutmix: Beta alphas (0 disables each); one of them per batch, cutmix with `switch_prob`.
-        smoothing: label smoothing of the (mixed) soft targets.
-        eval_crop: evaluation resizes to size / eval_crop and centre-crops size (0.875: 224 of 256).
-    """
-    scale_min: float = 0.08
-    rand_augment: bool = True
-    color_jitter: float = 0.4
-    magnitude: float = 9.0
-    magnitude_std: float = 0.5
-    erase_prob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    switch_prob: float = 0.5
-    smoothing: float = 0.1
-    eval_crop: float = 0.875
-
-    def validate(self, prefix: str = "augment") -> None:
-        for key in ("erase_prob", "switch_prob", "scale_min", "eval_crop", "color_jitter"):
-            value, open_low = getattr(self, key), key in ("scale_min", "eval_crop")
-            if not (0 < value <= 1 if open_low else 0 <= value <= 1):
-                raise ConfigError(f"config key '{prefix}.{key}' = {value} must be in {'(0' if open_low else '[0'}, 1]")
-        # At 1 every target is uniform over the classes: nothing to learn (0.1 official, 0 off).
-        if not 0 <= self.smoothing < 1:
-            raise ConfigError(f"config key '{prefix}.smoothing' = {self.smoothing} must be in [0, 1) (0.1 official, "
-                              f"0 off; 1 makes every target uniform)")
-        if not 0 <= self.magnitude <= 10:
-            raise ConfigError(f"config key '{prefix}.magnitude' = {self.magnitude} must be in [0, 10]")
-        if self.mixup < 0 or self.cutmix < 0 or self.magnitude_std < 0:
-            raise ConfigError(f"config keys '{prefix}.mixup', '{prefix}.cutmix' and '{prefix}.magnitude_std' "
-                              f"must be >= 0")
+    """Training augmentation (batched on the device) and the evaluation view."""
+    scale_min: float = key(0.08, "RandomResizedCrop's smallest area fraction", gt=0, le=1)
+    rand_augment: bool = key(True, "RandAugment rand-m{magnitude}-mstd{magnitude_std}-inc1")
+    color_jitter: float = key(0.4, "colour jitter strength, only when RandAugment is off (as timm does)", ge=0, le=1)
+    magnitude: float = key(9.0, "RandAugment's magnitude", ge=0, le=10)
+    magnitude_std: float = key(0.5, "RandAugment's magnitude noise", ge=0)
+    erase_prob: float = key(0.25, "random erasing probability", ge=0, le=1)
+    mixup: float = key(0.8, "mixup's Beta alpha; 0 is off", ge=0)
+    cutmix: float = key(1.0, "cutmix's Beta alpha; 0 is off (one of the two per batch)", ge=0)
+    switch_prob: float = key(0.5, "probability of cutmix over mixup when both are on", ge=0, le=1)
+    # At 1 every target is uniform over the classes: nothing to learn.
+    smoothing: float = key(0.1, "label smoothing of the (mixed) soft targets", ge=0, lt=1,
+                           note="0.1 official, 0 off; 1 makes every target uniform")
+    eval_crop: float = key(0.875, "evaluation resizes to size / eval_crop and centre-crops size (0.875: 224 of 256)",
+                           gt=0, le=1)
 
 
 @dataclass
 class ClassifyConfig(StageConfig):
     harmless_on_resume = frozenset({"model.attention", "augment.eval_crop"})   # a kernel; the view after training
-    arch: str = "beitv2_small_demo"
-    num_classes: int = 10
-    # Backbone to start from: a MIM checkpoint (ours or official `*_cls_pt`), a fine-tuned or timm or exported
-    # file, or `random` for the from-scratch baseline.
-    init: str = ""
-    layer_decay: float = 0.65
+    arch: str = key("beitv2_small_demo", "the backbone", choices=CLS_ARCHS)
+    num_classes: int = key(10, "classes of the head", ge=2)
+    init: str = key("", "backbone to start from: a MIM checkpoint (ours or official *_cls_pt), a fine-tuned, timm or "
+                    "exported file, or random (the from-scratch baseline)")
+    layer_decay: float = key(0.65, "layer-wise lr decay: each block trains at this x the lr of the one above",
+                             gt=0, le=1)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    def validate(self) -> None:
-        if self.arch not in CLS_ARCHS:
-            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(CLS_ARCHS)}")
-        if self.num_classes < 2:
-            raise ConfigError(f"config key 'num_classes' = {self.num_classes} must be >= 2")
+    def rules(self, prefix: str) -> None:
         if not self.init:
             raise ConfigError("config key 'init' is required: a backbone checkpoint (e.g. runs/x/mim.pt, an "
                               "official BEiT v2 file) or 'random'")
@@ -101,8 +59,6 @@ class ClassifyConfig(StageConfig):
         if self.model.img_size is not None and self.model.img_size % patch:
             raise ConfigError(f"config key 'model.img_size' = {self.model.img_size} must be a multiple of the "
                               f"patch size {patch} of arch {self.arch}")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"config key 'layer_decay' = {self.layer_decay} must be in (0, 1]")
 
 
 # The official recipe: global batch 1024 (8 ranks x 128 here), AdamW betas (0.9, 0.999), wd 0.05, cosine to 1e-6, the

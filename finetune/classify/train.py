@@ -114,4 +114,4 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     return summary
 
 
-train.__doc__ += "\n\n" + describe(ClassifyConfig, RECIPES)
+train.__doc__ += "\n\n" + describe(ClassifyConfig, RECIPES, train)

@@ -3,96 +3,63 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig, merge
+from engine.config import ConfigError, StageConfig, key, merge
 from finetune.model import CLS_ARCHS
 from finetune.segment.upernet import SEG_ARCHS
 
 
 @dataclass
 class SegModelConfig:
-    """Args:
-        drop_path: stochastic depth of the backbone.
-        img_size: training crop side; None keeps the arch's (512 official); position tables are resized to it.
-        new_head: with a `segmenter.pt` of another class count as init, start fresh classifiers.
-        aux_weight: weight of the FCN auxiliary head's loss (0.4 official).
-        attention: `sdpa` or `explicit` softmax (the same function).
-    """
-    drop_path: float = 0.15
-    img_size: int | None = None
-    new_head: bool = False
-    aux_weight: float = 0.4
-    attention: str = "sdpa"
-
-    def validate(self, prefix: str = "model") -> None:
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
-        if self.attention not in ("sdpa", "explicit"):
-            raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be sdpa or explicit")
-        if self.aux_weight < 0:
-            raise ConfigError(f"config key '{prefix}.aux_weight' = {self.aux_weight} must be >= 0")
-        if self.img_size is not None and self.img_size < 1:   # 0 would fall back to the arch's crop unnoticed
-            raise ConfigError(f"config key '{prefix}.img_size' = {self.img_size} must be >= 1 (or null for the "
-                              f"arch's crop)")
+    drop_path: float = key(0.15, "stochastic depth of the backbone", ge=0, lt=1)
+    # 0 would fall back to the arch's crop unnoticed.
+    img_size: int | None = key(None, "training crop side; null: the arch's (512 official); position tables are "
+                               "resized to it", ge=1, note="or null for the arch's crop")
+    new_head: bool = key(False, "with a segmenter.pt of another class count as init, start fresh classifiers")
+    aux_weight: float = key(0.4, "weight of the FCN auxiliary head's loss (0.4 official)", ge=0)
+    attention: str = key("sdpa", "sdpa or explicit softmax (the same function)", choices=("sdpa", "explicit"))
 
 
 @dataclass
 class SegAugmentConfig:
-    """mmseg's ADE20K training pipeline, batched on the device (data_tools/gpu_segment.py).
+    """mmseg's ADE20K training pipeline, batched on the device (data_tools/gpu_segment.py)."""
+    scale: tuple[int, int] = key((2048, 512), "(long, short) image scale: training resizes to it x a ratio from "
+                                 "ratio_range, evaluation to it", ge=1)
+    ratio_range: tuple[float, float] = key((0.5, 2.0), "random resize ratios (lo, hi)", gt=0)
+    cat_max_ratio: float = key(0.75, "a crop where one class covers more than this fraction is redrawn (up to 10 "
+                               "times)", gt=0, le=1)
+    photometric: bool = key(True, "brightness / contrast / saturation / hue distortion")
+    reduce_zero_label: bool = key(True, "annotation id 0 is 'other' (ignored) and ids 1.. are the classes (ADE20K)")
 
-    Args:
-        scale: (long, short) image scale; training resizes to it x a ratio from `ratio_range`, evaluation to it.
-        ratio_range: random resize ratios.
-        cat_max_ratio: a crop where one class covers more than this fraction is redrawn (up to 10 times).
-        photometric: brightness / contrast / saturation / hue distortion.
-        reduce_zero_label: annotation id 0 is "other" (ignored) and ids 1.. are the classes (ADE20K).
-    """
-    scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    photometric: bool = True
-    reduce_zero_label: bool = True
-
-    def validate(self, prefix: str = "augment") -> None:
-        if min(self.scale) < 1:
-            raise ConfigError(f"config key '{prefix}.scale' = {list(self.scale)} must be two sides >= 1")
-        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+    def rules(self, prefix: str) -> None:
+        if self.ratio_range[0] > self.ratio_range[1]:
             raise ConfigError(f"config key '{prefix}.ratio_range' = {list(self.ratio_range)} must be 0 < lo <= hi")
-        if not 0 < self.cat_max_ratio <= 1:
-            raise ConfigError(f"config key '{prefix}.cat_max_ratio' = {self.cat_max_ratio} must be in (0, 1]")
 
 
 @dataclass
 class SegEvalConfig:
-    """How held-out images are predicted (mmseg's test pipeline).
+    """How held-out images are predicted (mmseg's test pipeline)."""
+    stride: int = key(341, "sliding-window stride (341 of a 512 crop official)", ge=1)
+    ratios: list[float] = key([1.0], "test-scale ratios: [1.0] single scale; [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] with "
+                              "flip: multi-scale", gt=0)
+    flip: bool = key(False, "also predict the mirrored image and average")
 
-    Args:
-        stride: sliding-window stride (341 of a 512 crop official).
-        ratios: test-scale ratios; [1.0] single scale, [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] with flip = multi-scale.
-        flip: also predict the mirrored image and average.
-    """
-    stride: int = 341
-    ratios: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
-
-    def validate(self, prefix: str = "eval") -> None:
-        if self.stride < 1:
-            raise ConfigError(f"config key '{prefix}.stride' = {self.stride} must be >= 1")
-        if not self.ratios or min(self.ratios) <= 0:
-            raise ConfigError(f"config key '{prefix}.ratios' = {self.ratios} must be a non-empty list of ratios > 0")
+    def rules(self, prefix: str) -> None:
+        if not self.ratios:
+            raise ConfigError(f"config key '{prefix}.ratios' = [] must be a non-empty list of ratios > 0")
 
 
 @dataclass
 class SegmentConfig(StageConfig):
     # Another attention kernel (the same function); the test-time view of the evaluation after training.
     harmless_on_resume = frozenset({"model.attention", "eval.stride", "eval.ratios", "eval.flip"})
-    arch: str = "upernet_beitv2_small_demo"
-    num_classes: int = 11
-    # Backbone to start from: any checkpoint route of classification (mim.pt, official releases, timm, exported,
-    # classifier.pt), a segmenter.pt, or `random` for the from-scratch baseline.
-    init: str = ""
-    layer_decay: float = 0.75
-    # data.source=fashion_mnist: side of the in-memory Fashion-MNIST mosaics (data_tools.mosaics) trained on.
-    mosaic_size: int = 96
+    arch: str = key("upernet_beitv2_small_demo", "the segmenter", choices=SEG_ARCHS)
+    num_classes: int = key(11, "classes", ge=2, le=255, note="label maps are uint8 with 255 = ignore")
+    init: str = key("", "backbone to start from: any checkpoint of classification (mim.pt, official releases, timm, "
+                    "exported, classifier.pt), a segmenter.pt, or random (the from-scratch baseline)")
+    layer_decay: float = key(0.75, "layer-wise lr decay: each block trains at this x the lr of the one above",
+                             gt=0, le=1)
+    mosaic_size: int = key(96, "data.source=fashion_mnist: side of the Fashion-MNIST mosaics (data_tools.mosaics) "
+                           "trained on", ge=28, note="one garment")
     model: SegModelConfig = field(default_factory=SegModelConfig)
     augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
@@ -101,12 +68,7 @@ class SegmentConfig(StageConfig):
     def crop(self) -> int:
         return self.model.img_size or SEG_ARCHS[self.arch]["img_size"]
 
-    def validate(self) -> None:
-        if self.arch not in SEG_ARCHS:
-            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(SEG_ARCHS)}")
-        if not 2 <= self.num_classes <= 255:
-            raise ConfigError(f"config key 'num_classes' = {self.num_classes} must be in [2, 255] (label maps are "
-                              f"uint8 with 255 = ignore)")
+    def rules(self, prefix: str) -> None:
         if not self.init:
             raise ConfigError("config key 'init' is required: a backbone checkpoint (e.g. runs/x/mim.pt, an "
                               "official BEiT v2 file), a segmenter.pt, or 'random'")
@@ -114,16 +76,12 @@ class SegmentConfig(StageConfig):
         if self.crop % patch:
             raise ConfigError(f"config key 'model.img_size' = {self.crop} must be a multiple of the patch size {patch} "
                               f"of arch {self.arch}")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"config key 'layer_decay' = {self.layer_decay} must be in (0, 1]")
         if self.run.micro_batch_size < 2:
             raise ConfigError("config key 'run.micro_batch_size' must be >= 2: batch norm of the pyramid pooling's "
                               "1x1 level needs two images per rank (official: 2)")
         if self.eval.stride > self.crop:
             raise ConfigError(f"config key 'eval.stride' = {self.eval.stride} must be <= the crop {self.crop}: "
                               f"windows further apart leave pixels unpredicted")
-        if self.mosaic_size < 28:
-            raise ConfigError(f"config key 'mosaic_size' = {self.mosaic_size} must be >= 28 (one garment)")
 
 
 # The official configs: 160k iterations at global batch 16 (8 ranks x 2), AdamW betas

@@ -150,4 +150,4 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     return {**result.summary(), **{f"eval_{k}": held_out[k] for k in ("mIoU", "mAcc", "aAcc")}}
 
 
-train.__doc__ += "\n\n" + describe(SegmentConfig, RECIPES)
+train.__doc__ += "\n\n" + describe(SegmentConfig, RECIPES, train)

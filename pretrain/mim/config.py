@@ -3,77 +3,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig
+from engine.config import ConfigError, StageConfig, key
 from pretrain.mim.attention import ATTENTION_KERNELS
 from pretrain.mim.model import MIM_ARCHS, MIM_TARGETS
 
 
 @dataclass
 class ModelConfig:
-    """Settings layered on the arch; None keeps the arch's value.
-
-    Args:
-        drop_path: stochastic depth rate.
-        layer_scale_init: layer-scale gamma init (0.1 base, 1e-5 large).
-        early_layers: the aggregation head reads patch tokens after this many blocks.
-        head_layers: blocks in the aggregation head.
-        attention: attention kernel, `sdpa`, `flex` (CUDA; fused bias, fastest when compiled) or `explicit`.
-        target: what a masked patch is predicted as: `codes` of the frozen tokenizer (BEiT v2) or its own
-            normalised `pixels` (MAE's formulation, no tokenizer: the ablation baseline).
-    """
-    drop_path: float = 0.0
-    layer_scale_init: float | None = None
-    early_layers: int | None = None
-    head_layers: int | None = None
-    attention: str = "sdpa"
-    target: str = "codes"
-
-    def validate(self, prefix: str = "model") -> None:
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"config key '{prefix}.drop_path' = {self.drop_path} must be in [0, 1)")
-        if self.layer_scale_init is not None and self.layer_scale_init < 0:
-            raise ConfigError(f"config key '{prefix}.layer_scale_init' = {self.layer_scale_init} must be >= 0 "
-                              f"(0 disables layer scale)")
-        for key in ("early_layers", "head_layers"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"config key '{prefix}.{key}' = {getattr(self, key)} must be >= 1")
-        if self.target not in MIM_TARGETS:
-            raise ConfigError(f"config key '{prefix}.target' = {self.target!r} must be one of {', '.join(MIM_TARGETS)}")
-        if self.attention not in ATTENTION_KERNELS:
-            raise ConfigError(f"config key '{prefix}.attention' = {self.attention!r} must be one of "
-                              f"{', '.join(ATTENTION_KERNELS)}")
+    """Settings layered on the arch; None keeps the arch's value."""
+    drop_path: float = key(0.0, "stochastic depth rate", ge=0, lt=1)
+    layer_scale_init: float | None = key(None, "layer-scale gamma init (0.1 base, 1e-5 large; 0 is off)", ge=0,
+                                         note="0 disables layer scale")
+    early_layers: int | None = key(None, "the aggregation head reads patch tokens after this many blocks", ge=1)
+    head_layers: int | None = key(None, "blocks in the aggregation head", ge=1)
+    attention: str = key("sdpa", "attention kernel: sdpa, explicit, or flex (CUDA; fused bias, fastest compiled)",
+                         choices=ATTENTION_KERNELS)
+    target: str = key("codes", "a masked patch is predicted as the frozen tokenizer's codes (BEiT v2) or as its own "
+                      "normalised pixels (MAE's formulation, no tokenizer: the ablation baseline)", choices=MIM_TARGETS)
 
 
 @dataclass
 class MaskingConfig:
-    """Block-wise masking; num_masked None keeps the arch's count (75 of 196 for 224 px)."""
-    num_masked: int | None = None
-    min_patches: int = 16
-    min_aspect: float = 0.3
-
-    def validate(self, prefix: str = "masking") -> None:
-        if self.num_masked is not None and self.num_masked < 1:
-            raise ConfigError(f"config key '{prefix}.num_masked' = {self.num_masked} must be >= 1")
-        if self.min_patches < 1 or not 0 < self.min_aspect <= 1:
-            raise ConfigError(f"config keys '{prefix}.min_patches' must be >= 1 and '{prefix}.min_aspect' in (0, 1]")
+    """Block-wise masking."""
+    num_masked: int | None = key(None, "patches masked per image; null: the arch's (75 of 196 at 224 px)", ge=1)
+    min_patches: int = key(16, "smallest masked block, in patches", ge=1)
+    min_aspect: float = key(0.3, "smallest aspect ratio of a block (the largest is its inverse)", gt=0, le=1)
 
 
 @dataclass
 class MIMConfig(StageConfig):
     harmless_on_resume = frozenset({"model.attention"})   # the same function, another kernel
-    arch: str = "beitv2_small_demo"
-    tokenizer: str = ""          # frozen tokenizer checkpoint (ours or official)
-    tokenizer_arch: str = ""     # only for arch-less files whose shapes are ambiguous
-    # Start from these weights (an official `*_cls_pt` file or a `mim.pt`, same arch) instead of the random init,
-    # e.g. to continue pretraining on other data; optimizer and schedule start fresh. A resumed run's own
-    # checkpoint replaces them.
-    init_weights: str = ""
+    arch: str = key("beitv2_small_demo", "the model", choices=MIM_ARCHS)
+    tokenizer: str = key("", "frozen tokenizer checkpoint (ours or official); needed for model.target=codes")
+    tokenizer_arch: str = key("", "the tokenizer's arch, only for arch-less files whose shapes are ambiguous")
+    # A resumed run's own checkpoint replaces them.
+    init_weights: str = key("", "start from these weights (an official *_cls_pt file or a mim.pt, same arch), e.g. "
+                            "to continue pretraining on other data; optimizer and schedule start fresh")
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
-    def validate(self) -> None:
-        if self.arch not in MIM_ARCHS:
-            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(MIM_ARCHS)}")
+    def rules(self, prefix: str) -> None:
         if not self.tokenizer and self.model.target == "codes":
             raise ConfigError("config key 'tokenizer' is required: the path of a trained tokenizer checkpoint "
                               "(python -m pretrain.tokenizer train ... writes <output_dir>/tokenizer.pt)")

@@ -174,4 +174,4 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     return result.summary()
 
 
-train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES)
+train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES, train)

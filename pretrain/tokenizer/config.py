@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig
+from engine.config import StageConfig, key
 from pretrain.tokenizer.model import ARCHS
 from pretrain.tokenizer.teachers import TeacherConfig
 
@@ -11,31 +11,19 @@ from pretrain.tokenizer.teachers import TeacherConfig
 @dataclass
 class QuantizerConfig:
     """Codebook settings layered on the arch (defaults are the official ones)."""
-    decay: float = 0.99
-    beta: float = 1.0
-    kmeans_init: bool = True
-    dead_code_threshold: float = 0.0   # > 0 enables dead-code restart
-    restart_interval: int = 100
-
-    def validate(self, prefix: str = "quantizer") -> None:
-        if not 0 < self.decay < 1:
-            raise ConfigError(f"config key '{prefix}.decay' = {self.decay} must be in (0, 1)")
-        if self.beta < 0:
-            raise ConfigError(f"config key '{prefix}.beta' = {self.beta} must be >= 0")
-        if self.dead_code_threshold < 0 or self.restart_interval < 1:
-            raise ConfigError(f"config keys '{prefix}.dead_code_threshold' must be >= 0 and "
-                              f"'{prefix}.restart_interval' >= 1")
+    decay: float = key(0.99, "EMA decay of the codebook", gt=0, lt=1)
+    beta: float = key(1.0, "weight of the commitment loss", ge=0)
+    kmeans_init: bool = key(True, "initialise the codebook by k-means on the first batch")
+    dead_code_threshold: float = key(0.0, "> 0: restart the codes whose EMA usage (vectors per step) falls below it",
+                                     ge=0, note="0 is off")
+    restart_interval: int = key(100, "EMA updates between dead-code checks", ge=1)
 
 
 @dataclass
 class TokenizerConfig(StageConfig):
-    arch: str = "vqkd_small_demo"
+    arch: str = key("vqkd_small_demo", "the tokenizer", choices=ARCHS)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-
-    def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"config key 'arch' = {self.arch!r} must be one of {', '.join(ARCHS)}")
 
 
 RECIPES = {

