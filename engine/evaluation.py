@@ -36,16 +36,20 @@ def write_result(result: dict, out: str) -> dict:
 
 def log_to_run(result: dict, out: str) -> None:
     """When `out` sits in a run's folder (beside its `tb/`), its numbers also go to tensorboard as `eval/<key>` at
-    the run's last logged step, next to the training curves: codebook usage, masked-token accuracy, top-1, mIoU."""
+    the run's last logged step, next to the training curves: codebook usage, masked-token accuracy, top-1, mIoU;
+    and to the run's W&B / MLflow runs when it reports to them (engine.trackers)."""
     from engine.metrics import last_logged_step, open_tensorboard
+    from engine.trackers import log_eval
     run_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(os.path.join(run_dir, "tb")):
         return
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    writer = open_tensorboard(os.path.join(run_dir, "tb"), filename_suffix=".eval")
-    if writer is None or not scalars:
+    if not scalars:
         return
     step = last_logged_step(run_dir)
-    for key, value in scalars.items():
-        writer.add_scalar(f"eval/{key}", value, step)
-    writer.close()
+    writer = open_tensorboard(os.path.join(run_dir, "tb"), filename_suffix=".eval")
+    if writer is not None:
+        for key, value in scalars.items():
+            writer.add_scalar(f"eval/{key}", value, step)
+        writer.close()
+    log_eval(run_dir, scalars, step)

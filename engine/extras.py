@@ -4,7 +4,8 @@
 - `data`: FFCV and numba, for .beton files (`beitv2 convert`, training and evaluating on your own images);
   the built-in data (Fashion-MNIST, synthetic) runs without them.
 - `teachers`: the EfficientNet-Lite0 teacher (the demo's tokenizer teacher).
-- `dev`: pytest and ruff, for `make test` and `make lint`.
+- `dev`: pytest and ruff, for `make test` and `make lint`; wandb and mlflow-skinny, for the tests of the optional
+  trackers (`run.report_to`, engine.trackers), which import them only when named.
 """
 from __future__ import annotations
 

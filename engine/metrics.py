@@ -94,12 +94,15 @@ def _step_of(line: str) -> float:
 
 
 class RunLogger:
-    """Rank 0 writes tensorboard scalars and `metrics.jsonl`; other ranks stay silent. On a terminal a progress bar
+    """Rank 0 writes tensorboard scalars and `metrics.jsonl` (and sends them to the trackers of `run.report_to`,
+    engine.trackers); other ranks stay silent. On a terminal a progress bar
     shows the run; without one (launchers, log files, `run.progress_bar=false`) every logged step prints one plain
     line: step, loss, lr, images/s and the time left."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, show_progress: bool = True):
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, show_progress: bool = True,
+                 trackers=None):
         self.active = dist_utils.is_main()
+        self.trackers = trackers   # engine.trackers.Trackers (run.report_to), or None
         self.jsonl = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.bar = None
@@ -127,6 +130,8 @@ class RunLogger:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.trackers is not None:   # the same scalars to W&B / MLflow
+            self.trackers.log(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
         with open(self.jsonl, "a") as f:   # strict JSON: a NaN loss (a skipped step) is null
             f.write(json_text({"step": step, "split": prefix, **scalars}) + "\n")
         if self.bar is not None:
@@ -147,11 +152,15 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the bar, tensorboard and the tracker runs (`error`: what stopped the run, None when it ended)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close(error)
+            self.trackers = None
 
 
 class TensorboardPictures:

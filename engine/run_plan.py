@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -186,6 +187,21 @@ def _log(lines: list[str]) -> None:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def _text_as_typed(cls: type, overrides: Mapping[str, Any]) -> dict:
+    """Fire reads `--key=a,b` as the tuple ('a', 'b'); for a text key such as `--run.report_to=wandb,mlflow` the
+    words are the text the user typed, joined back with commas (a list key keeps its tuple)."""
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if not (isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)):
+            continue
+        hint: Any = cls
+        for part in key.split("."):
+            hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
+        if hint is str:
+            out[key] = ",".join(value)
+    return out
+
+
 def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
               overrides: Mapping[str, Any], task: str = "images") -> Any:
     """A train command's config (`engine.config.resolve`), said before anything is built: the data each split
@@ -199,7 +215,7 @@ def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str |
     dry_run = overrides.pop(DRY_RUN_KEY, False)
     if not isinstance(dry_run, bool):
         raise ConfigError(f"--{DRY_RUN_KEY} must be true or false, got {dry_run!r}")
-    cfg, origins = resolve_with_origins(cls, recipes, recipe, overrides)
+    cfg, origins = resolve_with_origins(cls, recipes, recipe, _text_as_typed(cls, overrides))
     splits = [data_split(cfg.data, s, task, origins) for s in (("train",) if task == "images" else ("train", "eval"))]
     if task == "classify":
         data_classes = splits[0].num_classes

@@ -15,8 +15,9 @@ from torch import nn
 from engine import distributed as dist_utils
 from engine import launch_env
 from engine import schedule as sched
+from engine import trackers
 from engine.checkpoint import CheckpointManager
-from engine.config import OptimConfig, RunConfig, ScheduleConfig
+from engine.config import OptimConfig, RunConfig, ScheduleConfig, to_dict
 from engine.ds_setup import initialize, loop_owns_step, zero_stage
 from engine.weights import save_final_weights
 from engine.global_batch import record as record_global_batch
@@ -55,8 +56,10 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
             if done % run.log_interval == 0 or done == loop.total:
                 loop.log(done)
             loop.checkpoint(done)
-    finally:
-        loop.close()
+    except BaseException as e:   # what stopped the run, for the trackers' run status
+        loop.close(e)
+        raise
+    loop.close()
     weights = None
     if final_weights is not None and run.save_final:
         weights = save_final_weights(run.output_dir, *final_weights)
@@ -71,6 +74,7 @@ class _Loop:
                  hooks: tuple[StepHook, ...], flops_per_image: float | None) -> None:
         """Build the engine, resume, and only then write the run's config (see `fit`)."""
         self.run, self.optim, self.schedule, self.hooks = run, optim, schedule, hooks
+        trackers.require(run.report_to)   # every rank, before the engine: a missing package is one line
         self.world = world = dist_utils.world_size()
         self.ckpt = ckpt = CheckpointManager(run.output_dir, run.keep_last)
         # A checkpoint sharded over another number of ranks is re-split (the engine must know before it is built).
@@ -103,7 +107,9 @@ class _Loop:
         save_config(cfg, run.output_dir, start)
         record_global_batch(run, world)   # what a later resume keeps (engine.global_batch)
 
-        self.logger = RunLogger(run.output_dir, self.total, start, run.progress_bar)
+        # W&B / MLflow runs (run.report_to; collective: a tracker that cannot start stops every rank here).
+        self.logger = RunLogger(run.output_dir, self.total, start, run.progress_bar,
+                                trackers=trackers.start(to_dict(cfg), run.report_to, run.output_dir, start))
         self.meter = DeviceMeter()
         self.speed = Throughput(flops_per_image, world)
         self.batches = data.micro_batches(start)
@@ -177,8 +183,8 @@ class _Loop:
             raise Preempted(f"stopped by {self.preemption.reason} after step {done}; checkpoint saved in "
                             f"{self.ckpt.dir}, run the same command again to resume")
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         self.preemption.restore()
         if self.profiler is not None:
             self.profiler.close()
-        self.logger.close()
+        self.logger.close(error)
