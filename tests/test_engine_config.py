@@ -203,6 +203,16 @@ def test_finetune_values_that_train_on_something_else_are_refused(stage, key, va
     resolve(cls, recipes, recipe, {**base, key: 32 if key == "model.img_size" else 0.3})   # in range: fine
 
 
+def test_an_ema_of_weights_sharded_by_zero3_is_refused_when_the_config_resolves():
+    """The EMA copies whole weights: under ZeRO-3 a rank holds a shard. Refused with the config (so --dry_run says
+    so too), before any rank starts."""
+    cls, recipes, recipe, base = _stages()[2]
+    with pytest.raises(ConfigError, match=re.escape("model.ema_decay needs whole weights on every rank: use ZeRO")):
+        resolve(cls, recipes, recipe, {**base, "model.ema_decay": 0.99, "run.ds_config": "ds_configs/zero3.json"})
+    resolve(cls, recipes, recipe, {**base, "model.ema_decay": 0.99, "run.ds_config": "ds_configs/zero2.json"})
+    resolve(cls, recipes, recipe, {**base, "model.ema_decay": 0.0, "run.ds_config": "ds_configs/zero3.json"})
+
+
 def test_segment_train_with_img_size_0_stops_in_one_line_before_compute(capsys, tmp_path):
     from finetune.segment.__main__ import COMMANDS
     from tests.conftest import cli_error

@@ -59,6 +59,11 @@ class ClassifyConfig(StageConfig):
         if self.model.img_size is not None and self.model.img_size % patch:
             raise ConfigError(f"config key 'model.img_size' = {self.model.img_size} must be a multiple of the "
                               f"patch size {patch} of arch {self.arch}")
+        if self.model.ema_decay:
+            from engine.ds_setup import zero_stage_of   # reads the DeepSpeed JSON (a one-line error when it cannot)
+            if zero_stage_of(self.run.ds_config) == 3:
+                raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 "
+                                  "(--run.ds_config)")
 
 
 # The official recipe: global batch 1024 (8 ranks x 128 here), AdamW betas (0.9, 0.999), wd 0.05, cosine to 1e-6, the

@@ -13,13 +13,11 @@ from data_tools.gpu_augment import FinetuneTrainAug
 from data_tools.sources import train_source
 from engine import distributed as dist_utils
 from engine.config import ConfigError, describe
-from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
+from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups
 from engine.evaluation import write_result
-from engine.global_batch import keep_global_batch
 from engine.labels import LabelRange
-from engine.run_dir import claimed_output_dir
-from engine.run_plan import start_run
-from engine.trainer import fit, seed_everything
+from engine.interfaces import FitResult
+from engine.stage import StagePlan, train_stage
 from finetune.classify.config import RECIPES, ClassifyConfig
 from finetune.classify.evaluate import held_out_metrics
 from finetune.classify.mixup import Mixup
@@ -58,18 +56,11 @@ def build_model(cfg: ClassifyConfig) -> BeitClassifier:
     return model.train()
 
 
-def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
-    """Fine-tune a classifier from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the recipe."""
-    cfg = start_run(ClassifyConfig, RECIPES, recipe, overrides, task="classify")   # num_classes from the data
-    if cfg.model.ema_decay and zero_stage_of(cfg.run.ds_config) == 3:
-        raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 (--run.ds_config)")
-    device = dist_utils.init(cfg.run)
-    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
-    seed_everything(cfg.run.seed)   # same seed on every rank: identical new head
+def prepare(cfg: ClassifyConfig, device: torch.device) -> StagePlan:
+    """Fine-tuning: the official augmentation batched on the device, mixup/cutmix with soft targets, layer-wise lr
+    decay, an optional EMA of the weights; then top-1/top-5 on held-out images (the EMA's too)."""
     model = build_model(cfg).to(device)   # on the device before the EMA copies it
     ema = WeightsEma(model, cfg.model.ema_decay) if cfg.model.ema_decay else None
-    if cfg.run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     a = cfg.augment
     aug = FinetuneTrainAug(size=model.img_size, scale=(a.scale_min, 1.0), rand_augment=a.rand_augment,
                            color_jitter=a.color_jitter, magnitude=a.magnitude, magnitude_std=a.magnitude_std,
@@ -82,9 +73,8 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
     # Labels beyond num_classes (a file without convert's record, or unlike it): a one-line error naming the file.
     guard = LabelRange(cfg.num_classes, cfg.data.train_path or f"{cfg.data.source} training data",
                        cfg.run.log_interval)
-    seed_everything(cfg.run.seed + rank)   # per-rank drop path from here on
 
-    def step_fn(engine, batch):
+    def step(engine, batch):
         if "label" not in batch:
             raise ConfigError("the training data has no class labels; convert it with its labels "
                               "(python -m data_tools.convert imagefolder ...)")
@@ -98,10 +88,7 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
             train_acc = (logits.argmax(-1) == labels).float().mean()
         return soft_ce(logits, targets), {"train_acc": train_acc}
 
-    with claimed_output_dir(cfg, cfg.run):   # the files written after training belong to this run too
-        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                     flops_per_image=model.flops_per_image(), hooks=(ema,) if ema else (),
-                     final_weights=("classifier.pt", lambda path, sd: save_classifier(model, path, sd)))
+    def evaluate(result: FitResult) -> dict:
         held_out = held_out_metrics(model, cfg.data, a.eval_crop, EVAL_BATCH, device, dtype)
         summary = {**result.summary(), **{f"eval_{k}": v for k, v in held_out.items()}}
         if ema is not None:
@@ -111,7 +98,15 @@ def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
             held_out["ema"] = ema_held_out
             summary.update({f"eval_ema_{k}": v for k, v in ema_held_out.items()})
         write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
-    return summary
+        return summary
+
+    return StagePlan(model, groups, source, step, "classifier.pt", save_classifier,
+                     flops_per_image=model.flops_per_image(), hooks=(ema,) if ema else (), evaluate=evaluate)
+
+
+def train(recipe: str = "beitv2_small_demo_ft", **overrides) -> dict:
+    """Fine-tune a classifier from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the recipe."""
+    return train_stage(ClassifyConfig, RECIPES, recipe, overrides, prepare, data_task="classify")
 
 
 train.__doc__ += "\n\n" + describe(ClassifyConfig, RECIPES, train)

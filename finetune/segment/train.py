@@ -15,11 +15,9 @@ from engine import distributed as dist_utils
 from engine.config import DataConfig, describe
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
-from engine.global_batch import keep_global_batch
 from engine.labels import LabelRange
-from engine.run_dir import claimed_output_dir
-from engine.run_plan import start_run
-from engine.trainer import fit, seed_everything
+from engine.interfaces import FitResult
+from engine.stage import StagePlan, train_stage
 from finetune.segment.config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import evaluate_segmenter, per_class_table
 from finetune.segment.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter
@@ -94,16 +92,10 @@ def held_out_metrics(model: BeitUperNet, data: DataConfig, augment: SegAugmentCo
     return result
 
 
-def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dict:
-    """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
-    recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
-    cfg = start_run(SegmentConfig, RECIPES, recipe, overrides, task="segment")   # prints data, config; --dry_run
-    device = dist_utils.init(cfg.run)
-    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
-    seed_everything(cfg.run.seed)   # same seed on every rank: identical neck and heads
+def prepare(cfg: SegmentConfig, device: torch.device) -> StagePlan:
+    """UperNet fine-tuning: the mmseg training pipeline batched on the device, per-pixel cross-entropy of the main
+    and auxiliary heads, layer-wise lr decay; then mIoU / mAcc / aAcc on held-out images."""
     model = build_model(cfg).to(device)
-    if cfg.run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     sync_bn = device.type == "cuda" and dist_utils.world_size() > 1   # official SyncBN (torch's needs a GPU)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -121,9 +113,8 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
     guard = LabelRange(cfg.num_classes, cfg.data.train_path or f"{cfg.data.source} training data",
                        cfg.run.log_interval, ignore=IGNORE, what="label id {} (after reduce_zero_label)",
                        fix="the annotations")
-    seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank dropout and drop path from here on
 
-    def step_fn(engine, batch):
+    def step(engine, batch):
         labels = guard(batch["label"])
         main, aux = engine(batch["image"].to(dtype))
         (loss_main, full_size), (loss_aux, _) = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
@@ -134,20 +125,27 @@ def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dic
         loss = loss_main + cfg.model.aux_weight * loss_aux
         return loss, {"loss_decode": loss_main.detach(), "loss_aux": loss_aux.detach(), "pixel_acc": pixel_acc}
 
-    with claimed_output_dir(cfg, cfg.run):   # eval.json, written after training, belongs to this run too
-        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                     flops_per_image=model.flops_per_image(), hooks=(bn_stats, guard),
-                     final_weights=("segmenter.pt", lambda path, sd: save_segmenter(model, path, sd)))
+    def evaluate(result: FitResult) -> dict:
         # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file (every rank reads it).
-        eval_model = model
+        eval_model, eval_dtype = model, dtype
         if zero_stage_of(cfg.run.ds_config) == 3 and result.weights:
-            eval_model, dtype = load_segmenter(result.weights).to(device), torch.float32
-        held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device, dtype)
+            eval_model, eval_dtype = load_segmenter(result.weights).to(device), torch.float32
+        held_out = held_out_metrics(eval_model, cfg.data, cfg.augment, cfg.eval, cfg.mosaic_size, device,
+                                    eval_dtype)
         write_result(held_out, os.path.join(cfg.run.output_dir, "eval.json"))
-    dist_utils.log_main(f"held-out mIoU {100 * held_out['mIoU']:.2f}  mAcc {100 * held_out['mAcc']:.2f}  "
-                        f"aAcc {100 * held_out['aAcc']:.2f} ({held_out['images']} images)\n"
-                        f"{per_class_table(held_out)}")
-    return {**result.summary(), **{f"eval_{k}": held_out[k] for k in ("mIoU", "mAcc", "aAcc")}}
+        dist_utils.log_main(f"held-out mIoU {100 * held_out['mIoU']:.2f}  mAcc {100 * held_out['mAcc']:.2f}  "
+                            f"aAcc {100 * held_out['aAcc']:.2f} ({held_out['images']} images)\n"
+                            f"{per_class_table(held_out)}")
+        return {**result.summary(), **{f"eval_{k}": held_out[k] for k in ("mIoU", "mAcc", "aAcc")}}
+
+    return StagePlan(model, groups, source, step, "segmenter.pt", save_segmenter,
+                     flops_per_image=model.flops_per_image(), hooks=(bn_stats, guard), evaluate=evaluate)
+
+
+def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dict:
+    """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
+    recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
+    return train_stage(SegmentConfig, RECIPES, recipe, overrides, prepare, data_task="segment")
 
 
 train.__doc__ += "\n\n" + describe(SegmentConfig, RECIPES, train)

@@ -13,10 +13,8 @@ from engine.config import ConfigError, describe
 from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
 from engine.weights import load_strict
 from engine.frozen import frozen_entry, shards_frozen
-from engine.global_batch import keep_global_batch
-from engine.metrics import TensorboardPictures, forward_flops_per_image
-from engine.run_plan import start_run
-from engine.trainer import fit, seed_everything
+from engine.metrics import forward_flops_per_image
+from engine.stage import StagePlan, train_stage
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.masking import BlockMaskGenerator
 from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_mim_file,
@@ -112,15 +110,12 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]
     return tokenizer, flops
 
 
-def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
-    """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
-    cfg = start_run(MIMConfig, RECIPES, recipe, overrides)   # prints the data and config; --dry_run stops
-    device = dist_utils.init(cfg.run)
-    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
+def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
+    """MIM with patch aggregation: the masked patches' tokenizer codes (or normalised pixels, `model.target`) are
+    the targets of the final layer and of the aggregation head; the two losses are summed."""
     if cfg.model.attention == "flex" and device.type != "cuda":
         raise ConfigError("model.attention=flex trains on CUDA only (FlexAttention has no CPU backward); use "
                           "--model.attention=sdpa here")
-    seed_everything(cfg.run.seed)
     model = build_model(cfg)
     k = model.num_masked_patches
     if cfg.model.target == "codes":
@@ -130,21 +125,14 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
     else:
         target_flops = 0.0
     patch = model.patch_embed.patch_size[0]
-    if cfg.run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     masks = BlockMaskGenerator(grid_size=tuple(model.patch_embed.grid_size), num_masked=k,
                                min_num_patches=cfg.masking.min_patches, min_aspect=cfg.masking.min_aspect)
     images = train_source(cfg.data, cfg.run, MimAug(size=model.patch_embed.img_size[0]), device)
     source = MaskedSource(images, masks, cfg.run.micro_batch_size, cfg.run.grad_accum_steps, cfg.run.seed, device)
     groups = param_groups(model, model.no_weight_decay())
-    seed_everything(cfg.run.seed + dist_utils.rank())
     dtype = PARAM_DTYPES[cfg.run.precision]
 
-    # At checkpoint steps: a picture per log point would pile up thousands of images in a long run's event file.
-    pictures = TensorboardPictures(cfg.run.output_dir, cfg.run.save_interval, attention_pictures)
-
-    def step_fn(engine, batch):
-        pictures(engine, batch["image"])
+    def step(engine, batch):
         model_view, tokenizer_view = mim_views(batch["image"])
         mask = batch["mask"]
         if cfg.model.target == "pixels":
@@ -164,14 +152,13 @@ def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
                        "agg_acc": (agg_logits.argmax(-1) == labels).float().mean()}
         return mim_loss + agg_loss, metrics
 
-    try:
-        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
-                     flops_per_image=model.flops_per_image() + target_flops,
-                     final_weights=("mim.pt", lambda path, sd: save_mim_model(model, path, sd)))
-        pictures.final(model, result.step)   # the trained model's attention maps, at the last step
-    finally:
-        pictures.close()
-    return result.summary()
+    return StagePlan(model, groups, source, step, "mim.pt", save_mim_model,
+                     flops_per_image=model.flops_per_image() + target_flops, pictures=attention_pictures)
+
+
+def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:
+    """Pretrain a BEiT v2 model. Flags override the recipe, e.g. `--tokenizer=runs/x/tokenizer.pt`."""
+    return train_stage(MIMConfig, RECIPES, recipe, overrides, prepare)
 
 
 train.__doc__ += "\n\n" + describe(MIMConfig, RECIPES, train)

@@ -14,10 +14,8 @@ from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
 from engine.frozen import frozen_entry
-from engine.global_batch import keep_global_batch
-from engine.metrics import TensorboardPictures, forward_flops_per_image
-from engine.run_plan import start_run
-from engine.trainer import fit, seed_everything
+from engine.metrics import forward_flops_per_image
+from engine.stage import StagePlan, train_stage
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 from pretrain.tokenizer.pictures import code_colours, token_map_grid
@@ -40,42 +38,31 @@ def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarra
     return {"pictures/token_maps": token_map_grid(images, ids, colours, columns=2)}   # 2 x 2 pairs, 4 images
 
 
-def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
-    """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
-    cfg = start_run(TokenizerConfig, RECIPES, recipe, overrides)   # prints the data and config; --dry_run stops
-    device = dist_utils.init(cfg.run)
-    keep_global_batch(cfg.run)   # on resume: the saved micro x accum x ranks; before the data source
-    seed_everything(cfg.run.seed)   # same seed on every rank: identical initial weights
+def prepare(cfg: TokenizerConfig, device: torch.device) -> StagePlan:
+    """The tokenizer's training: a frozen teacher's features of each image are the target of encoder + codebook +
+    decoder (cosine loss, in the model's forward)."""
     teacher = build_teacher(cfg.teacher).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
     model = build_model(cfg, teacher.out_dim)
-    if cfg.run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     source = data.train_source(cfg, model.img_size, device)
     groups = param_groups(model, model.no_weight_decay())
-    seed_everything(cfg.run.seed + dist_utils.rank())   # per-rank randomness (dropout, drop path) from here on
-
-    probe = torch.rand(3, model.img_size, model.img_size, device=device)
+    probe = torch.zeros(3, model.img_size, model.img_size, device=device)   # FLOPs do not depend on the pixels
     teacher_flops = forward_flops_per_image(lambda x: teacher(x, model.grid), probe)   # it runs every step
     teacher_features = frozen_entry(teacher, "forward", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
 
-    # At checkpoint steps: a picture per log point would pile up thousands of images in a long run's event file.
-    pictures = TensorboardPictures(cfg.run.output_dir, cfg.run.save_interval, token_map_pictures)
-
-    def step_fn(engine, batch):
+    def step(engine, batch):
         images = batch["image"]
-        pictures(engine, images)
         with torch.no_grad():   # frozen teacher: no graph; its output is a plain (non-inference) tensor
             target = teacher_features(images, model.grid)
         return engine(images, target)
 
-    try:
-        result = fit(cfg, cfg.run, cfg.optim, cfg.schedule, model, groups, source, step_fn,
+    return StagePlan(model, groups, source, step, "tokenizer.pt", save_tokenizer,
                      flops_per_image=model.flops_per_image(teacher_flops), keep_fp32_buffers=("quantize.",),
-                     final_weights=("tokenizer.pt", lambda path, sd: save_tokenizer(model, path, sd)))
-        pictures.final(model, result.step)   # the trained tokenizer's token maps, at the last step
-    finally:
-        pictures.close()
-    return result.summary()
+                     pictures=token_map_pictures)
+
+
+def train(recipe: str = "vqkd_small_demo", **overrides) -> dict:
+    """Train a tokenizer. Flags override the recipe, e.g. `--run.output_dir runs/x --optim.lr 1e-3`."""
+    return train_stage(TokenizerConfig, RECIPES, recipe, overrides, prepare)
 
 
 train.__doc__ += "\n\n" + describe(TokenizerConfig, RECIPES, train)
