@@ -1,7 +1,8 @@
 """`beitv2 GROUP COMMAND ...`: every stage's commands under one installed command (docs/cli.md).
 
-The groups are the stages; each stage module exposes `COMMANDS` (a dict of its commands, or its one command) and
-its `python -m` entry point runs the same dict, so a command registered there shows up here without an edit. Only
+The groups are the stages, registered as `beitv2.stages` entry points (setup.cfg; another package can add its own),
+so this module names none of them. Each stage module exposes `COMMANDS` (a dict of its commands, or its one
+command) and its `python -m` entry point runs the same dict, so a command added there shows up here too. Only
 the stage that is asked for is imported, and `beitv2 --help` reads every command's help from the sources without
 importing any (a stage imports torch and DeepSpeed: seconds).
 
@@ -11,35 +12,41 @@ Launchers run this module or the console script: `deepspeed --module engine.main
 from __future__ import annotations
 
 import ast
+import configparser
 import importlib
+import importlib.metadata
 import inspect
 import os
 import sys
 from types import ModuleType
 
 PROG = "beitv2"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where engine/, pretrain/, ... sit
 
-# Group -> the module whose `COMMANDS` it runs (and, optionally, `CLI_ERRORS`: more one-line user errors).
-STAGES = {
-    "convert": "data_tools.convert",
-    "mosaics": "data_tools.mosaics",
-    "tokenizer": "pretrain.tokenizer.__main__",
-    "mim": "pretrain.mim.__main__",
-    "classify": "finetune.classify.__main__",
-    "segment": "finetune.segment.__main__",
-}
+ENTRY_POINTS = "beitv2.stages"   # group -> the module whose `COMMANDS` it runs (and, optionally, `CLI_ERRORS`)
+
+
+def registered_stages() -> dict[str, str]:
+    """The command groups registered as `beitv2.stages` entry points, in the order of this tree's setup.cfg (the
+    pipeline's: convert ... segment) and any other package's after them; from a source tree that is not installed,
+    its setup.cfg's list. Nothing is imported."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(_ROOT, "setup.cfg"), encoding="utf-8")
+    lines = parser.get("options.entry_points", ENTRY_POINTS, fallback="").splitlines()
+    listed = {name.strip(): value.strip() for name, _, value in (line.partition("=") for line in lines) if value}
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+    if not installed:
+        return listed
+    return {**{name: installed[name] for name in listed if name in installed}, **installed}
 
 
 def _stage(group: str) -> ModuleType:
-    return importlib.import_module(STAGES[group])
+    return importlib.import_module(registered_stages()[group])
 
 
 def _summary(doc: str | None) -> str:
     line = (doc or "").split("\n\n")[0].replace("\n", " ").strip()
     return line if len(line) <= 90 else line[:87] + "..."
-
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where engine/, pretrain/, ... sit
 
 
 def _parse(module: str) -> ast.Module:
@@ -65,7 +72,7 @@ def _static_docs(group: str) -> list[tuple[str, str | None]]:
     """(command, docstring) of each of a group's commands, read from the sources: importing the stages would
     import torch and DeepSpeed (seconds) for a help text. Raises LookupError for a COMMANDS not written as a
     literal dict of (or one) function names."""
-    module = STAGES[group]
+    module = registered_stages()[group]
     for node in _parse(module).body:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["COMMANDS"]:
             value = node.value
@@ -90,7 +97,7 @@ def usage() -> str:
     """The command tree: every group's commands with the first sentence of their help."""
     lines = [f"usage: {PROG} GROUP COMMAND [ARGS] [--flags]", "",
              "BEiT v2 pretraining (VQ-KD tokenizer, MIM, transfer) on DeepSpeed. Commands:", ""]
-    for group in STAGES:
+    for group in registered_stages():
         for name, doc in _docs(group):
             lines.append(f"  {f'{group} {name}'.strip():<22} {_summary(doc)}")
     lines += ["",
@@ -109,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     group = words[0]
-    if group not in STAGES:
-        print(f"error: unknown command group '{group}'; choose one of: {', '.join(STAGES)} "
+    stages = registered_stages()
+    if group not in stages:
+        print(f"error: unknown command group '{group}'; choose one of: {', '.join(stages)} "
               f"(`{PROG} --help` lists their commands)", file=sys.stderr)
         return 2
     from engine.cli import run_cli   # imports torch: not before a stage is asked for

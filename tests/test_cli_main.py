@@ -69,10 +69,10 @@ def test_top_level_help_lists_every_stage_command(helps):
     import importlib
     import inspect
 
-    from engine.main import STAGES, _summary
+    from engine.main import _summary, registered_stages
     text = helps[""]
     assert text.startswith("usage: beitv2 GROUP COMMAND")
-    for group, module in STAGES.items():
+    for group, module in registered_stages().items():
         commands = importlib.import_module(module).COMMANDS
         for name, fn in (commands.items() if isinstance(commands, dict) else [("", commands)]):
             line = f"  {f'{group} {name}'.strip():<22} {_summary(inspect.getdoc(fn))}"
@@ -92,6 +92,30 @@ def test_top_level_help_imports_no_stage_and_no_torch():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage: beitv2 GROUP COMMAND" in proc.stdout and "mim train" in proc.stdout, proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "IMPORTED []", proc.stdout[-2000:]
+
+
+def test_a_stage_another_package_registers_is_a_command_group(tmp_path, monkeypatch, capsys):
+    """Groups are `beitv2.stages` entry points: one added by another installed package is listed (after the
+    project's, which keep the pipeline's order) and runs; with no installed metadata the source tree's setup.cfg
+    gives the project's groups."""
+    import importlib.metadata
+
+    from engine import main as cli_main
+    (tmp_path / "plugin_stage_for_test.py").write_text(
+        'def hello(name: str = "world") -> dict:\n    """Say hello to NAME."""\n    return {"hello": name}\n\n\n'
+        'COMMANDS = {"hello": hello}\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.metadata.entry_points
+    plugin = importlib.metadata.EntryPoint("plugin", "plugin_stage_for_test", cli_main.ENTRY_POINTS)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [*real(**kw), plugin] if kw.get("group") == cli_main.ENTRY_POINTS else real(**kw))
+    project = ["convert", "mosaics", "tokenizer", "mim", "classify", "segment"]
+    assert list(cli_main.registered_stages()) == [*project, "plugin"]
+    assert cli_main.usage().splitlines().count(f"  {'plugin hello':<22} Say hello to NAME.") == 1
+    assert cli_main.main(["plugin", "hello", "--name=tests"]) == 0
+    assert "tests" in capsys.readouterr().out
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])   # not installed: setup.cfg's list
+    assert list(cli_main.registered_stages()) == project
 
 
 def test_group_help_lists_its_commands(helps):
