@@ -18,7 +18,7 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev numactl openssh-server pdsh \
 	slurm-wlm munge openmpi-bin
 
-.PHONY: setup lint test test-fast demo bench clean constraints
+.PHONY: setup lint test test-fast demo ablation bench clean constraints
 setup: $(VENV)/.done
 
 # setup.cfg states compatible ranges; constraints.txt the exact versions the tests ran with, which every install here
@@ -55,6 +55,12 @@ test-fast: setup lint
 
 demo: setup
 	bash scripts/demo.sh
+
+# The paper's ablations (docs/demo.md): VQ-KD vs pixel targets, with vs without the aggregation head, ImageNet vs
+# random teacher; MIM seeds x rows at one budget, one rank on both cores; runs/ablation/results.json + report.md.
+# ABLATION_ARGS passes flags, e.g. ABLATION_ARGS="--seeds=1 --mim_steps=50". A rerun skips finished pieces.
+ablation: setup
+	OMP_NUM_THREADS=2 $(PY) scripts/ablation.py --out=runs/ablation $(ABLATION_ARGS)
 
 # Loader, tokenizer and pretraining benchmarks at the device's sizes (CPU here, GPU on a CUDA host): one JSON and one
 # Markdown table in bench/results (docs/bench.md).

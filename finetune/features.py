@@ -73,7 +73,7 @@ class FrozenFeatures(nn.Module):
         depth = len(self.vit.blocks)
         if not 0 <= layer <= depth:
             raise ValueError(f"--layer must be in 1..{depth} (0 = the last block), got {layer}")
-        if pooling == "agg_cls" and (self.kind != "mim" or layer not in (0, depth)):
+        if pooling == "agg_cls" and (self.kind != "mim" or layer not in (0, depth) or not len(model.cls_pt_layers)):
             raise ValueError("--pooling=agg_cls needs a MIM checkpoint (it has the aggregation head) and the last "
                              "layer")
         self.layer, self.pooling = layer or depth, pooling

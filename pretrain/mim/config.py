@@ -20,6 +20,8 @@ class ModelConfig:
                          choices=ATTENTION_KERNELS)
     target: str = key("codes", "a masked patch is predicted as the frozen tokenizer's codes (BEiT v2) or as its own "
                       "normalised pixels (MAE's formulation, no tokenizer: the ablation baseline)", choices=MIM_TARGETS)
+    aggregation: bool = key(True, "the patch-aggregation head and its loss; false: the masked-token loss of the "
+                            "final layer only (the paper's ablation of the head)")
 
 
 @dataclass

@@ -81,7 +81,9 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
         mask = masks(x01.shape[0], generator=generator, device=torch.device("cpu")).to(device)
         labels = gather_masked(codes_of.get_codebook_indices(tokenizer_view), mask, k)
         logits, agg_logits = model(model_view, mask, num_masked=k)
-        for i, head in enumerate((logits.float(), agg_logits.float())):
+        for i, head in enumerate((logits.float(), agg_logits.float() if agg_logits is not None else None)):
+            if head is None:   # no aggregation head (--model.aggregation=false): its numbers stay NaN
+                continue
             totals[2 * i] += F.cross_entropy(head, labels, reduction="sum")
             totals[2 * i + 1] += (head.argmax(-1) == labels).sum()
         label_counts += torch.bincount(labels, minlength=label_counts.numel())
@@ -93,6 +95,8 @@ def evaluate(checkpoint: str, tokenizer: str = "", data_cfg: dict | None = None,
     if tokens == 0:
         raise ConfigError(f"no held-out images came from data source {data.source!r}; check --data_cfg")
     mim_loss, mim_acc, agg_loss, agg_acc = (totals[:4] / tokens).tolist()
+    if not len(model.cls_pt_layers):
+        agg_loss = agg_acc = float("nan")
     result = {"checkpoint": checkpoint, "tokenizer": tokenizer, "images": images_seen, "masked_tokens": tokens,
               "mim_loss": mim_loss, "mim_acc": mim_acc, "agg_loss": agg_loss, "agg_acc": agg_acc,
               "majority_code_acc": label_counts.max().item() / tokens, "num_codes": label_counts.numel()}

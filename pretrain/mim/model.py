@@ -120,7 +120,8 @@ class BeitV2MIM(nn.Module):
             init_values: Initial layer-scale gamma (0.1 base, 1e-5 large); 0 disables layer scale.
             early_layers: The aggregation head reads the patch tokens after this many backbone blocks
                 (9 base, 21 large).
-            head_layers: Blocks in the aggregation head (`cls_pt_layers`).
+            head_layers: Blocks in the aggregation head (`cls_pt_layers`); 0: no aggregation head (the ablation
+                of the paper's patch aggregation: `forward` returns `(logits, None)`).
             vocab_size: Tokenizer codebook size (LM head outputs).
             num_masked_patches: Default masked patches per image for `forward` (the static count).
             drop_path_rate: Stochastic depth rate; linear over `max(depth, early_layers + head_layers)` slots,
@@ -139,9 +140,9 @@ class BeitV2MIM(nn.Module):
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        if not 1 <= early_layers <= depth or head_layers < 1:
+        if not 1 <= early_layers <= depth or head_layers < 0:
             raise ValueError(f"need 1 <= early_layers ({early_layers}) <= depth ({depth}) and head_layers "
-                             f"({head_layers}) >= 1")
+                             f"({head_layers}) >= 0")
         if target not in MIM_TARGETS:
             raise ValueError(f"target={target!r} must be one of {', '.join(MIM_TARGETS)}")
         num_patches = (img_size // patch_size) ** 2
@@ -224,8 +225,8 @@ class BeitV2MIM(nn.Module):
         return blk(x, shared_rel_pos_bias=bias)
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone and aggregation-head tokens, before the final norm.
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone and aggregation-head tokens, before the final norm (None for a model without the head).
 
         Args:
             images: `[B, C, H, W]`, normalised.
@@ -245,6 +246,8 @@ class BeitV2MIM(nn.Module):
             x = self._block(blk, x, bias)
             if i + 1 == self.early_layers:
                 early = x
+        if not len(self.cls_pt_layers):
+            return x, None
         # The head sees the final CLS token with the early patch tokens (the paper's patch aggregation).
         agg = torch.cat([x[:, :1], early[:, 1:]], dim=1)
         for blk in self.cls_pt_layers:
@@ -252,7 +255,7 @@ class BeitV2MIM(nn.Module):
         return x, agg
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (or, with `target="pixels"`, pixel predictions) of the masked patches from the backbone and from
         the aggregation head.
 
@@ -263,11 +266,13 @@ class BeitV2MIM(nn.Module):
 
         Returns:
             `(logits, aggregation_logits)`, each `[B * num_masked, vocab_size]`, image-major with positions
-            ascending: the rows of `lm_head(norm(tokens))[mask]`.
+            ascending: the rows of `lm_head(norm(tokens))[mask]`; `aggregation_logits` is None without the head.
         """
         k = self.num_masked_patches if num_masked is None else num_masked
         x, agg = self.forward_features(images, mask)
         index = masked_positions(mask, k).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        if agg is None:
+            return self.lm_head(self.norm(x[:, 1:].gather(1, index).flatten(0, 1))), None
         # Norm and LM head only on the gathered tokens (they act per token), both streams in one matmul.
         picked = torch.cat([x[:, 1:].gather(1, index), agg[:, 1:].gather(1, index)]).flatten(0, 1)
         logits = self.lm_head(self.norm(picked))
@@ -284,7 +289,7 @@ class BeitV2MIM(nn.Module):
         fwd = (patch_embed_flops(self.num_patches, self.patch_embed.proj.in_channels,
                                  self.patch_embed.patch_size[0], d)
                + vit_blocks_flops(d, depth, self.num_patches + 1, self.arch_kwargs["mlp_ratio"])
-               + linear_flops(2 * k, d, self.lm_head.out_features))
+               + linear_flops((2 if len(self.cls_pt_layers) else 1) * k, d, self.lm_head.out_features))
         return TRAIN_FACTOR * fwd
 
 
@@ -347,7 +352,7 @@ def _infer_arch(sd: Mapping[str, torch.Tensor], path: str) -> dict[str, Any]:
         vocab = sd["lm_head.weight"].shape[0]
         mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        head_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("cls_pt_layers."))
+        head_layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("cls_pt_layers.")), default=-1)
     except (KeyError, ValueError):
         raise ValueError(f"{path} is not a BEiT v2 MIM checkpoint (expected patch_embed, rel_pos_bias, blocks, "
                          f"cls_pt_layers and lm_head keys)") from None

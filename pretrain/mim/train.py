@@ -81,6 +81,8 @@ def build_model(cfg: MIMConfig) -> BeitV2MIM:
                          ("head_layers", "head_layers")):
         if getattr(m, ours) is not None:
             overrides[theirs] = getattr(m, ours)
+    if not m.aggregation:
+        overrides["head_layers"] = 0   # no aggregation head: the final layer's masked-token loss alone
     if cfg.masking.num_masked is not None:
         overrides["num_masked_patches"] = cfg.masking.num_masked
     model = build_mim_model(cfg.arch, **overrides)
@@ -112,7 +114,8 @@ def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]
 
 def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
     """MIM with patch aggregation: the masked patches' tokenizer codes (or normalised pixels, `model.target`) are
-    the targets of the final layer and of the aggregation head; the two losses are summed."""
+    the targets of the final layer and of the aggregation head; the two losses are summed
+    (`model.aggregation=false`: no head, the final layer's loss alone)."""
     if cfg.model.attention == "flex" and device.type != "cuda":
         raise ConfigError("model.attention=flex trains on CUDA only (FlexAttention has no CPU backward); use "
                           "--model.attention=sdpa here")
@@ -138,13 +141,20 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
         if cfg.model.target == "pixels":
             targets = gather_masked(patch_pixel_targets(tokenizer_view, patch), mask, k)
             pred, agg_pred = engine(model_view.to(dtype), mask)
-            mim_loss, agg_loss = F.mse_loss(pred.float(), targets), F.mse_loss(agg_pred.float(), targets)
+            mim_loss = F.mse_loss(pred.float(), targets)
+            if agg_pred is None:
+                return mim_loss, {"mim_loss": mim_loss.detach()}
+            agg_loss = F.mse_loss(agg_pred.float(), targets)
             return mim_loss + agg_loss, {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach()}
         with torch.inference_mode():
             codes = codes_of(tokenizer_view)
         labels = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
         logits, agg_logits = engine(model_view.to(dtype), mask)
         mim_loss = F.cross_entropy(logits.float(), labels)
+        if agg_logits is None:
+            with torch.no_grad():
+                metrics = {"mim_loss": mim_loss.detach(), "mim_acc": (logits.argmax(-1) == labels).float().mean()}
+            return mim_loss, metrics
         agg_loss = F.cross_entropy(agg_logits.float(), labels)
         with torch.no_grad():
             metrics = {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach(),
@@ -153,7 +163,8 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
         return mim_loss + agg_loss, metrics
 
     return StagePlan(model, groups, source, step, "mim.pt", save_mim_model,
-                     flops_per_image=model.flops_per_image() + target_flops, pictures=attention_pictures)
+                     flops_per_image=model.flops_per_image() + target_flops,
+                     pictures=attention_pictures if len(model.cls_pt_layers) else None)
 
 
 def train(recipe: str = "beitv2_small_demo", **overrides) -> dict:

@@ -73,6 +73,9 @@ def attention_maps(model: BeitV2MIM, images: torch.Tensor) -> tuple[torch.Tensor
             captured[name] = (args[0] if args else kwargs["x"], kwargs.get("shared_rel_pos_bias"))
         return hook
 
+    if not len(model.cls_pt_layers):
+        raise ValueError("this MIM model has no patch-aggregation head (pretrained with --model.aggregation=false): "
+                         "its attention maps need the head's last block")
     targets = {"backbone": model.blocks[-1].attn, "head": model.cls_pt_layers[-1].attn}
     handles = [m.register_forward_pre_hook(capture(name), with_kwargs=True) for name, m in targets.items()]
     kernel = model.arch_kwargs.get("attention", "sdpa")

@@ -235,6 +235,8 @@ class TeacherConfig:
     timm_model: str = key("", "timm model name (name=timm)")
     layer: str = key("", "module whose output is read (name=timm); empty: forward_features")
     input_size: int = key(224, "side the teacher sees; the tokenizer's image is resized to it", ge=16)
+    random_init: bool = key(False, "replace the teacher's trained weights by a random init drawn from the run's "
+                            "seed (the same teacher on every rank): the paper's ablation of the teacher")
 
     def rules(self, prefix: str) -> None:
         if self.name in ("clip_b16", "dino_b16", "timm") and not self.weights:
@@ -244,7 +246,22 @@ class TeacherConfig:
             raise ConfigError(f"config key '{prefix}.timm_model' is required for teacher 'timm'")
 
 
-def build_teacher(cfg: TeacherConfig) -> Teacher:
+def randomly_initialise(teacher: Teacher, seed: int) -> Teacher:
+    """Re-draw every parameter of `teacher.net` (each module's own `reset_parameters`: PyTorch's default init;
+    BatchNorm statistics back to 0 / 1) from `seed` alone, leaving the global random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for module in teacher.net.modules():
+                if hasattr(module, "reset_running_stats"):
+                    module.reset_running_stats()
+                if callable(getattr(module, "reset_parameters", None)):
+                    module.reset_parameters()
+    return teacher
+
+
+def build_teacher(cfg: TeacherConfig, seed: int = 0) -> Teacher:
+    """The frozen teacher; with `cfg.random_init` its weights are a random init drawn from `seed`."""
     if cfg.name == "timm":
         teacher = TimmTeacher(cfg.timm_model, cfg.weights, cfg.layer, cfg.input_size)
     elif cfg.name == "efficientnet_lite0":
@@ -253,4 +270,6 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
         teacher = TEACHERS[cfg.name](cfg.weights, cfg.input_size)
     else:
         raise TeacherError(f"unknown teacher '{cfg.name}'; choose one of {', '.join(TEACHERS)}")
+    if cfg.random_init:
+        randomly_initialise(teacher, seed)
     return teacher.freeze()

@@ -41,7 +41,7 @@ def token_map_pictures(model: VQKD, images: torch.Tensor) -> dict[str, np.ndarra
 def prepare(cfg: TokenizerConfig, device: torch.device) -> StagePlan:
     """The tokenizer's training: a frozen teacher's features of each image are the target of encoder + codebook +
     decoder (cosine loss, in the model's forward)."""
-    teacher = build_teacher(cfg.teacher).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
+    teacher = build_teacher(cfg.teacher, seed=cfg.run.seed).to(device=device, dtype=COMPUTE_DTYPES[cfg.run.precision])
     model = build_model(cfg, teacher.out_dim)
     source = data.train_source(cfg, model.img_size, device)
     groups = param_groups(model, model.no_weight_decay())
@@ -86,7 +86,7 @@ def evaluate(checkpoint: str, teacher: dict | None = None, data_cfg: dict | None
     dcfg = config_section(DataConfig, saved.get("data", {}), data_cfg, "data_cfg")
     device = eval_device()
     model = load_tokenizer(checkpoint).to(device)
-    teach = build_teacher(tcfg).to(device)
+    teach = build_teacher(tcfg, seed=saved.get("run", {}).get("seed", 0)).to(device)   # random_init: that seed
     counts = torch.zeros(model.num_codes, dtype=torch.long, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)   # summed per-image teacher cosine, images
     for batch in sources.eval_batches(dcfg, model.img_size, batch_size, device, rank=dist_utils.rank(),
