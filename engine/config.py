@@ -242,6 +242,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+            return ",".join(value)   # fire reads `--run.report_to=wandb,mlflow` as a tuple: the text typed
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return value
@@ -281,6 +283,17 @@ def merge(base: dict, overrides: Mapping[str, Any]) -> dict:
 
 def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flat_keys(values: Mapping, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}: the names flags, messages and trackers use."""
+    out: dict = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(flat_keys(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
 # A train command's `--config=FILE`: `train(recipe, **overrides)` passes it on inside `overrides`, and `resolve` takes
@@ -626,4 +639,4 @@ def _note(msg: str) -> None:
 __all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "DataConfig", "StageConfig", "config_section",
            "resolve_with_origins", "settle_data",
            "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
-           "resolve", "to_dict", "validate", "save_json", "load_json", "field", "key"]
+           "resolve", "to_dict", "flat_keys", "validate", "save_json", "load_json", "field", "key"]

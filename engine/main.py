@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -26,6 +27,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where en
 ENTRY_POINTS = "beitv2.stages"   # group -> the module whose `COMMANDS` it runs (and, optionally, `CLI_ERRORS`)
 
 
+@functools.cache   # one scan of the installed packages' metadata per process
 def registered_stages() -> dict[str, str]:
     """The command groups registered as `beitv2.stages` entry points, in the order of this tree's setup.cfg (the
     pipeline's: convert ... segment) and any other package's after them; from a source tree that is not installed,

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from engine import distributed as dist_utils
 from engine.checkpoint import LATEST
-from engine.config import ConfigError, save_json, to_dict
+from engine.config import ConfigError, flat_keys, save_json, to_dict
 from engine.files import write_text_atomically
 from engine.global_batch import resume_changes
 
@@ -128,16 +128,6 @@ class RunLock:
             os.close(fd)
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _load(path: str) -> dict:
     try:
         with open(path) as f:
@@ -151,9 +141,9 @@ def config_changes(saved: dict, cfg: Any, run: Any) -> list[tuple[str, Any, Any]
     """(key, saved value, new value) for every key of `cfg` whose value differs from `saved`, in config order.
     Keys are spelled as flags (`run.seed`), also when `cfg` is the RunConfig itself."""
     prefix = "run." if cfg is run else ""
-    new, old = _flat(to_dict(cfg), prefix), _flat(saved, prefix)
+    new, old = flat_keys(to_dict(cfg), prefix), flat_keys(saved, prefix)
     try:
-        defaults = _flat(to_dict(type(cfg)()), prefix)
+        defaults = flat_keys(to_dict(type(cfg)()), prefix)
     except TypeError:   # a config class without defaults for every field
         defaults = {}
     missing = object()

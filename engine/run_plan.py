@@ -17,11 +17,10 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from engine.config import ConfigError, DataConfig, resolve_with_origins, to_dict
+from engine.config import ConfigError, DataConfig, flat_keys, resolve_with_origins, to_dict
 
 DRY_RUN_KEY = "dry_run"   # a train command's `--dry_run`, taken out of its overrides like `--config`
 TASKS = ("images", "classify", "segment")   # what the stage does with the data: pretrain on images, or labels
@@ -162,8 +161,8 @@ def check_labels(splits: list[Split], num_classes: int, where: str) -> None:
 
 def config_lines(cfg: Any, origins: Mapping[str, str]) -> list[str]:
     """Every key of `cfg`, `*` where its value differs from the defaults, and where it was set."""
-    defaults = _flat(to_dict(type(cfg)()))
-    values = _flat(to_dict(cfg))
+    defaults = flat_keys(to_dict(type(cfg)()))
+    values = flat_keys(to_dict(cfg))
     lines = ["config (* differs from the defaults; where it was set):"]
     for key, value in values.items():
         mark = "*" if value != defaults.get(key) else " "
@@ -172,34 +171,9 @@ def config_lines(cfg: Any, origins: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def _flat(values: Mapping, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _log(lines: list[str]) -> None:
     if os.environ.get("RANK", "0") == "0":   # before the process group: the launcher's rank
         print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def _text_as_typed(cls: type, overrides: Mapping[str, Any]) -> dict:
-    """Fire reads `--key=a,b` as the tuple ('a', 'b'); for a text key such as `--run.report_to=wandb,mlflow` the
-    words are the text the user typed, joined back with commas (a list key keeps its tuple)."""
-    out = dict(overrides)
-    for key, value in overrides.items():
-        if not (isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)):
-            continue
-        hint: Any = cls
-        for part in key.split("."):
-            hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
-        if hint is str:
-            out[key] = ",".join(value)
-    return out
 
 
 def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
@@ -215,7 +189,7 @@ def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str |
     dry_run = overrides.pop(DRY_RUN_KEY, False)
     if not isinstance(dry_run, bool):
         raise ConfigError(f"--{DRY_RUN_KEY} must be true or false, got {dry_run!r}")
-    cfg, origins = resolve_with_origins(cls, recipes, recipe, _text_as_typed(cls, overrides))
+    cfg, origins = resolve_with_origins(cls, recipes, recipe, overrides)
     splits = [data_split(cfg.data, s, task, origins) for s in (("train",) if task == "images" else ("train", "eval"))]
     if task == "classify":
         data_classes = splits[0].num_classes

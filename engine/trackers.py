@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from engine import distributed as dist_utils
-from engine.config import ConfigError
+from engine.config import ConfigError, flat_keys
 from engine.files import write_text_atomically
 
 __all__ = ["INSTALL", "STATE", "Trackers", "log_eval", "names", "require", "start"]
@@ -62,16 +62,6 @@ def require(report_to: str) -> None:
 def _one_line(e: BaseException, most: int = 300) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:most]}{'...' if len(text) > most else ''}"
-
-
-def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class _Wandb:
@@ -126,7 +116,7 @@ class _Mlflow:
                 os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT)
             tags = {"output_dir": os.path.abspath(output_dir)}
             self.run_id = self.client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
-            params = [Param(k, str(v)[:MAX_PARAM]) for k, v in _flat(config or {}).items()]
+            params = [Param(k, str(v)[:MAX_PARAM]) for k, v in flat_keys(config or {}).items()]
             for i in range(0, len(params), 100):   # MLflow takes at most 100 parameters a call
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.state = {"run_id": self.run_id, "tracking_uri": self.uri}

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from engine.files import write_text_atomically  # noqa: E402 - after the repo root is importable
 # name -> (what it changes, MIM flags, teacher kind of its tokenizer or None for no tokenizer)
 ROWS = {
     "baseline": ("VQ-KD codes, aggregation head, ImageNet teacher", [], "imagenet"),
@@ -129,9 +131,7 @@ def probe(args, checkpoint: str, pooling: str, seconds: dict) -> float:
 
 def summary(values: list[float]) -> dict:
     """Mean and sample standard deviation (0 for one seed)."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def plot(results: dict, path: str) -> None:
@@ -202,10 +202,9 @@ def main(argv=None) -> dict:
                "seconds": {**seconds, "this_run_total": time.time() - started}}
     png = os.path.join(args.out, "ablation.png")
     plot(results, png)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report(results, png))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    # Whole files or none: a killed driver leaves the previous results, and its rerun skips the finished pieces.
+    write_text_atomically(os.path.join(args.out, "report.md"), report(results, png))
+    write_text_atomically(os.path.join(args.out, "results.json"), json.dumps(results, indent=1) + "\n")
     print(f"ablation: {args.out}/results.json, report.md, ablation.png")
     return results
 

@@ -109,6 +109,7 @@ def test_a_stage_another_package_registers_is_a_command_group(tmp_path, monkeypa
     plugin = importlib.metadata.EntryPoint("plugin", "plugin_stage_for_test", cli_main.ENTRY_POINTS)
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda **kw: [*real(**kw), plugin] if kw.get("group") == cli_main.ENTRY_POINTS else real(**kw))
+    monkeypatch.setattr(cli_main, "registered_stages", cli_main.registered_stages.__wrapped__)   # uncached
     project = ["convert", "mosaics", "tokenizer", "mim", "classify", "segment"]
     assert list(cli_main.registered_stages()) == [*project, "plugin"]
     assert cli_main.usage().splitlines().count(f"  {'plugin hello':<22} Say hello to NAME.") == 1

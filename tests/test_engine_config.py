@@ -220,3 +220,13 @@ def test_segment_train_with_img_size_0_stops_in_one_line_before_compute(capsys, 
                     "--model.img_size=0")
     assert err == "error: config key 'model.img_size' = 0 must be >= 1 (or null for the arch's crop)"
     assert not (tmp_path / "x").exists()
+
+
+def test_a_comma_list_flag_for_a_text_key_is_the_text_typed():
+    """fire reads `--run.report_to=wandb,mlflow` as ('wandb', 'mlflow'): a text key takes the words joined back, a
+    pair keeps its tuple, and a number key still refuses a list."""
+    cls, recipes, recipe, base = _stages()[0]
+    cfg = resolve(cls, recipes, recipe, {**base, "run.report_to": ("wandb", "mlflow"), "optim.betas": (0.9, 0.95)})
+    assert cfg.run.report_to == "wandb,mlflow" and cfg.optim.betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="'run.seed' must be an integer"):
+        resolve(cls, recipes, recipe, {**base, "run.seed": ("1", "2")})

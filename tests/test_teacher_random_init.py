@@ -64,3 +64,37 @@ def test_a_tiny_tokenizer_trains_against_a_random_teacher(tmp_path):
     with open(out / "config.json") as f:
         assert json.load(f)["teacher"]["random_init"] is True
     assert (out / "tokenizer.pt").exists()
+
+
+def test_a_random_vit_teacher_keeps_none_of_its_trained_weights(tmp_path):
+    """A timm ViT's position embedding and class token belong to no module with `reset_parameters`: the model's
+    own init draws them, so every parameter leaves its trained value (not only the layers')."""
+    import timm
+    from safetensors.torch import save_file
+    trained = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    with torch.no_grad():
+        for p in trained.parameters():   # "trained" values no init would draw
+            p.fill_(0.5)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    cfg = TeacherConfig(name="timm", timm_model="vit_tiny_patch16_224", weights=str(path), input_size=224,
+                        random_init=True)
+    random = build_teacher(cfg, seed=3)
+    drawn = dict(random.net.named_parameters())
+    assert {"pos_embed", "cls_token"} <= drawn.keys()
+    assert [k for k, v in drawn.items() if (v == 0.5).all()] == []
+    assert torch.equal(build_teacher(cfg, seed=3).net.pos_embed, random.net.pos_embed)
+
+
+def test_a_timm_checkpoint_of_another_shape_is_one_line(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from pretrain.tokenizer.teachers import TeacherError
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    path = tmp_path / "vit32.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    with pytest.raises(TeacherError, match=r"does not fit timm model 'vit_tiny_patch16_224': size mismatch for "
+                                           r"pos_embed") as err:
+        build_teacher(TeacherConfig(name="timm", timm_model="vit_tiny_patch16_224", weights=str(path)))
+    assert "\n" not in str(err.value)

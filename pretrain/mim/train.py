@@ -135,32 +135,27 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
     groups = param_groups(model, model.no_weight_decay())
     dtype = PARAM_DTYPES[cfg.run.precision]
 
+    pixels = cfg.model.target == "pixels"
+    target_loss = F.mse_loss if pixels else F.cross_entropy
+
     def step(engine, batch):
         model_view, tokenizer_view = mim_views(batch["image"])
         mask = batch["mask"]
-        if cfg.model.target == "pixels":
+        if pixels:
             targets = gather_masked(patch_pixel_targets(tokenizer_view, patch), mask, k)
-            pred, agg_pred = engine(model_view.to(dtype), mask)
-            mim_loss = F.mse_loss(pred.float(), targets)
-            if agg_pred is None:
-                return mim_loss, {"mim_loss": mim_loss.detach()}
-            agg_loss = F.mse_loss(agg_pred.float(), targets)
-            return mim_loss + agg_loss, {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach()}
-        with torch.inference_mode():
-            codes = codes_of(tokenizer_view)
-        labels = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
-        logits, agg_logits = engine(model_view.to(dtype), mask)
-        mim_loss = F.cross_entropy(logits.float(), labels)
-        if agg_logits is None:
+        else:
+            with torch.inference_mode():
+                codes = codes_of(tokenizer_view)
+            targets = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
+        # The final layer's and the aggregation head's predictions (None without the head).
+        heads = {name: out for name, out in zip(("mim", "agg"), engine(model_view.to(dtype), mask)) if out is not None}
+        losses = {name: target_loss(out.float(), targets) for name, out in heads.items()}
+        metrics = {f"{name}_loss": loss.detach() for name, loss in losses.items()}
+        if not pixels:
             with torch.no_grad():
-                metrics = {"mim_loss": mim_loss.detach(), "mim_acc": (logits.argmax(-1) == labels).float().mean()}
-            return mim_loss, metrics
-        agg_loss = F.cross_entropy(agg_logits.float(), labels)
-        with torch.no_grad():
-            metrics = {"mim_loss": mim_loss.detach(), "agg_loss": agg_loss.detach(),
-                       "mim_acc": (logits.argmax(-1) == labels).float().mean(),
-                       "agg_acc": (agg_logits.argmax(-1) == labels).float().mean()}
-        return mim_loss + agg_loss, metrics
+                metrics.update({f"{name}_acc": (out.argmax(-1) == targets).float().mean()
+                                for name, out in heads.items()})
+        return sum(losses.values()), metrics
 
     return StagePlan(model, groups, source, step, "mim.pt", save_mim_model,
                      flops_per_image=model.flops_per_image() + target_flops,

@@ -163,7 +163,11 @@ class TimmTeacher(Teacher):
         cfg = net.pretrained_cfg or {}
         super().__init__(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), input_size)
         self.net = net
-        missing, unexpected = self.net.load_state_dict(load_state_dict(weights), strict=False)
+        try:
+            missing, unexpected = self.net.load_state_dict(load_state_dict(weights), strict=False)
+        except RuntimeError as e:   # shapes of another variant (size mismatch for pos_embed ...)
+            first = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e)[:200])
+            raise TeacherError(f"'{weights}' does not fit timm model '{model_name}': {first}") from None
         missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
         if missing:
             raise TeacherError(f"'{weights}' does not fit timm model '{model_name}': missing {missing[:3]}")
@@ -247,16 +251,26 @@ class TeacherConfig:
 
 
 def randomly_initialise(teacher: Teacher, seed: int) -> Teacher:
-    """Re-draw every parameter of `teacher.net` (each module's own `reset_parameters`: PyTorch's default init;
-    BatchNorm statistics back to 0 / 1) from `seed` alone, leaving the global random state untouched."""
-    with torch.random.fork_rng(devices=[]):
+    """Re-draw the teacher's weights from `seed` alone (the global random state untouched): each module's
+    `reset_parameters` (PyTorch's default init; BatchNorm statistics back to 0 / 1), then the model's own
+    `init_weights` where it has one (timm's ViTs: it also draws the position embedding and class token, which no
+    module resets). A parameter that neither re-draws is a TeacherError: a 'random' teacher must not keep any of
+    its trained weights."""
+    net = teacher.net
+    before = {name: p.detach().flatten()[:256].clone() for name, p in net.named_parameters()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        with torch.no_grad():
-            for module in teacher.net.modules():
-                if hasattr(module, "reset_running_stats"):
-                    module.reset_running_stats()
-                if callable(getattr(module, "reset_parameters", None)):
-                    module.reset_parameters()
+        for module in net.modules():
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        if callable(getattr(net, "init_weights", None)):
+            net.init_weights()
+    kept = [name for name, p in net.named_parameters() if torch.equal(p.detach().flatten()[:256], before[name])]
+    if kept:
+        raise TeacherError(f"teacher.random_init: this teacher's {', '.join(kept[:3])} keep their trained values "
+                           f"(no initialiser of the model draws them); use another teacher for the ablation")
     return teacher
 
 
