@@ -60,6 +60,9 @@ class DispatchCounter:
     Seen from Python's dispatch mode, which sits below autograd: each op counted is at least one kernel launch
     on a GPU (a foreach op counts once), and each `_local_scalar_dense` (what `.item()`, `bool(t)` and
     `if t:` run) makes the host wait for the device. Counting needs no GPU.
+
+    A benchmark's instrument (bench/engine_step.py) that tests also measure with (test_engine_fit.py,
+    test_faults_nonfinite.py, test_mim_train.py): it stays here, so that bench/ never imports tests/.
     """
 
     def __init__(self):

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from data_tools.beton_header import check_schema
+from data_tools.config import DataConfig
 from engine import distributed as dist_utils
-from engine.config import ConfigError, DataConfig, RunConfig
+from engine.config import ConfigError, RunConfig
 
 
 def fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,9 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from engine.files import write_text_atomically
 
+if typing.TYPE_CHECKING:   # data_tools.config imports this module: below, DataConfig is imported where it is used
+    from data_tools.config import DataConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message is one line naming the key and what to do."""
@@ -169,23 +172,9 @@ class RunConfig:
                self.preempt_signal, f"must be one of {', '.join(PREEMPT_SIGNALS)}")
 
 
-@dataclass
-class DataConfig:
-    """Where images come from. A path given by the user (a flag, a --config file, --data_cfg) over a recipe's source
-    switches the source to beton, and `limit`/`eval_images` cap a .beton only when set with its path or after it (a
-    recipe's are for the built-in data): `settle_data`. Decoded batches are always checked for all-black images
-    (data_tools.beton_check), which damaged JPEGs turn into."""
-    source: str = key("fashion_mnist", "where images come from: Fashion-MNIST in memory (Debian's "
-                      "dataset-fashion-mnist), an FFCV file, or random ones (benchmarks)",
-                      choices=("fashion_mnist", "beton", "synthetic"))
-    train_path: str = key("", "training .beton (data.source=beton)")
-    eval_path: str = key("", "held-out .beton (data.source=beton)")
-    limit: int = key(0, "train on the first N images only; 0: all", ge=0)
-    eval_images: int = key(2000, "held-out images evaluated; 0: all", ge=0)
-    num_workers: int = key(2, "loader worker processes", ge=0)
-    os_cache: bool = key(True, "FFCV: read through the OS page cache (data that fits in RAM), else quasi-random order")
-    verify: bool = key(False, "FFCV: compare each .beton's sha256 with its `data_tools.convert` record before "
-                       "training (reads the whole file: minutes for 150 GB)")
+def _data_section() -> DataConfig:
+    from data_tools.config import DataConfig
+    return DataConfig()
 
 
 @dataclass
@@ -196,7 +185,7 @@ class StageConfig:
     how fast or what is evaluated, not what is trained); the engine's are `engine.run_dir.HARMLESS`.
     """
     harmless_on_resume: ClassVar[frozenset[str]] = frozenset()
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=_data_section)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -250,9 +239,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def type_hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints` of a config dataclass, whose `data` section (StageConfig's) names DataConfig, which
+    this module imports only where it is used (data_tools.config imports this module)."""
+    from data_tools.config import DataConfig
+    return typing.get_type_hints(cls, localns={"DataConfig": DataConfig})
+
+
 def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a (possibly nested) mapping; unknown keys are an error."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -428,39 +424,9 @@ def _leaves(values: Mapping[str, Any], prefix: str = "") -> set[str]:
     return out
 
 
-def _last_setter(layers: list[tuple[str, set[str]]], key: str) -> int:
+def last_setter(layers: list[tuple[str, set[str]]], key: str) -> int:
     """Index of the last of `layers` (lowest priority first, the defaults at 0) that sets `key`."""
     return max((i for i, (_, keys) in enumerate(layers) if key in keys), default=0)
-
-
-def settle_data(data: DataConfig, layers: list[tuple[str, set[str]]]) -> dict[str, str]:
-    """The user's data is the data: a `train_path`/`eval_path` given at a later layer than `source` (a flag over a
-    recipe) switches the source to `beton`; a layer that sets both a path and another source is a one-line error.
-    With a .beton, `limit`/`eval_images` cap a file only when set at its path's layer or later: a recipe's (or the
-    defaults') are for the built-in data, and the file is read whole. `layers`: (name, keys it sets, relative to the
-    data section), lowest priority first, the defaults at 0. Returns what changed, key -> why."""
-    notes: dict[str, str] = {}
-    given = [k for k in ("train_path", "eval_path") if getattr(data, k)]
-    if not given:
-        return notes
-    path_layer = max(_last_setter(layers, k) for k in given)
-    source_layer = _last_setter(layers, "source")
-    if data.source != "beton" and path_layer >= source_layer:
-        key = max(given, key=lambda k: _last_setter(layers, k))
-        if path_layer == source_layer:
-            raise ConfigError(f"data.{key}={getattr(data, key)} and data.source={data.source} are both set by "
-                              f"{layers[path_layer][0]}: a path is read with data.source=beton; drop data.source "
-                              f"(or set it to beton)")
-        notes["source"] = f"{layers[path_layer][0]}: beton, as data.{key} is given"
-        data.source = "beton"
-    if data.source == "beton":
-        for limit, path in (("limit", "train_path"), ("eval_images", "eval_path")):
-            layer = _last_setter(layers, limit)
-            if getattr(data, path) and getattr(data, limit) and layer < _last_setter(layers, path):
-                notes[limit] = (f"0 (all of {getattr(data, path)}): the {getattr(data, limit)} of "
-                                f"{layers[layer][0]} is for the built-in data")
-                setattr(data, limit, 0)
-    return notes
 
 
 def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
@@ -474,7 +440,8 @@ def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | N
     `run.output_dir` names the old run: when that folder already holds a run and the flags do not set
     `run.output_dir`, this is an error asking for one (pass the old folder itself to continue that run).
 
-    Data given by the user wins (`settle_data`): `--data.train_path=my.beton` reads that file, whole.
+    Data given by the user wins (`data_tools.config.settle_data`): `--data.train_path=my.beton` reads that file,
+    whole.
     """
     return resolve_with_origins(cls, recipes, recipe, overrides, config_file)[0]
 
@@ -482,7 +449,8 @@ def resolve(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | N
 def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
                          overrides: Mapping[str, Any], config_file: str | None = None) -> tuple[Any, dict[str, str]]:
     """`resolve`, and where each key that is not at its default came from: `recipe NAME`, `file PATH` or `flag`
-    (and why, for a key `settle_data` changed)."""
+    (and why, for a key `data_tools.config.settle_data` changed)."""
+    from data_tools.config import DataConfig, settle_data
     overrides = dict(overrides)
     if CONFIG_KEY in overrides:
         if config_file is not None:
@@ -520,9 +488,9 @@ def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], re
     if isinstance(run, RunConfig) and run.precision == "auto":   # what this machine computes natively
         from engine.precision import auto_precision
         run.precision = auto_precision()
-        notes["run.precision"] = f"auto on this machine ({layers[_last_setter(layers, 'run.precision')][0]})"
-    origins = {key: layers[_last_setter(layers, key)][0] for key in _leaves(to_dict(cfg))
-               if _last_setter(layers, key) > 0}
+        notes["run.precision"] = f"auto on this machine ({layers[last_setter(layers, 'run.precision')][0]})"
+    origins = {key: layers[last_setter(layers, key)][0] for key in _leaves(to_dict(cfg))
+               if last_setter(layers, key) > 0}
     return cfg, {**origins, **notes}
 
 
@@ -616,7 +584,8 @@ def saved_run_config(checkpoint: str) -> dict:
 def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: str) -> Any:
     """One config section of an evaluation command: its defaults, then what the run saved, then the command's
     `--flag` (a JSON object; unknown keys fail). A DataConfig's paths given in `--flag` are read, whole
-    (`settle_data`)."""
+    (`data_tools.config.settle_data`)."""
+    from data_tools.config import DataConfig, settle_data
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"--{flag} must be a JSON object, e.g. --{flag}='{{\"key\": value}}', got {overrides!r}")
     defaults = to_dict(cls())
@@ -636,7 +605,7 @@ def _note(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-__all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "DataConfig", "StageConfig", "config_section",
-           "resolve_with_origins", "settle_data",
+__all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "StageConfig", "config_section",
+           "resolve_with_origins", "last_setter", "type_hints",
            "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
            "resolve", "to_dict", "flat_keys", "validate", "save_json", "load_json", "field", "key"]

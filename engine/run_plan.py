@@ -5,7 +5,7 @@ Every train command resolves its config through `start_run`, which prints (first
 - each split the run reads: source, file (or the built-in data), images used of images in the file, classes (from
   the `<file>.json` record `python -m data_tools.convert` writes beside a .beton), and why a count is capped;
 - the resolved config: every key, `*` where it differs from the defaults, and where it was set (recipe, file,
-  flag, or why `engine.config.settle_data` changed it).
+  flag, or why `data_tools.config.settle_data` changed it).
 
 A classifier's `num_classes` comes from the data's record unless the user set it, and a label the data holds at or
 above it is a one-line error naming the file and the label (`check_labels`, shared with the evaluation commands).
@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from engine.config import ConfigError, DataConfig, flat_keys, resolve_with_origins, to_dict
+from data_tools.config import DataConfig
+from engine.config import ConfigError, flat_keys, resolve_with_origins, to_dict
 
 DRY_RUN_KEY = "dry_run"   # a train command's `--dry_run`, taken out of its overrides like `--config`
 TASKS = ("images", "classify", "segment")   # what the stage does with the data: pretrain on images, or labels

@@ -17,9 +17,10 @@ from PIL import Image
 
 from data_tools import beton_check, convert
 from data_tools.beton_check import BetonIntegrityError
+from data_tools.config import DataConfig
 from data_tools.ffcv_loader import FFCVSource, RawAug
 from data_tools.sources import train_source
-from engine.config import DataConfig, RunConfig
+from engine.config import RunConfig
 
 N = 40
 

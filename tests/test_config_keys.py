@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from engine.config import (ConfigError, DataConfig, OptimConfig, ScheduleConfig, _keys, config_section, resolve,
-                           validate)
+from data_tools.config import DataConfig
+from engine.config import ConfigError, OptimConfig, ScheduleConfig, _keys, config_section, resolve, validate
 
 
 def _stage_configs():

@@ -276,7 +276,7 @@ def test_the_betons_convert_writes_pass_the_header_check(betons):
 
 
 def _data(**paths):
-    from engine.config import DataConfig
+    from data_tools.config import DataConfig
     return DataConfig(source="beton", num_workers=1, **{k: str(v) for k, v in paths.items()})
 
 

@@ -35,7 +35,7 @@ def test_a_tiny_segmenter_learns_mosaics_from_a_beton(mosaics_beton, tmp_path):
     from finetune.segment.config import SegAugmentConfig, SegEvalConfig
     from finetune.segment.train import held_out_metrics, train
     from finetune.segment.upernet import build_segmenter, load_segmenter
-    from engine.config import DataConfig
+    from data_tools.config import DataConfig
     train_beton = str(mosaics_beton / "train.beton")
     data = DataConfig(source="beton", train_path=train_beton, eval_path=train_beton, eval_images=0, num_workers=1)
     augment = SegAugmentConfig(scale=(48, 48), ratio_range=(0.75, 1.25))

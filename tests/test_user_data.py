@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools.config import DataConfig
 from engine.cli import run_cli
-from engine.config import ConfigError, DataConfig, config_section, merge, resolve
+from engine.config import ConfigError, config_section, merge, resolve
 from tests.conftest import cli_error
 
 N = 40

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_tools.config import DataConfig
 from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.config import ConfigError, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from engine.labels import LabelRange
 from engine.run_plan import check_labels, data_split

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_tools.config import DataConfig
 from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, OptimConfig, config_section, saved_run_config
+from engine.config import ConfigError, OptimConfig, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from engine.run_plan import Split, data_split
 from engine.schedule import lr_at

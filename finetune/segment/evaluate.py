@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
+from data_tools.config import DataConfig
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.config import ConfigError, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from finetune.segment.config import SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import MS_RATIOS

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_tools.config import DataConfig
 from data_tools.ffcv_loader import RawAug
 from data_tools.gpu_segment import IGNORE, SegTrainAug
 from data_tools.sources import segmentation_source
 from engine import distributed as dist_utils
-from engine.config import DataConfig, describe
+from engine.config import describe
 from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from engine.evaluation import write_result
 from engine.labels import LabelRange

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from data_tools import sources
+from data_tools.config import DataConfig
 from data_tools.gpu_augment import MimAug, mim_views
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import ConfigError, DataConfig, config_section, saved_run_config
+from engine.config import ConfigError, config_section, saved_run_config
 from engine.evaluation import eval_device, write_result
 from pretrain.mim.config import MaskingConfig
 from pretrain.mim.masking import BlockMaskGenerator

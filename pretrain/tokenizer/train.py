@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from data_tools import sources
+from data_tools.config import DataConfig
 from engine import distributed as dist_utils
 from engine.cli import check_counts
-from engine.config import DataConfig, config_section, describe, saved_run_config
+from engine.config import config_section, describe, saved_run_config
 from engine.ds_setup import COMPUTE_DTYPES, param_groups
 from engine.evaluation import eval_device, write_result
 from engine.files import write_atomically
