@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, flex_attention as flex, sdpa_kernel
 
 from bench.common import device_info, time_it, write_json
-from engine.cli import check_counts, run_cli
+from engine.config.cli import check_counts, run_cli
 
 
 def main(batch: int = 128, tokens: int = 197, heads: int = 12, head_dim: int = 64, dtype: str = "bf16",

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from engine.cli import check_counts
-from engine.files import write_text_atomically
+from engine.config.cli import check_counts
+from engine.storage.files import write_text_atomically
 
 
 def sync(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 
 On a GPU every dispatched op is at least one kernel launch and every sync drains the launch queue, so these
 counts are what leaves a fast GPU idle between kernels; counting them needs no GPU. Each mode runs the real
-`engine.trainer.fit` on the MIM model (full parameter set, small images so the CPU finishes quickly) for two
+`engine.loop.trainer.fit` on the MIM model (full parameter set, small images so the CPU finishes quickly) for two
 run lengths with one log point each; the difference divided by the extra steps is the per-step cost, free of
 setup and logging. Modes:
 
@@ -24,7 +24,7 @@ import tempfile
 import fire
 
 from bench.common import write_json
-from engine.cli import check_counts, run_cli
+from engine.config.cli import check_counts, run_cli
 
 MODES = {"ds_bf16_zero1": ("bf16", 1), "ds_bf16_zero0": ("bf16", 0), "lean": ("bf16_autocast", 0)}
 
@@ -35,10 +35,10 @@ def measure(mode: str, steps: int, arch: str, img_size: int, batch: int) -> dict
     import torch.nn.functional as F
 
     from bench.common import DispatchCounter
-    from engine import distributed as dist_utils
-    from engine.config import OptimConfig, RunConfig, ScheduleConfig
-    from engine.ds_setup import PARAM_DTYPES, param_groups
-    from engine.trainer import fit
+    from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import PARAM_DTYPES, param_groups
     from pretrain.mim import MIM_ARCHS, build_mim_model
 
     precision, zero = MODES[mode]

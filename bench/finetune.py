@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 from bench.common import device_info, run_stage_variants, stage_overrides, stage_variant_names, write_json
-from engine.cli import run_cli
-from engine.config import resolve
+from engine.config.cli import run_cli
+from engine.config.schema import resolve
 from finetune.classify.config import RECIPES, ClassifyConfig
 from finetune.model import CLS_ARCHS
 
@@ -32,7 +32,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     """Benchmark one arch/batch/precision/ZeRO stage; defaults: the official base arch at batch 128 in bf16 on GPU,
     the test arch at batch 16 in fp32 on CPU."""
     names = stage_variant_names(variants, zero, warmup, batch, arch, CLS_ARCHS, "classifier")
-    from engine import distributed as dist_utils
+    from engine.parallel import distributed as dist_utils
     from finetune.classify.train import build_model, train
     device = dist_utils.init()
     cuda = device.type == "cuda"

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench.common import device_info, write_json
-from engine.cli import check_counts, run_cli
+from engine.config.cli import check_counts, run_cli
 
 SIZE, GRID, MASKED = 224, 14, 75
 

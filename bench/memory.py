@@ -19,7 +19,7 @@ PyTorch's SDPA kernel; bf16 on a GPU with flash attention holds less).
 
 `estimate` turns the arithmetic and a per-image activation memory into the largest micro-batch per device and
 ZeRO stage. `step_time` is a back-of-the-envelope model (compute from FLOPs and an MFU, ring all-reduce of the
-gradients, with and without overlap) that explains the `overlap_comm` choice in `engine.ds_setup`.
+gradients, with and without overlap) that explains the `overlap_comm` choice in `engine.parallel.ds_setup`.
 
     python -m bench.memory run --arch=beit_base_patch16_224_8k_vocab_cls_pt --micro=2 \\
         --setups=1:zero0,2:zero1,2:zero2,2:zero3 --out=bench/results/cpu_memory_vitb.json
@@ -36,8 +36,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 from bench.common import write_json
-from engine.cli import check_counts, run_cli
-from engine.host_memory import MODES as MMAP_MODES
+from engine.config.cli import check_counts, run_cli
+from engine.parallel.host_memory import MODES as MMAP_MODES
 
 GIB = 2 ** 30
 PARAM_BYTES = {"fp32": 4, "bf16_autocast": 4, "bf16": 2, "fp16": 2}
@@ -56,7 +56,7 @@ class ParamCounts:
     Args:
         sizes: element count of every trainable parameter tensor.
         frozen: elements of the frozen helper (the tokenizer as the MIM step keeps it), parameters and buffers.
-        frozen_sizes: element count of each of its parameter tensors (ZeRO-3 partitions them, engine.frozen).
+        frozen_sizes: element count of each of its parameter tensors (ZeRO-3 partitions them, engine.loop.frozen).
         largest_module: elements of the largest module ZeRO-3 gathers at once (a transformer block).
     """
     sizes: tuple[int, ...]
@@ -72,7 +72,7 @@ class ParamCounts:
 def count_params(model, frozen=None) -> ParamCounts:
     """ParamCounts of `model` (trainable tensors; ZeRO-3-partitioned or not) and an optional frozen module."""
     import torch
-    from engine.ds_setup import largest_layer
+    from engine.parallel.ds_setup import largest_layer
     numel = lambda p: getattr(p, "ds_numel", p.numel())   # noqa: E731 - ZeRO-3 leaves an empty placeholder
     sizes = tuple(numel(p) for p in model.parameters() if p.requires_grad)
     frozen_sizes = tuple(numel(p) for p in frozen.parameters()) if frozen is not None else ()
@@ -136,7 +136,7 @@ def expected_bytes(counts: ParamCounts, precision: str, zero: ZeroSettings, rank
     optimizer steps on), `gradients` (on the parameters and/or in flat partition buffers), `optimizer_state` (Adam's
     two moments, fp32), `buckets` (gradient reduction buffers), `gathered_parameters` (ZeRO-3's whole layers live
     during forward/backward), `frozen_tokenizer` (fp32 or the compute dtype; its encoder runs in the training
-    dtype; at ZeRO-3 on several ranks a partition of each parameter, as engine.frozen keeps it, plus the ones under
+    dtype; at ZeRO-3 on several ranks a partition of each parameter, as engine.loop.frozen keeps it, plus the ones under
     the persistence threshold whole, and its buffers). Offloaded parts are on the host and count 0 here.
     """
     n, bp, stage = ranks, PARAM_BYTES[precision], zero.stage
@@ -175,7 +175,7 @@ def expected_bytes(counts: ParamCounts, precision: str, zero: ZeroSettings, rank
     # also stay whole on every rank.
     persistent = sum(s for s in counts.sizes if s <= zero.param_persistence_threshold)
     out["parameters"] = (part + persistent) * bp * (0 if zero.offload_param else 1)
-    # fp32 weights are stepped in place (engine.ds_setup.share_fp32_master_weights); 16-bit ones, or offloaded
+    # fp32 weights are stepped in place (engine.parallel.ds_setup.share_fp32_master_weights); 16-bit ones, or offloaded
     # ones, get an fp32 master partition.
     out["master_weights"] = part * 4 * opt if (sixteen or zero.offload_optimizer or zero.offload_param) else 0
     out["gradients"] = part * 4   # grad_partitions_flat_buffer (fp32 accumulation)
@@ -351,10 +351,10 @@ def _measure_rank(arch: str, tokenizer: str, precision: str, micro: int, ds_conf
     import torch
     import torch.distributed as dist
 
-    import engine.trainer as trainer
+    import engine.loop.trainer as trainer
     import pretrain.mim.train as mim
-    from engine import distributed as dist_utils
-    from engine.ds_setup import zero_stage
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import zero_stage
 
     device = dist_utils.init()
     probe = MemoryProbe(device)
@@ -457,7 +457,7 @@ def measure(arch: str, precision: str, micro: int, ds_config: str, ranks: int, s
             grad_ckpt: bool = False, tokenizer: str = "", extra: str = "", timeout: int = 1800,
             mmap_threshold: str = "fixed") -> dict:
     """One setup in fresh processes (`ranks` under torchrun): the per-rank timeline, inventory, split and
-    arithmetic. `mmap_threshold` (engine.host_memory): `fixed` maps big host blocks on their own throughout, so
+    arithmetic. `mmap_threshold` (engine.parallel.host_memory): `fixed` maps big host blocks on their own throughout, so
     resident memory follows the tensors; `dynamic` is what ZeRO-0/1/2 training runs do by default (`auto`)."""
     check_counts(micro=micro, ranks=ranks, steps=steps)
     work = tempfile.mkdtemp(prefix="bench_memory_")
@@ -537,8 +537,8 @@ def run(arch: str = "beitv2_tiny_test", precision: str = "fp32", micro: int = 2,
         steps: training steps per setup (the last one is reported; the first allocates the optimizer state).
         grad_ckpt: gradient checkpointing.
         extra: JSON object of more stage overrides, e.g. '{"masking.num_masked": 30}'.
-        mmap_threshold: host allocation on CPU (engine.host_memory): `fixed` (resident memory follows the tensors)
-            or `dynamic` (glibc's own rule, the default of ZeRO-0/1/2 runs) or `auto`.
+        mmap_threshold: host allocation on CPU (engine.parallel.host_memory): `fixed` (resident memory follows the
+            tensors) or `dynamic` (glibc's own rule, the default of ZeRO-0/1/2 runs) or `auto`.
         out: JSON path; the Markdown table goes next to it.
     """
     if mmap_threshold not in MMAP_MODES:
@@ -582,12 +582,12 @@ def step_time_cli(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", micro: in
         peak_tflops, mfu: device peak (dense bf16) and the fraction reached.
         grad_bytes: bytes per gradient element (2: bf16, 4: fp32).
         zero: ZeRO stage.
-        bucket_mb: reduction bucket in MB (0: what engine.ds_setup derives).
+        bucket_mb: reduction bucket in MB (0: what engine.parallel.ds_setup derives).
         shared_cores: communication competes with compute for the same cores (gloo on CPU).
     """
     import torch
 
-    from engine.ds_setup import zero_settings_for
+    from engine.parallel.ds_setup import zero_settings_for
     from pretrain.mim import build_mim_model
     with torch.device("meta"):
         model = build_mim_model(arch)
@@ -602,8 +602,8 @@ def step_time_cli(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", micro: in
 
 def estimate(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", precision: str = "bf16", ranks: int = 8,
              activation_gib_per_image: float = 0.1, device_gb: float = 80.0) -> dict:
-    """Largest micro-batch per device for each ZeRO stage, from the arithmetic (settings as engine.ds_setup derives
-    them under NCCL) and a per-image activation memory (measure it with `run`).
+    """Largest micro-batch per device for each ZeRO stage, from the arithmetic (settings as engine.parallel.ds_setup
+    derives them under NCCL) and a per-image activation memory (measure it with `run`).
 
     Args:
         arch: MIM arch (its tokenizer: the base VQ-KD encoder).
@@ -614,7 +614,7 @@ def estimate(arch: str = "beit_base_patch16_224_8k_vocab_cls_pt", precision: str
     """
     import torch
 
-    from engine.ds_setup import zero_settings_for
+    from engine.parallel.ds_setup import zero_settings_for
     from pretrain.mim import build_mim_model
     from pretrain.tokenizer import build_tokenizer
     check_counts(ranks=ranks)

@@ -21,8 +21,8 @@ import tempfile
 import torch
 
 from bench.common import add_speedups, device_info, time_it, write_json
-from engine.cli import check_counts, run_cli
-from engine.config import resolve
+from engine.config.cli import check_counts, run_cli
+from engine.config.schema import resolve
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.tokenizer import build_tokenizer, save_tokenizer
 
@@ -63,7 +63,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
          variants: str = "baseline,fused,fused_ckpt,fused_compile", profile: bool = False,
          out: str = "bench_pretrain.json"):
     check_counts(warmup=warmup, **({"batch": batch} if batch else {}))   # batch 0: the default for the device
-    from engine import distributed as dist_utils
+    from engine.parallel import distributed as dist_utils
     from pretrain.mim.train import train
     device = dist_utils.init()
     cuda = device.type == "cuda"

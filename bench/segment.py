@@ -25,8 +25,8 @@ import sys
 import tempfile
 
 from bench.common import device_info, run_stage_variants, stage_overrides, stage_variant_names, write_json
-from engine.cli import run_cli
-from engine.config import resolve
+from engine.config.cli import run_cli
+from engine.config.schema import resolve
 from finetune.segment.config import RECIPES, SegmentConfig
 from finetune.segment.upernet import SEG_ARCHS
 
@@ -43,7 +43,7 @@ def main(arch: str = "", batch: int = 0, precision: str = "", zero: int = 1, war
     """Benchmark one arch/batch/precision/ZeRO stage; defaults: the official base segmenter (512 px crops) at batch
     16 (the recipe's global batch on one device) in bf16 on GPU, the test segmenter at batch 8 in fp32 on CPU."""
     names = stage_variant_names(variants, zero, warmup, batch, arch, SEG_ARCHS, "segmenter")
-    from engine import distributed as dist_utils
+    from engine.parallel import distributed as dist_utils
     from finetune.segment.train import build_model, train
     device = dist_utils.init()
     cuda = device.type == "cuda"

@@ -25,8 +25,8 @@ import sys
 import tempfile
 import time
 
-from engine.cli import run_cli
-from engine.files import write_text_atomically
+from engine.config.cli import run_cli
+from engine.storage.files import write_text_atomically
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BENCHES = "loader,tokenizer,pretrain"

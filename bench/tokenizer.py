@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_info, peak_gib, reset_peak, time_it, write_json
-from engine import distributed as dist_utils
-from engine.cli import check_counts, run_cli
-from engine.ds_setup import COMPUTE_DTYPES
+from engine.config.cli import check_counts, run_cli
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import COMPUTE_DTYPES
 from pretrain.tokenizer import VQKD, build_tokenizer
 from pretrain.tokenizer.quantizer import NormEMAQuantizer
 

@@ -1,11 +1,11 @@
 """The data section of every stage's config (`data.*`, an evaluation command's `--data_cfg`): where the images come
-from, and `settle_data`, which makes the data the user names the data a run reads (engine.config.resolve and
+from, and `settle_data`, which makes the data the user names the data a run reads (engine.config.schema.resolve and
 config_section apply it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import ConfigError, key, last_setter
+from engine.config.schema import ConfigError, key, last_setter
 
 
 @dataclass

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from data_tools.beton_check import file_sha256
-from engine.extras import require
-from engine.files import OutputPathError, writable_parent_problem, write_atomically, write_text_atomically
+from engine.config.extras import require
+from engine.storage.files import OutputPathError, writable_parent_problem, write_atomically, write_text_atomically
 
 # Pillow refuses "decompression bombs" inside Image.open; this module checks the pixel count itself (max_pixels)
 # so that a too-large file is skipped with a clear reason instead of raising.
@@ -560,15 +560,16 @@ def fashion_mnist(out_dir: str, mode: str = "raw", quality: int = 95, workers: i
 
 
 COMMANDS = {"imagefolder": imagefolder, "fashion_mnist": fashion_mnist, "ade20k": ade20k}
-# Failures a user fixes from the message alone, beyond engine.cli.USER_ERRORS: `beitv2 convert` prints them in one line.
+# Failures a user fixes from the message alone, beyond engine.config.cli.USER_ERRORS: `beitv2 convert` prints them in
+# one line.
 CLI_ERRORS = (ConvertError,)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import fire
 
-    from engine.cli import spell_flags, typed_command
-    from engine.config import ConfigError
+    from engine.config.cli import spell_flags, typed_command
+    from engine.config.schema import ConfigError
     try:
         argv = spell_flags(COMMANDS, list(sys.argv[1:] if argv is None else argv))
         fire.Fire({name: typed_command(fn) for name, fn in COMMANDS.items()}, command=argv,

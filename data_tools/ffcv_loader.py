@@ -1,4 +1,4 @@
-"""The data sources every training stage streams from (engine.interfaces.DataSource).
+"""The data sources every training stage streams from (engine.loop.interfaces.DataSource).
 
 A source yields this rank's micro-batches forever, as dicts on the device:
     {"image": augmented images, "label": int64 [B] class ids or [B, S, S] label maps (when the data has labels),
@@ -243,7 +243,7 @@ class FFCVSource(_PlannedSource):
                  world_size: int = 1, rank: int = 0, seed: int = 0, device: torch.device | str = "cpu",
                  num_workers: int = 2, os_cache: bool = True, pages_per_block: int = 32,
                  batches_ahead: int = 3, limit: int = 0, verify: bool = False) -> None:
-        from engine.extras import require
+        from engine.config.extras import require
         Reader = require("ffcv.reader", f"reading {path} (a .beton file)").Reader
         from data_tools.ffcv_ops import LabelMapField
         check_beton(path)   # header and pointers against the file's size, before FFCV allocates by the header's say

@@ -28,7 +28,7 @@ try:
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
 except ImportError as e:   # one line naming `pip install 'beitv2-ds[data]'`, not ffcv's traceback
-    from engine.extras import extra_error
+    from engine.config.extras import extra_error
     raise extra_error(e, ".beton files (FFCV)") from None
 
 

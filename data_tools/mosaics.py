@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools import fashion_mnist
-from engine.files import OutputPathError, writable_parent_problem
+from engine.storage.files import OutputPathError, writable_parent_problem
 
 CLASS_NAMES = ("background", *fashion_mnist.CLASS_NAMES)   # index = class id after reduce_zero_label
 NUM_CLASSES = len(CLASS_NAMES)                               # 11
@@ -339,8 +339,8 @@ COMMANDS = write_ade20k
 def main(argv: Optional[list[str]] = None) -> int:
     import fire
 
-    from engine.cli import spell_flags, typed_command
-    from engine.config import ConfigError
+    from engine.config.cli import spell_flags, typed_command
+    from engine.config.schema import ConfigError
     try:
         argv = spell_flags(write_ade20k, list(sys.argv[1:] if argv is None else argv))
         fire.Fire(typed_command(write_ade20k), command=argv, name="python -m data_tools.mosaics",

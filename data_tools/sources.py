@@ -10,8 +10,8 @@ import torch
 
 from data_tools.beton_header import check_schema
 from data_tools.config import DataConfig
-from engine import distributed as dist_utils
-from engine.config import ConfigError, RunConfig
+from engine.config.schema import ConfigError, RunConfig
+from engine.parallel import distributed as dist_utils
 
 
 def fashion_mnist(split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON configs shipped with beitv2-ds (ZeRO stage, buckets, offload; see engine/ds_setup.py).
+"""The DeepSpeed JSON configs shipped with beitv2-ds (ZeRO stage, buckets, offload; see engine/parallel/ds_setup.py).
 
 They install with the package, so `--run.ds_config=ds_configs/zero2.json` (what the recipes name) also works
 from an installed copy run in any folder: a path that does not exist as given, but names one of these files by

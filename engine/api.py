@@ -80,7 +80,7 @@ def load_model(source: str | os.PathLike, arch: str | None = None, num_classes: 
         model = load_mim_model(path, arch=arch)
         model.data_config = _data_config(model.patch_embed.img_size[0], IMAGENET_MEAN, IMAGENET_STD, 0.875)
     else:
-        from engine.weights import read_weights_file
+        from engine.storage.weights import read_weights_file
         from finetune.model import FILE_FORMAT, build_classifier, load_classifier
         sd, saved_arch = read_weights_file(path, "classifier", FILE_FORMAT)
         if arch or not isinstance(saved_arch, dict):   # an official or timm file: its arch from its shapes
@@ -126,7 +126,7 @@ def _is_timm_config(folder: str) -> bool:
 
 
 def _saved_run_config(path: str) -> dict:
-    from engine.config import saved_run_config
+    from engine.config.schema import saved_run_config
     try:
         saved = saved_run_config(path)
     except ValueError:   # an unreadable config.json beside a file: the file is still a model

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command group '{group}'; choose one of: {', '.join(stages)} "
               f"(`{PROG} --help` lists their commands)", file=sys.stderr)
         return 2
-    from engine.cli import run_cli   # imports torch: not before a stage is asked for
+    from engine.config.cli import run_cli   # imports torch: not before a stage is asked for
     stage = _stage(group)
     return run_cli({group: stage.COMMANDS}, argv, name=PROG, errors=tuple(getattr(stage, "CLI_ERRORS", ())))
 

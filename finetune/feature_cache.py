@@ -22,8 +22,8 @@ import os
 from typing import Any
 
 from data_tools.beton_check import file_sha256
-from engine import distributed as dist_utils
-from engine.files import write_text_atomically
+from engine.parallel import distributed as dist_utils
+from engine.storage.files import write_text_atomically
 
 
 def _signature(path: str) -> list[int]:
@@ -56,7 +56,7 @@ def cache_key(checkpoint: str, cache_dir: str, *, arch: str, seed: int, data: An
     """The folder name of a feature kind: a hash of the checkpoint's content (or `random`, its arch and seed), of
     the content of the .beton files `data` reads, and of `settings` (JSON-able: kind, layer, pooling, data config,
     view, ranks)."""
-    from engine.config import to_dict
+    from engine.config.schema import to_dict
     model = ["random", arch, seed] if checkpoint == "random" else [file_digest(checkpoint, cache_dir), arch]
     files = [file_digest(p, cache_dir) if p else "" for p in (data.train_path, data.eval_path)] \
         if data.source == "beton" else []

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from data_tools.gpu_augment import normalize
-from engine.weights import read_weights_file
-from engine.files import OutputPathError, write_text_atomically
+from engine.storage.files import OutputPathError, write_text_atomically
+from engine.storage.weights import read_weights_file
 
 POOLINGS = ("cls", "mean", "agg_cls")
 

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 import torch
 from timm.models.beit import Beit, checkpoint_filter_fn
 
-from engine.weights import load_strict, read_weights_file, save_weights_file
-from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.registry import build_from_registry, load_registered
+from engine.config.registry import build_from_registry, load_registered
+from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
+from engine.storage.weights import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.export import to_timm_state_dict
 from pretrain.mim.model import FILE_FORMAT as MIM_FILE_FORMAT
 
@@ -99,7 +99,7 @@ CLS_ARCHS: dict[str, dict[str, Any]] = {
 
 
 def _note(msg: str) -> None:
-    from engine import distributed as dist_utils
+    from engine.parallel import distributed as dist_utils
     dist_utils.log_main(msg)
 
 

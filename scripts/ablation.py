@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from engine.files import write_text_atomically  # noqa: E402 - after the repo root is importable
+from engine.storage.files import write_text_atomically  # noqa: E402 - after the repo root is importable
 # name -> (what it changes, MIM flags, teacher kind of its tokenizer or None for no tokenizer)
 ROWS = {
     "baseline": ("VQ-KD codes, aggregation head, ImageNet teacher", [], "imagenet"),

@@ -279,12 +279,12 @@ def encoded_images(out, count):
 
 
 def token_maps_picture(tokens, num_codes, inputs=None):
-    """The first 16 token maps, each beside its input image when `inputs` are given, as an `engine.pictures`
+    """The first 16 token maps, each beside its input image when `inputs` are given, as an `engine.reporting.pictures`
     Picture: tiles of at least 224 px (nearest neighbour, one square per token), titled, ids as numbers on grids of
     at most 8 x 8. Ids are arbitrary, so a colour is only id / num_codes on a perceptually uniform map; a colour bar
     gives the scale."""
     from matplotlib import colormaps
-    pictures = repo_import("engine.pictures")
+    pictures = repo_import("engine.reporting.pictures")
     maps = np.asarray(tokens[:16])
     side = inputs.shape[1] if inputs is not None else max(maps.shape[1:])
     tile = pictures.tile_side(side)
@@ -310,7 +310,7 @@ def token_maps_picture(tokens, num_codes, inputs=None):
 
 def plot_token_maps(tokens, num_codes, path, inputs=None):
     """`token_maps_picture` as a PNG at `path`; returns its file name."""
-    repo_import("engine.pictures").save_png(token_maps_picture(tokens, num_codes, inputs).image, path)
+    repo_import("engine.reporting.pictures").save_png(token_maps_picture(tokens, num_codes, inputs).image, path)
     return os.path.basename(path)
 
 

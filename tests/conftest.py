@@ -90,7 +90,7 @@ def tiny_tokenizer_file(tmp_path_factory):
 
 def cli_error(capsys, commands: dict, *argv) -> str:
     """Run a stage CLI in-process: it must exit 2 with `error: ...` as its last line of stderr; returns that line."""
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     assert run_cli(commands, list(argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]   # after the libraries' own warnings
     assert err.startswith("error: ")

@@ -1,7 +1,7 @@
-"""What every picture of the project must show (engine.pictures), checked on its pixels and its layout."""
+"""What every picture of the project must show (engine.reporting.pictures), checked on its pixels and its layout."""
 import numpy as np
 
-from engine.pictures import TILE
+from engine.reporting.pictures import TILE
 
 
 def region(image: np.ndarray, box) -> np.ndarray:

@@ -110,7 +110,7 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
 def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
     import importlib
 
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     assert run_cli(importlib.import_module(f"bench.{bench}").main, args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(error), err
@@ -118,7 +118,7 @@ def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
 
 def test_finetune_bench_reports_speed_memory_and_ratio(tmp_path, capsys):
     from bench.finetune import main
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     out = tmp_path / "ft.json"
     result = main(arch="beitv2_tiny_test", batch=4, warmup=2, precision="fp32", variants="baseline,fused",
                   out=str(out))
@@ -145,8 +145,8 @@ def test_finetune_bench_reports_speed_memory_and_ratio(tmp_path, capsys):
 
 def test_segment_bench_reports_speed_mfu_memory_and_ratio(tmp_path, capsys):
     from bench.segment import main
-    from engine.cli import run_cli
-    from engine.metrics import device_peak_flops
+    from engine.config.cli import run_cli
+    from engine.reporting.metrics import device_peak_flops
     out = tmp_path / "seg.json"
     result = main(arch="upernet_beitv2_tiny_test", batch=4, warmup=1, precision="fp32", variants="baseline,fused",
                   out=str(out))
@@ -250,7 +250,7 @@ def test_a_failed_benchmark_is_an_error_row_and_the_table_has_a_line_per_row():
 
 def test_the_suite_rebuilds_its_tables_from_results_already_written(tmp_path, capsys):
     from bench.suite import main
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     gpu = {**PRETRAIN_RESULT, "device": "NVIDIA H200", "threads": 16}
     for name, result in (("cpu_loader", LOADER_RESULT), ("cpu_tokenizer", TOKENIZER_RESULT), ("h200_pretrain", gpu),
                          ("not_a_bench", {"modes": {}})):

@@ -20,7 +20,7 @@ from data_tools.beton_check import BetonIntegrityError
 from data_tools.config import DataConfig
 from data_tools.ffcv_loader import FFCVSource, RawAug
 from data_tools.sources import train_source
-from engine.config import RunConfig
+from engine.config.schema import RunConfig
 
 N = 40
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager, rng_state, set_rng_state
-from engine.files import OutputPathError, write_atomically, write_text_atomically
+from engine.storage.checkpoint import CheckpointManager, rng_state, set_rng_state
+from engine.storage.files import OutputPathError, write_atomically, write_text_atomically
 from tests.conftest import ROOT
 
 
@@ -63,7 +63,7 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary_behind(tmp_pa
 
 def test_a_resumed_run_drops_later_and_torn_metric_rows(tmp_path):
     # Rows after the checkpoint are redone by the resumed run; a row torn by a kill mid-write must not stop it.
-    from engine.metrics import RunLogger
+    from engine.reporting.metrics import RunLogger
     rows = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n" for s in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "split": "tr')
     RunLogger(str(tmp_path), total_steps=8, start_step=2, show_progress=False)
@@ -103,10 +103,10 @@ def test_a_checkpoint_that_does_not_load_on_another_number_of_ranks_is_one_line(
     fake_checkpoint(tmp_path, 2, sharded=False)
     script = textwrap.dedent('''
         import sys, torch
-        from engine import distributed as dist_utils
-        from engine.checkpoint import CheckpointManager
-        from engine.config import OptimConfig, RunConfig
-        from engine.ds_setup import initialize, param_groups
+        from engine.config.schema import OptimConfig, RunConfig
+        from engine.parallel import distributed as dist_utils
+        from engine.parallel.ds_setup import initialize, param_groups
+        from engine.storage.checkpoint import CheckpointManager
         dist_utils.init()
         model = torch.nn.Linear(2, 1)
         run = RunConfig(output_dir=sys.argv[1], ds_config="ds_configs/zero0.json", micro_batch_size=1)

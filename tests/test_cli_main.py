@@ -1,4 +1,4 @@
-"""The installed `beitv2` command (engine.main) and `--config=FILE` on train commands (engine.config.resolve).
+"""The installed `beitv2` command (engine.main) and `--config=FILE` on train commands (engine.config.schema.resolve).
 
 The console script runs in subprocesses (help at each level, one tiny tokenizer run, and that run's config.json
 rerun in a new folder); bad config files and commands are checked in-process through `engine.main.main`, which is
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError, resolve, save_json, to_dict
+from engine.config.schema import ConfigError, resolve, save_json, to_dict
 from tests.conftest import ROOT
 
 BEITV2 = os.path.join(os.path.dirname(sys.executable), "beitv2")
@@ -157,7 +157,7 @@ def test_a_config_naming_a_used_output_dir_asks_for_a_new_one(tmp_path, capsys):
                    f"pass --run.output_dir=NEW_DIR for a new run (or --run.output_dir={old} to continue that one)")
     cfg = resolve(TokenizerConfig, RECIPES, "vqkd_tiny_test", {"config": str(old / "config.json"),
                                                                "run.output_dir": str(old)})
-    assert cfg.run.output_dir == str(old)   # naming it again continues that run (engine.run_dir's resume check)
+    assert cfg.run.output_dir == str(old)   # naming it again continues that run (engine.storage.run_dir's resume check)
 
 
 def test_precedence_defaults_recipe_file_flags_and_yaml(tmp_path):

@@ -1,11 +1,11 @@
-"""Issue 22: each config key is declared once with its type, range and help (`engine.config.key`); the checks and a
-train command's --help are derived from the declarations."""
+"""Issue 22: each config key is declared once with its type, range and help (`engine.config.schema.key`); the checks and
+a train command's --help are derived from the declarations."""
 import re
 
 import pytest
 
 from data_tools.config import DataConfig
-from engine.config import ConfigError, OptimConfig, ScheduleConfig, _keys, config_section, resolve, validate
+from engine.config.schema import ConfigError, OptimConfig, ScheduleConfig, _keys, config_section, resolve, validate
 
 
 def _stage_configs():
@@ -58,7 +58,7 @@ def test_ranges_apply_to_each_item_skip_none_and_name_the_section_given():
 
 
 def test_train_help_shows_each_key_default_recipe_value_help_and_the_recipes():
-    from engine.config import to_dict
+    from engine.config.schema import to_dict
     from pretrain.mim.config import RECIPES, MIMConfig
     from pretrain.mim.train import train
     doc = train.__doc__

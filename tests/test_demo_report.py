@@ -190,7 +190,7 @@ def test_token_maps_show_each_map_beside_its_test_image(out):
     """The first 16 maps, each beside the Fashion-MNIST test image `tokenizer encode` read for it, in tiles of at
     least 224 px (nearest neighbour), titled, with a colour bar; with other data, the maps alone and a note."""
     from data_tools.sources import fashion_mnist
-    from engine.pictures import nearest, tile_side
+    from engine.reporting.pictures import nearest, tile_side
     from tests.picture_checks import assert_stands_on_its_own, region
     assert demo_report.main(str(out)) == 0
     tokens = np.load(out / "tokenizer/test_tokens.npy")

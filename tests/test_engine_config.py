@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from engine.config import (ConfigError, OptimConfig, RunConfig, ScheduleConfig, load_json, resolve, save_json,
+from engine.config.schema import (ConfigError, OptimConfig, RunConfig, ScheduleConfig, load_json, resolve, save_json,
                            to_dict)
-from engine.ds_setup import build_ds_config, param_groups
-from engine.schedule import lr_at, total_and_warmup_steps, weight_decay_at
+from engine.loop.schedule import lr_at, total_and_warmup_steps, weight_decay_at
+from engine.parallel.ds_setup import build_ds_config, param_groups
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 
 
@@ -144,7 +144,7 @@ def test_no_weight_decay_groups():
 
 
 def test_command_flags_are_checked_against_their_types(capsys):
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     seen = []
 
     def command(augment: bool = True, name: str = "", batch: int = 1, lr: float = 0.5):
@@ -174,7 +174,7 @@ def test_command_flags_are_checked_against_their_types(capsys):
 
 
 def test_positional_text_arrives_as_typed_and_overrides_keep_their_values():
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     seen = []
 
     def export(checkpoint: str, out: str = "x", **overrides):

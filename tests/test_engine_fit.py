@@ -16,11 +16,11 @@ from tests.conftest import ROOT, free_port
 SCRIPT = textwrap.dedent('''
     import contextlib, json, math, sys
     import torch
-    from engine import distributed as dist_utils
-    from engine.config import OptimConfig, RunConfig, ScheduleConfig
-    from engine.ds_setup import param_groups
-    from engine.guards import TrainingDiverged
-    from engine.trainer import fit
+    from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig
+    from engine.loop.guards import TrainingDiverged
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import param_groups
 
     from bench.common import DispatchCounter
 
@@ -164,7 +164,8 @@ def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per
 @pytest.mark.parametrize("zero,precision", [(0, "bf16_autocast"), (1, "bf16"), (3, "fp32")])
 def test_deepspeed_does_not_synchronize_the_device_every_step(tmp_path, zero, precision):
     """Counting `synchronize()` on DeepSpeed's accelerator: its throughput timer, on by default, would call it at
-    every forward and optimizer step (engine.ds_setup.quiet_defaults turns it off); 2 or 6 steps cost the same."""
+    every forward and optimizer step (engine.parallel.ds_setup.quiet_defaults turns it off); 2 or 6 steps cost the
+    same."""
     syncs = {}
     for steps in (2, 6):
         out, *_ = run_fit(tmp_path / str(steps), zero, [], clip=1.0, precision=precision, steps=steps,

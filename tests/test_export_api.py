@@ -11,8 +11,8 @@ import timm
 import torch
 from PIL import Image
 
-from engine.cli import run_cli
-from engine.extras import MissingExtra, extra_error
+from engine.config.cli import run_cli
+from engine.config.extras import MissingExtra, extra_error
 from finetune.model import CLS_ARCHS, build_classifier, save_classifier
 from pretrain.mim import MIM_ARCHS, build_mim_model, save_mim_model
 from pretrain.mim.export import export_timm_folder
@@ -106,7 +106,7 @@ def test_every_classifier_arch_exports_a_folder_timm_loads_with_the_same_logits(
 
 @pytest.mark.parametrize("archs", [MIM_ARCHS, CLS_ARCHS], ids=["mim", "classifier"])
 def test_the_full_size_archs_export_under_timms_names(archs):
-    from engine.hub_export import beit_model_args, timm_architecture
+    from engine.storage.hub_export import beit_model_args, timm_architecture
     names = {name: timm_architecture(beit_model_args(kwargs, 0)) for name, kwargs in archs.items()}
     for name, timm_name in names.items():
         size = "large" if "large" in name else "base"
@@ -296,7 +296,7 @@ def test_reading_a_beton_without_the_data_extra_is_one_line(without, tmp_path, c
     with pytest.raises(MissingExtra) as err:
         importlib.import_module("data_tools.ffcv_ops")
     _one_line(err.value, "data")
-    # A train command given a .beton says so before it builds anything (engine.run_plan reads the header).
+    # A train command given a .beton says so before it builds anything (engine.config.run_plan reads the header).
     from finetune.classify.__main__ import COMMANDS
     from tests.conftest import cli_error
     (tmp_path / "x.beton").write_bytes(b"\0" * 64)

@@ -17,17 +17,17 @@ import textwrap
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager
+from engine.storage.checkpoint import CheckpointManager
 from tests.conftest import ROOT, free_port
 
 SCRIPT = textwrap.dedent('''
     import json, math, sys
     import torch
-    from engine import distributed as dist_utils
-    from engine.config import OptimConfig, RunConfig, ScheduleConfig
-    from engine.ds_setup import param_groups
-    from engine.guards import TrainingDiverged
-    from engine.trainer import fit
+    from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig
+    from engine.loop.guards import TrainingDiverged
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import param_groups
 
     opts = json.loads(sys.argv[1])
     dist_utils.init()
@@ -123,7 +123,7 @@ def test_leftovers_of_a_killed_save_do_not_end_up_in_the_next_checkpoint(referen
     manager = CheckpointManager(str(run))
     assert manager.latest_tag() == "step_00000008" and manager.saved_world_size("step_00000008") == 2
     assert not manager.needs_resplit(2)
-    from engine.weights import consolidated_state_dict
+    from engine.storage.weights import consolidated_state_dict
     ours, theirs = consolidated_state_dict(str(run)), consolidated_state_dict(str(reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

@@ -289,7 +289,7 @@ def test_a_beton_of_the_other_kind_is_one_line_where_each_stage_opens_it(betons)
     from data_tools.ffcv_loader import RawAug
     from data_tools.gpu_augment import EvalAug
     from data_tools.sources import eval_batches, labelled_batches, segmentation_source, train_source
-    from engine.config import RunConfig
+    from engine.config.schema import RunConfig
     seg, cls = betons["seg"], betons["cls"]
     run = RunConfig(micro_batch_size=2)
     with pytest.raises(BetonHeaderError) as err:    # classification training (finetune.classify.train)
@@ -426,7 +426,7 @@ def test_a_full_or_read_only_cache_dir_is_one_line(knn_data, tmp_path, capsys, s
     import os
     import subprocess
 
-    from engine.files import OutputPathError
+    from engine.storage.files import OutputPathError
     from finetune.features import FeatureFile
     ckpt = _tokenizer_file(tmp_path / "tok.pt", 1)
     expected = _knn(ckpt, knn_data)

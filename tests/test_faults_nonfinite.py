@@ -165,6 +165,6 @@ def test_tokenizer_run_with_one_nan_image_skips_that_step_and_trains_on(tmp_path
 
 if __name__ == "__main__":
     _poison_one_training_image(os.environ[NAN_IMAGE_AT])
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     from pretrain.tokenizer.train import train
     sys.exit(run_cli({"train": train}))

@@ -70,9 +70,9 @@ def test_fine_tuning_from_non_finite_weights_names_the_starting_file(nan_classif
 
 
 def test_results_are_strict_json_with_non_finite_values_as_null(tmp_path, capsys):
-    from engine.cli import run_cli
-    from engine.evaluation import write_result
-    from engine.metrics import RunLogger
+    from engine.config.cli import run_cli
+    from engine.loop.evaluation import write_result
+    from engine.reporting.metrics import RunLogger
     out = tmp_path / "eval.json"
     returned = write_result({"images": 3, "loss": math.nan, "ema": {"top1": 0.5, "loss": math.inf}}, str(out))
     written = strict_json(out.read_text())
@@ -162,10 +162,10 @@ def test_a_signal_during_a_stage_evaluation_after_training_exits_143_and_the_rer
 FIT = '''
     import json, os, signal, sys
     import torch
-    from engine import distributed as dist_utils
-    from engine.config import OptimConfig, RunConfig, ScheduleConfig
-    from engine.ds_setup import param_groups
-    from engine.trainer import fit
+    from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import param_groups
     from tests.dist_util import StepNumbers
 
     opts = json.loads(sys.argv[1])
@@ -250,7 +250,7 @@ def test_a_read_only_tensorboard_folder_warns_and_pictures_are_skipped(tmp_path,
 
     import tensorboardX
 
-    from engine import metrics
+    from engine.reporting import metrics
 
     def read_only(folder, **kwargs):
         raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(folder, "events.out"))
@@ -279,8 +279,8 @@ def test_a_read_only_tensorboard_folder_warns_and_pictures_are_skipped(tmp_path,
 def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_in_one_line(tmp_path):
     """A run made on one rank with micro-batch 3 (global batch 3), resumed by `deepspeed --num_gpus 2`: no micro-batch
     splits 3 over 2 ranks. Both ranks stop before building anything, with the line that says what keeps it."""
-    from engine.config import resolve, save_json
-    from engine.global_batch import RECORD
+    from engine.config.schema import resolve, save_json
+    from engine.parallel.global_batch import RECORD
     from finetune.classify.config import RECIPES, ClassifyConfig
     run = tmp_path / "run"
     flags = ["--run.micro_batch_size=3", "--schedule.total_steps=4"]
@@ -307,7 +307,7 @@ def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_
 
 
 def test_without_a_terminal_every_logged_step_prints_one_plain_line(tmp_path, capsys):
-    from engine.metrics import RunLogger
+    from engine.reporting.metrics import RunLogger
     logger = RunLogger(str(tmp_path / "run"), total_steps=10, start_step=2, show_progress=True)   # stderr: no tty
     assert logger.bar is None
     logger.log(4, {"loss": 1.23456, "lr": 1.5e-3, "images_per_s": 512.0, "mim_acc": 0.5})
@@ -320,8 +320,8 @@ def test_without_a_terminal_every_logged_step_prints_one_plain_line(tmp_path, ca
 def test_tensorboard_reads_the_training_curves_and_an_evaluation_written_beside_the_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from engine.evaluation import write_result
-    from engine.metrics import RunLogger
+    from engine.loop.evaluation import write_result
+    from engine.reporting.metrics import RunLogger
     logger = RunLogger(str(tmp_path), total_steps=4, start_step=0, show_progress=False)
     for step in (2, 4):
         logger.log(step, {"loss": 1.0 / step, "lr": 1e-3})

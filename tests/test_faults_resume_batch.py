@@ -1,4 +1,5 @@
-"""A resume on another number of ranks keeps the global batch (project hardening issue, item 5; engine.global_batch).
+"""A resume on another number of ranks keeps the global batch (project hardening issue, item 5;
+engine.parallel.global_batch).
 
 One uninterrupted run is the reference: 2 gloo ranks, micro-batch 2, no accumulation (global batch 4), a linear model
 on 32 tiny images from an ArraySource (so the real ShardPlan decides which samples each step reads), a one-epoch
@@ -16,9 +17,9 @@ import textwrap
 
 import pytest
 
-from engine.config import ConfigError, RunConfig, StageConfig, to_dict
-from engine.global_batch import RECORD, keep_global_batch, saved_batch
-from engine.run_dir import check_resume
+from engine.config.schema import ConfigError, RunConfig, StageConfig, to_dict
+from engine.parallel.global_batch import RECORD, keep_global_batch, saved_batch
+from engine.storage.run_dir import check_resume
 from tests.conftest import ROOT, free_port
 
 SCRIPT = textwrap.dedent('''
@@ -26,11 +27,11 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     import torch
     from data_tools.ffcv_loader import ArraySource, RawAug
-    from engine import distributed as dist_utils
-    from engine.config import StageConfig
-    from engine.ds_setup import param_groups
-    from engine.global_batch import keep_global_batch
-    from engine.trainer import fit
+    from engine.config.schema import StageConfig
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import param_groups
+    from engine.parallel.global_batch import keep_global_batch
 
     opts = json.loads(sys.argv[1])
     cfg = StageConfig()

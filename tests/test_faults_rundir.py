@@ -1,4 +1,4 @@
-"""One run per output directory, and resumes that cannot silently change what was trained (engine.run_dir).
+"""One run per output directory, and resumes that cannot silently change what was trained (engine.storage.run_dir).
 
 The engine's loop runs in this process on one rank (a linear model, ZeRO-0, 2 steps with a checkpoint at step 2);
 one test runs the lock's collective on 2 gloo ranks, with a stand-in for `fit`.
@@ -13,11 +13,11 @@ import textwrap
 import pytest
 import torch
 
-from engine import distributed as dist_utils
-from engine.config import ConfigError, StageConfig
-from engine.ds_setup import param_groups
-from engine.run_dir import HISTORY, LOCK, RunLock, claimed_output_dir, claims_output_dir
-from engine.trainer import fit
+from engine.config.schema import ConfigError, StageConfig
+from engine.loop.trainer import fit
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import param_groups
+from engine.storage.run_dir import HISTORY, LOCK, RunLock, claimed_output_dir, claims_output_dir
 from tests.conftest import ROOT
 from tests.dist_util import StepNumbers as Numbers, run_ranks
 
@@ -77,7 +77,7 @@ def test_a_second_run_on_a_held_directory_is_a_one_line_error_naming_the_holder(
 
 HOLD = textwrap.dedent('''
     import sys, time
-    from engine.run_dir import RunLock
+    from engine.storage.run_dir import RunLock
     RunLock(sys.argv[1]).acquire()
     print("HELD", flush=True)
     time.sleep(120)
@@ -191,8 +191,8 @@ def test_each_stage_names_its_own_keys_a_resume_may_change(tmp_path):
     """The engine lists only run.* / data.* keys; a stage's kernel or evaluation view is the stage's to declare."""
     import json
 
-    from engine.config import to_dict
-    from engine.run_dir import LATEST, check_resume
+    from engine.config.schema import to_dict
+    from engine.storage.run_dir import LATEST, check_resume
     from finetune.classify.config import ClassifyConfig
     from pretrain.mim.config import MIMConfig
     for cls, harmless, other in ((MIMConfig, {"model": {"attention": "explicit"}}, {"model": {"drop_path": 0.2}}),

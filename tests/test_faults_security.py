@@ -1,7 +1,7 @@
 """Untrusted run directories and unwritable outputs (project hardening issue, items 6 and 13).
 
-Item 6: every file a resume, the consolidation or an export reads is read weights-only (`engine.safe_load`). Each
-test plants, in one kind of file, a pickled object whose unpickling would run code (it would create a marker file)
+Item 6: every file a resume, the consolidation or an export reads is read weights-only (`engine.storage.safe_load`).
+Each test plants, in one kind of file, a pickled object whose unpickling would run code (it would create a marker file)
 and checks that the marker is never created and that the error is one line naming the file. Reference runs (one
 rank, ZeRO 0-3, a linear model, checkpoints at steps 2, 4 and 6) are written once; each case copies one as a run
 killed after its step-4 checkpoint, and all the resumes run in one child process (the engine's process group must
@@ -24,18 +24,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError
-from engine.safe_load import REFUSED, TRUST, UntrustedCheckpoint
+from engine.config.schema import ConfigError
+from engine.storage.safe_load import REFUSED, TRUST, UntrustedCheckpoint
 from tests.conftest import ROOT, cli_error
 
 SCRIPT = textwrap.dedent('''
     import json, sys
     import torch
-    from engine import distributed as dist_utils
-    from engine.config import OptimConfig, RunConfig, ScheduleConfig
-    from engine.ds_setup import param_groups
-    from engine.weights import save_weights_file
-    from engine.trainer import fit
+    from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig
+    from engine.loop.trainer import fit
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel.ds_setup import param_groups
+    from engine.storage.weights import save_weights_file
 
     dist_utils.init()
 
@@ -204,7 +204,7 @@ def test_an_empty_latest_without_checkpoints_is_one_line(resumes):
 
 
 def test_a_binary_deepspeed_config_is_one_line(tmp_path):
-    from engine.ds_setup import load_ds_json
+    from engine.parallel.ds_setup import load_ds_json
     path = tmp_path / "zero.json"
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match=r"is not valid JSON \(not UTF-8 text\)$"):
@@ -217,7 +217,7 @@ def test_a_binary_deepspeed_config_is_one_line(tmp_path):
                                        (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
                                        (3, "zero_pp_rank_0_mp_rank_00_model_states.pt")])
 def test_the_consolidation_refuses_a_file_holding_pickled_code(references, tmp_path, zero, name):
-    from engine.weights import consolidated_state_dict
+    from engine.storage.weights import consolidated_state_dict
     folder = killed_after_step_4(references[zero], tmp_path / "run")
     clean = consolidated_state_dict(str(tmp_path / "run"))   # ZeRO 0, 2 and 3 paths still consolidate
     assert set(clean) == {"weight", "bias"} and all(v.dtype == torch.float32 for v in clean.values())
@@ -228,9 +228,9 @@ def test_the_consolidation_refuses_a_file_holding_pickled_code(references, tmp_p
 
 
 def test_the_universal_converter_refuses_a_file_holding_pickled_code(references, tmp_path):
-    from engine.checkpoint import _to_universal
+    from engine.storage.checkpoint import _to_universal
     folder = killed_after_step_4(references[2], tmp_path / "run")
-    assert _to_universal(str(folder), str(folder) + "_universal") == ""   # runs through engine.safe_load
+    assert _to_universal(str(folder), str(folder) + "_universal") == ""   # runs through engine.storage.safe_load
     assert (folder.parent / "step_00000004_universal" / "zero").is_dir()
     name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     plant(folder / name, tmp_path / "marker")
@@ -240,7 +240,7 @@ def test_the_universal_converter_refuses_a_file_holding_pickled_code(references,
 
 
 def test_reading_a_weights_file_refuses_pickled_code(references, tmp_path):
-    from engine.weights import read_weights_file
+    from engine.storage.weights import read_weights_file
     path = tmp_path / "final.pt"
     shutil.copy(references[0] / "final.pt", path)
     sd, _ = read_weights_file(path, "test weights", "test/1")
@@ -310,7 +310,7 @@ def test_an_export_to_a_real_full_or_read_only_disk_is_one_line(capsys, mim_file
 def test_a_torch_save_to_a_full_disk_is_one_line(small_tmpfs):
     """torch.save's C++ writer reports a full disk as 'unexpected pos 704 vs 598' (a RuntimeError): the final weights
     and checkpoint files of a run say what happened instead."""
-    from engine.files import OutputPathError, write_atomically
+    from engine.storage.files import OutputPathError, write_atomically
     path = small_tmpfs / "classifier.pt"
     message = ""
     try:

@@ -10,7 +10,7 @@ import torch
 from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
-from engine.ds_setup import layer_decay_param_groups
+from engine.parallel.ds_setup import layer_decay_param_groups
 from finetune.classify.evaluate import classification_metrics
 from finetune.classify.mixup import Mixup
 from finetune.model import build_classifier, load_classifier, save_classifier
@@ -444,7 +444,7 @@ def test_classification_metrics_by_hand():
 
 def _two_rank_worker(rank, world, out_dir):
     """One spawn for both collective checks (starting two ranks costs most of this file's time)."""
-    from engine.distributed import all_gather_uneven
+    from engine.parallel.distributed import all_gather_uneven
     shard = [[0, 1], [2]] if rank == 0 else [[3, 4]]   # 3 images on rank 0, 2 on rank 1
     metrics = classification_metrics(LogitsInImages(), _batches(shard))
     parts = [torch.arange(6, dtype=torch.float32).view(3, 2), torch.tensor([[100.0, 101.0]])]   # 3 rows and 1

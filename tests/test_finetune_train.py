@@ -77,7 +77,7 @@ def test_a_killed_fine_tune_resumes_with_the_same_losses(tmp_path, fashion_mnist
     out = run_stage(STAGE, tiny_args(killed, *args))
     assert "resumed from" in out
     assert losses(killed) == losses(tmp_path / "straight")   # bitwise: steps 4-8 redone identically
-    from engine.weights import read_weights_file
+    from engine.storage.weights import read_weights_file
     ema_a, _ = read_weights_file(tmp_path / "straight" / "classifier_ema.pt", "ema", "beitv2-ds/classifier/1")
     ema_b, _ = read_weights_file(killed / "classifier_ema.pt", "ema", "beitv2-ds/classifier/1")
     final, _ = read_weights_file(killed / "classifier.pt", "final", "beitv2-ds/classifier/1")

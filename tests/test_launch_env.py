@@ -1,5 +1,5 @@
-"""Ranks from SLURM's and OpenMPI's variables (engine.launch_env), the preemption signal and the job's time limit
-(engine.guards.PreemptionFlag), in one process. The launches themselves run for real in
+"""Ranks from SLURM's and OpenMPI's variables (engine.parallel.launch_env), the preemption signal and the job's time
+limit (engine.loop.guards.PreemptionFlag), in one process. The launches themselves run for real in
 tests/test_launch_slurm_mpi.py."""
 import os
 import signal
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine.config import ConfigError, RunConfig, validate
-from engine.guards import PreemptionFlag
-from engine.launch_env import expand_hostlist, fill_from_scheduler, job_end_time
+from engine.config.schema import ConfigError, RunConfig, validate
+from engine.loop.guards import PreemptionFlag
+from engine.parallel.launch_env import expand_hostlist, fill_from_scheduler, job_end_time
 
 # What `srun -n 4` over two nodes gives task 3 (as read off Debian's SLURM 22.05, tests/local_slurm.py).
 SRUN_TASK_3 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.memory import ZeroSettings, count_params, expected_bytes, markdown, measure, step_time
-from engine.ds_setup import zero_settings_for
+from engine.parallel.ds_setup import zero_settings_for
 from pretrain.mim import build_mim_model
 from pretrain.tokenizer import build_tokenizer
 from tests.dist_util import losses, run_ranks, run_stage
@@ -47,7 +47,7 @@ def test_arithmetic_matches_counts_taken_from_the_model(tiny):
                 got = expected_bytes(counts, precision, zero, ranks)
                 sharded = 1 if stage == 0 else ranks
                 assert got["optimizer_state"] == 2 * 4 * math.ceil(n_params / sharded)   # Adam's two fp32 moments
-                if stage == 3 and ranks > 1:   # engine.frozen: a partition of each tensor, small ones also whole
+                if stage == 3 and ranks > 1:   # engine.loop.frozen: a partition of each tensor, small ones also whole
                     kept = sum(math.ceil(p.numel() / ranks) + (p.numel() if p.numel() <= threshold else 0)
                                for p in tokenizer.parameters())
                     assert got["frozen_tokenizer"] == (kept + buffers) * width
@@ -186,9 +186,9 @@ def _heap_free_after_zero3_start(rank, world, mode):
     import ctypes
     import os
 
-    from engine import host_memory
-    from engine.config import OptimConfig, RunConfig
-    from engine.ds_setup import initialize, param_groups
+    from engine.config.schema import OptimConfig, RunConfig
+    from engine.parallel import host_memory
+    from engine.parallel.ds_setup import initialize, param_groups
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -238,14 +238,14 @@ def test_gloo_zero3_settings_and_the_mmap_threshold_keep_the_losses(tmp_path, ti
 
 
 def test_a_bad_mmap_threshold_mode_names_the_variable(monkeypatch):
-    from engine import host_memory
+    from engine.parallel import host_memory
     monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "sometimes")
     with pytest.raises(ValueError, match="BEITV2_MMAP_THRESHOLD='sometimes' must be one of auto, dynamic, fixed"):
         host_memory.at_process_start()
 
 
 def test_the_default_threshold_is_fixed_for_zero3_runs_only(monkeypatch):
-    from engine import host_memory
+    from engine.parallel import host_memory
     monkeypatch.delenv("BEITV2_MMAP_THRESHOLD", raising=False)
     assert [host_memory.mode(stage) for stage in (None, 0, 1, 2, 3)] == ["dynamic"] * 4 + ["fixed"]
     monkeypatch.setenv("BEITV2_MMAP_THRESHOLD", "dynamic")
@@ -255,9 +255,9 @@ def test_the_default_threshold_is_fixed_for_zero3_runs_only(monkeypatch):
 
 
 def test_a_stage_tells_host_memory_its_zero_stage_before_anything_is_built(monkeypatch):
-    from engine import distributed as dist_utils
-    from engine import host_memory
-    from engine.config import RunConfig
+    from engine.config.schema import RunConfig
+    from engine.parallel import distributed as dist_utils
+    from engine.parallel import host_memory
 
     class Stop(Exception):   # stop init right there: no process group in the test process
         pass

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from engine.config import resolve
+from engine.config.schema import resolve
 from finetune.features import FrozenFeatures
 from finetune.model import build_classifier
 from pretrain.mim import build_mim_model

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.beit import Beit
 
-from engine.config import ConfigError, resolve
+from engine.config.schema import ConfigError, resolve
 from pretrain.mim import build_mim_model
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.evaluate import evaluate

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from engine.config import resolve
+from engine.config.schema import resolve
 from pretrain.mim import build_mim_model, save_mim_model
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.evaluate import evaluate

@@ -1,6 +1,6 @@
 """Pictures: token maps coloured by the codebook's geometry, [CLS] attention maps (`mim visualize`), and the
-pictures both pretraining stages write to tensorboard; each stands on its own (engine.pictures: tiles >= 224 px
-upsampled by nearest neighbour, titled, the input beside its map, a colour bar or legend, no blank tiles). Tiny
+pictures both pretraining stages write to tensorboard; each stands on its own (engine.reporting.pictures: tiles >= 224
+px upsampled by nearest neighbour, titled, the input beside its map, a colour bar or legend, no blank tiles). Tiny
 archs, in process, 32 px images."""
 import glob
 import io
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.pictures import TILE, ColourBar, Legend, Tile, balanced_columns, nearest, render, tile_side
+from engine.reporting.pictures import TILE, ColourBar, Legend, Tile, balanced_columns, nearest, render, tile_side
 from pretrain.mim.model import build_mim_model, load_mim_model
 from pretrain.mim.visualize import (attention_figure, attention_grid, attention_maps, block_names, cls_attention,
                                     visualize)
@@ -166,7 +166,7 @@ def mim_run(tmp_path_factory, tiny_tokenizer_file):
 
 
 def test_visualize_writes_one_picture_per_image(mim_run, tmp_path):
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, mode in enumerate(["RGB", "L", "RGBA"]):

@@ -1,9 +1,9 @@
-"""`run.precision=auto` (engine.precision): bf16 where the machine computes it natively, fp32 where it would be
+"""`run.precision=auto` (engine.config.precision): bf16 where the machine computes it natively, fp32 where it would be
 emulated. Both CPU paths are exercised with given flag sets; this machine's own flags decide the demo recipes."""
 import pytest
 
-from engine import precision
-from engine.config import resolve_with_origins
+from engine.config.schema import precision
+from engine.config.schema import resolve_with_origins
 from pretrain.mim.config import RECIPES as MIM_RECIPES
 from pretrain.mim.config import MIMConfig
 from pretrain.tokenizer.config import RECIPES as TOKENIZER_RECIPES

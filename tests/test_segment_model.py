@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.ds_setup import layer_decay_param_groups
+from engine.parallel.ds_setup import layer_decay_param_groups
 from finetune.model import build_classifier
 from finetune.segment.metrics import (confusion_matrix, evaluate_segmenter, predict_image, segmentation_metrics,
                                   slide_logits, scaled_size)
@@ -181,8 +181,8 @@ def test_label_ids_outside_the_classes_are_a_one_line_error():
 
 
 def test_poly_schedule_matches_mmcv():
-    from engine.config import OptimConfig
-    from engine.schedule import lr_at
+    from engine.config.schema import OptimConfig
+    from engine.loop.schedule import lr_at
     optim = OptimConfig(lr=1.0, min_lr=0.0)
     total, warmup = 100, 10
     # mmcv: poly(power 1) from iteration 0, multiplied by the linear warm-up factor during the warm-up.

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from engine.config import resolve
+from engine.config.schema import resolve
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 from pretrain.tokenizer.teachers import TeacherConfig, build_teacher
 

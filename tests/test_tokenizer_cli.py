@@ -125,7 +125,7 @@ def test_encode_needs_a_positive_count(tiny_tokenizer_file, tmp_path):
 def test_an_output_that_cannot_be_written_is_one_line(tiny_tokenizer_file, tmp_path, capsys):
     # In process, through the same entry point as `python -m pretrain.tokenizer`; the ids are written atomically,
     # with np.save's suffix rule (an --out without .npy gets it).
-    from engine.cli import run_cli
+    from engine.config.cli import run_cli
     from pretrain.tokenizer.train import encode
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")

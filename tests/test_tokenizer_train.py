@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
 @pytest.mark.slow
 def test_sigterm_to_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(tmp_path):
     """On one node the `deepspeed` command dies of SIGTERM without telling its per-node launcher: the ranks notice
-    (engine.guards.LauncherWatch), checkpoint and exit instead of training on as orphans."""
+    (engine.loop.guards.LauncherWatch), checkpoint and exit instead of training on as orphans."""
     import os
     import time
 
@@ -151,7 +151,7 @@ def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run(base + ["--arch=vqkd_small_demo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(   # the config check (engine.run_dir) comes first
+    assert proc.stderr.strip().splitlines()[-1].startswith(   # the config check (engine.storage.run_dir) comes first
         f'error: resuming {tmp_path} with settings that change what is trained: arch "vqkd_tiny_test" -> '
         f'"vqkd_small_demo"')
     # Allowed on purpose, the change still meets a checkpoint it does not fit.

@@ -1,5 +1,5 @@
-"""`--run.report_to=wandb,mlflow` (engine.trackers), with the real packages: W&B offline (its `.wandb` files, read
-with W&B's own record format) and MLflow on a local file store (read with its MlflowClient). A tiny tokenizer run
+"""`--run.report_to=wandb,mlflow` (engine.reporting.trackers), with the real packages: W&B offline (its `.wandb` files,
+read with W&B's own record format) and MLflow on a local file store (read with its MlflowClient). A tiny tokenizer run
 and its evaluation, compared with the run's metrics.jsonl and eval.json; a missing package, a tracker that cannot
 start, and a resumed run."""
 import glob
@@ -164,8 +164,8 @@ def test_a_tracker_that_cannot_start_is_one_line_before_training(tmp_path):
 def test_a_resumed_run_continues_its_tracker_run_and_a_restart_begins_another(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from engine import trackers
-    from engine.guards import Preempted
+    from engine.loop.guards import Preempted
+    from engine.reporting import trackers
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     out = str(tmp_path / "run")

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from data_tools.config import DataConfig
-from engine.cli import run_cli
-from engine.config import ConfigError, config_section, merge, resolve
+from engine.config.cli import run_cli
+from engine.config.schema import ConfigError, config_section, merge, resolve
 from tests.conftest import cli_error
 
 N = 40
@@ -109,7 +109,7 @@ def _commands(stage):
 def test_dry_run_says_what_the_run_reads_and_exits_0_without_a_model(betons, tmp_path, capsys, monkeypatch, stage,
                                                                      recipe, extra):
     folders, _ = betons
-    from engine import distributed
+    from engine.parallel import distributed
 
     def no_start(*args):
         raise AssertionError("a dry run starts nothing")
@@ -172,7 +172,7 @@ def test_labels_without_a_record_are_checked_on_the_device(betons, tmp_path, cap
                     f"--run.output_dir={tmp_path / 'run'}")
     assert err.startswith(f"error: {bare}: label 12 is outside the model's 5 classes (0..4), by step 1; set "
                           f"num_classes to the data's class count")
-    from engine.labels import LabelRange
+    from engine.loop.labels import LabelRange
     from finetune.classify.evaluate import classification_metrics
 
     class Stub(torch.nn.Module):   # logits are the image's pixels

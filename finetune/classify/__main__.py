@@ -2,7 +2,7 @@
 `beitv2 classify`."""
 import sys
 
-from engine.cli import run_cli
+from engine.config.cli import run_cli
 from finetune.classify.evaluate import evaluate
 from finetune.classify.export import export
 from finetune.classify.probe import knn, linear_probe

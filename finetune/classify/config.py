@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig, key, merge
+from engine.config.schema import ConfigError, StageConfig, key, merge
 from finetune.model import CLS_ARCHS
 
 
@@ -60,7 +60,8 @@ class ClassifyConfig(StageConfig):
             raise ConfigError(f"config key 'model.img_size' = {self.model.img_size} must be a multiple of the "
                               f"patch size {patch} of arch {self.arch}")
         if self.model.ema_decay:
-            from engine.ds_setup import zero_stage_of   # reads the DeepSpeed JSON (a one-line error when it cannot)
+            # reads the DeepSpeed JSON (a one-line error when it cannot)
+            from engine.parallel.ds_setup import zero_stage_of
             if zero_stage_of(self.run.ds_config) == 3:
                 raise ConfigError("model.ema_decay needs whole weights on every rank: use ZeRO <= 2 "
                                   "(--run.ds_config)")

@@ -12,12 +12,12 @@ from torch import nn
 from data_tools.config import DataConfig
 from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
-from engine import distributed as dist_utils
-from engine.cli import check_counts
-from engine.config import ConfigError, config_section, saved_run_config
-from engine.evaluation import eval_device, write_result
-from engine.labels import LabelRange
-from engine.run_plan import check_labels, data_split
+from engine.config.cli import check_counts
+from engine.config.run_plan import check_labels, data_split
+from engine.config.schema import ConfigError, config_section, saved_run_config
+from engine.loop.evaluation import eval_device, write_result
+from engine.loop.labels import LabelRange
+from engine.parallel import distributed as dist_utils
 from finetune.model import build_classifier, load_classifier
 
 OFFICIAL_EVAL_CROP = 224 / 256   # resize 256, centre crop 224

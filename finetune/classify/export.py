@@ -1,12 +1,12 @@
-"""`beitv2 classify export`: a fine-tuned classifier as a folder that describes itself (engine.hub_export), loadable
-with `timm.create_model("local-dir:FOLDER", pretrained=True)`, or as one timm-layout .safetensors file."""
+"""`beitv2 classify export`: a fine-tuned classifier as a folder that describes itself (engine.storage.hub_export),
+loadable with `timm.create_model("local-dir:FOLDER", pretrained=True)`, or as one timm-layout .safetensors file."""
 from __future__ import annotations
 
 import os
 
 from torch import nn
 
-from engine.config import ConfigError, saved_run_config
+from engine.config.schema import ConfigError, saved_run_config
 
 __all__ = ["export", "export_classifier_folder"]
 
@@ -27,7 +27,7 @@ def export(checkpoint: str, out: str, arch: str = "", num_classes: int = 0) -> d
     """
     from safetensors.torch import save_file
 
-    from engine.files import write_atomically
+    from engine.storage.files import write_atomically
     from finetune.classify.evaluate import OFFICIAL_EVAL_CROP
     from finetune.model import build_classifier, load_classifier
 
@@ -52,9 +52,10 @@ def export(checkpoint: str, out: str, arch: str = "", num_classes: int = 0) -> d
 
 
 def export_classifier_folder(model: nn.Module, out: str | os.PathLike, source: str, crop_pct: float = 0.875) -> dict:
-    """A `BeitClassifier` as a folder for `timm.create_model("local-dir:OUT", pretrained=True)` (engine.hub_export);
-    `source` is the checkpoint it came from (its run folder's config.json, metrics and eval.json fill the card)."""
-    from engine.hub_export import beit_model_args, write_timm_folder
+    """A `BeitClassifier` as a folder for `timm.create_model("local-dir:OUT", pretrained=True)`
+    (engine.storage.hub_export); `source` is the checkpoint it came from (its run folder's config.json, metrics and
+    eval.json fill the card)."""
+    from engine.storage.hub_export import beit_model_args, write_timm_folder
 
     kwargs = model.arch_kwargs
     state_dict = {k: v for k, v in model.state_dict().items() if not k.endswith("relative_position_index")}

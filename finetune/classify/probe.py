@@ -21,12 +21,12 @@ from torch import nn
 from data_tools.config import DataConfig
 from data_tools.gpu_augment import EvalAug
 from data_tools.sources import labelled_batches
-from engine import distributed as dist_utils
-from engine.cli import check_counts
-from engine.config import ConfigError, OptimConfig, config_section, saved_run_config
-from engine.evaluation import eval_device, write_result
-from engine.run_plan import Split, data_split
-from engine.schedule import lr_at
+from engine.config.cli import check_counts
+from engine.config.run_plan import Split, data_split
+from engine.config.schema import ConfigError, OptimConfig, config_section, saved_run_config
+from engine.loop.evaluation import eval_device, write_result
+from engine.loop.schedule import lr_at
+from engine.parallel import distributed as dist_utils
 from finetune.classify.evaluate import topk_hits
 from finetune.feature_cache import cache_key, usable_folder
 from finetune.features import FeatureFile, FrozenFeatures, extract
@@ -42,7 +42,7 @@ def _features(checkpoint: str, arch: str, layer: int, pooling: str, data_cfg, ev
     the labels: `_class_count`). With `cache_dir` the features are kept in a folder named by what determines them
     (the checkpoint's and the .beton files' content, arch, layer, pooling, data, view, seed of `random`, ranks:
     `finetune.feature_cache`) and reused by later runs; without, they live in a temporary folder for the duration
-    of the `with` block. What each split is (`engine.run_plan.data_split`) is printed first."""
+    of the `with` block. What each split is (`engine.config.run_plan.data_split`) is printed first."""
     if not 0 < eval_crop <= 1:
         raise ConfigError(f"--eval_crop must be in (0, 1], got {eval_crop}")
     if os.path.isdir(checkpoint):

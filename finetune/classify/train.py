@@ -11,13 +11,13 @@ from timm.utils import ModelEmaV3
 
 from data_tools.gpu_augment import FinetuneTrainAug
 from data_tools.sources import train_source
-from engine import distributed as dist_utils
-from engine.config import ConfigError, describe
-from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups
-from engine.evaluation import write_result
-from engine.labels import LabelRange
-from engine.interfaces import FitResult
-from engine.stage import StagePlan, train_stage
+from engine.config.schema import ConfigError, describe
+from engine.loop.evaluation import write_result
+from engine.loop.interfaces import FitResult
+from engine.loop.labels import LabelRange
+from engine.loop.stage import StagePlan, train_stage
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import PARAM_DTYPES, layer_decay_param_groups
 from finetune.classify.config import RECIPES, ClassifyConfig
 from finetune.classify.evaluate import held_out_metrics
 from finetune.classify.mixup import Mixup

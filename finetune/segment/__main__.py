@@ -1,7 +1,7 @@
 """`python -m finetune.segment train|evaluate ...` (see --help of each); also `beitv2 segment ...`."""
 import sys
 
-from engine.cli import run_cli
+from engine.config.cli import run_cli
 from finetune.segment.evaluate import evaluate
 from finetune.segment.train import train
 

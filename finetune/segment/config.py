@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig, key, merge
+from engine.config.schema import ConfigError, StageConfig, key, merge
 from finetune.model import CLS_ARCHS
 from finetune.segment.upernet import SEG_ARCHS
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from data_tools.config import DataConfig
-from engine.cli import check_counts
-from engine.config import ConfigError, config_section, saved_run_config
-from engine.evaluation import eval_device, write_result
+from engine.config.cli import check_counts
+from engine.config.schema import ConfigError, config_section, saved_run_config
+from engine.loop.evaluation import eval_device, write_result
 from finetune.segment.config import SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import MS_RATIOS
 from finetune.segment.train import held_out_metrics

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from data_tools.gpu_augment import normalize, to_rgb_float
 from data_tools.gpu_segment import IGNORE, reduce_zero_label
-from engine import distributed as dist_utils
+from engine.parallel import distributed as dist_utils
 
 Predict = Callable[[Tensor], Tensor]   # normalised crops [B, 3, c, c] -> logits [B, K, c, c]
 # mmseg's multi-scale test ratios (of the test scale), used with flip for the "+MS" numbers.

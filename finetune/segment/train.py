@@ -12,13 +12,13 @@ from data_tools.config import DataConfig
 from data_tools.ffcv_loader import RawAug
 from data_tools.gpu_segment import IGNORE, SegTrainAug
 from data_tools.sources import segmentation_source
-from engine import distributed as dist_utils
-from engine.config import describe
-from engine.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
-from engine.evaluation import write_result
-from engine.labels import LabelRange
-from engine.interfaces import FitResult
-from engine.stage import StagePlan, train_stage
+from engine.config.schema import describe
+from engine.loop.evaluation import write_result
+from engine.loop.interfaces import FitResult
+from engine.loop.labels import LabelRange
+from engine.loop.stage import StagePlan, train_stage
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from finetune.segment.config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import evaluate_segmenter, per_class_table
 from finetune.segment.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.weights import load_strict, read_weights_file, save_weights_file
-from engine.flops import TRAIN_FACTOR, patch_embed_flops, vit_blocks_flops
-from engine.registry import build_from_registry, load_registered
+from engine.config.registry import build_from_registry, load_registered
+from engine.loop.flops import TRAIN_FACTOR, patch_embed_flops, vit_blocks_flops
+from engine.storage.weights import load_strict, read_weights_file, save_weights_file
 from finetune.model import CLS_ARCHS, FILE_FORMAT as CLS_FILE_FORMAT, BeitClassifier, backbone_state_dict
 from pretrain.mim.model import FILE_FORMAT as MIM_FILE_FORMAT
 
@@ -233,7 +233,7 @@ SEG_ARCHS: dict[str, dict[str, Any]] = {
 
 
 def _note(msg: str) -> None:
-    from engine import distributed as dist_utils
+    from engine.parallel import distributed as dist_utils
     dist_utils.log_main(msg)
 
 

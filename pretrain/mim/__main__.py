@@ -1,7 +1,7 @@
 """`python -m pretrain.mim train|evaluate|export|visualize ...` (see --help of each); also `beitv2 mim ...`."""
 import sys
 
-from engine.cli import run_cli
+from engine.config.cli import run_cli
 from pretrain.mim.evaluate import evaluate
 from pretrain.mim.export import export
 from pretrain.mim.train import train

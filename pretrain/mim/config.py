@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, StageConfig, key
+from engine.config.schema import ConfigError, StageConfig, key
 from pretrain.mim.attention import ATTENTION_KERNELS
 from pretrain.mim.model import MIM_ARCHS, MIM_TARGETS
 
@@ -61,7 +61,7 @@ _OFFICIAL = {
 
 
 def _official(arch: str, epochs: int, betas: list[float], drop_path: float, layer_scale: float, out: str) -> dict:
-    from engine.config import merge
+    from engine.config.schema import merge
     return merge(_OFFICIAL, {"arch": arch, "optim.betas": betas, "schedule": {"epochs": epochs, "warmup_epochs": 10},
                              "model": {"drop_path": drop_path, "layer_scale_init": layer_scale},
                              "run.output_dir": out})

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from data_tools import sources
 from data_tools.config import DataConfig
 from data_tools.gpu_augment import MimAug, mim_views
-from engine import distributed as dist_utils
-from engine.cli import check_counts
-from engine.config import ConfigError, config_section, saved_run_config
-from engine.evaluation import eval_device, write_result
+from engine.config.cli import check_counts
+from engine.config.schema import ConfigError, config_section, saved_run_config
+from engine.loop.evaluation import eval_device, write_result
+from engine.parallel import distributed as dist_utils
 from pretrain.mim.config import MaskingConfig
 from pretrain.mim.masking import BlockMaskGenerator
 from pretrain.mim.model import gather_masked, load_mim_model

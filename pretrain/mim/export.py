@@ -6,7 +6,7 @@ pools the patch tokens and applies `fc_norm` (its `norm` is an Identity); offici
 pretraining `norm` and starts `fc_norm` fresh, which here is written as a unit LayerNorm so that timm can load
 the file strictly.
 
-`beitv2 mim export CKPT FOLDER` writes a folder that describes itself (engine.hub_export: model.safetensors,
+`beitv2 mim export CKPT FOLDER` writes a folder that describes itself (engine.storage.hub_export: model.safetensors,
 config.json with the timm architecture and its arguments, a README.md model card) for
 `timm.create_model("local-dir:FOLDER", pretrained=True)`, whatever the arch; `beitv2 mim export CKPT FILE.safetensors`
 writes the weights alone (`export_to_timm`), for `timm.create_model("beitv2_base_patch16_224", pretrained=True,
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from engine.files import write_atomically
+from engine.storage.files import write_atomically
 
 __all__ = ["export", "export_timm_folder", "export_to_timm", "to_timm_state_dict"]
 
@@ -108,9 +108,10 @@ def export(checkpoint: str, out: str, fc_norm_from_norm: bool = False) -> dict:
 
 def export_timm_folder(model: nn.Module, out: str | os.PathLike, source: str,
                        fc_norm_from_norm: bool = False) -> dict:
-    """`model`'s backbone as a folder for `timm.create_model("local-dir:OUT", pretrained=True)` (engine.hub_export);
-    `source` is the checkpoint it came from (its run folder's config.json, metrics and eval.json fill the card)."""
-    from engine.hub_export import beit_model_args, write_timm_folder
+    """`model`'s backbone as a folder for `timm.create_model("local-dir:OUT", pretrained=True)`
+    (engine.storage.hub_export); `source` is the checkpoint it came from (its run folder's config.json, metrics and
+    eval.json fill the card)."""
+    from engine.storage.hub_export import beit_model_args, write_timm_folder
 
     arch = model.arch_kwargs
     run = os.path.basename(os.path.dirname(os.path.abspath(source))) or source

@@ -20,9 +20,9 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
-from engine.registry import build_from_registry
-from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.weights import load_strict, read_weights_file, save_weights_file
+from engine.config.registry import build_from_registry
+from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
+from engine.storage.weights import load_strict, read_weights_file, save_weights_file
 from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_mim_model",

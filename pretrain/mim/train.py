@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 from data_tools.gpu_augment import MimAug, generator_for, mim_views
 from data_tools.sources import train_source
-from engine import distributed as dist_utils
-from engine.config import ConfigError, describe
-from engine.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
-from engine.weights import load_strict
-from engine.frozen import frozen_entry, shards_frozen
-from engine.metrics import forward_flops_per_image
-from engine.stage import StagePlan, train_stage
+from engine.config.schema import ConfigError, describe
+from engine.loop.frozen import frozen_entry, shards_frozen
+from engine.loop.stage import StagePlan, train_stage
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import COMPUTE_DTYPES, PARAM_DTYPES, param_groups
+from engine.reporting.metrics import forward_flops_per_image
+from engine.storage.weights import load_strict
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.masking import BlockMaskGenerator
 from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_mim_file,
@@ -124,7 +124,8 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
     if cfg.model.target == "codes":
         tokenizer, target_flops = frozen_tokenizer(cfg, device)
         check_tokenizer(tokenizer, model, cfg.tokenizer)
-        codes_of = frozen_entry(tokenizer, "get_codebook_indices", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
+        # partitioned at ZeRO-3 (engine.loop.frozen)
+        codes_of = frozen_entry(tokenizer, "get_codebook_indices", cfg.run)
     else:
         target_flops = 0.0
     patch = model.patch_embed.patch_size[0]

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_tools.gpu_augment import normalize
-from engine.evaluation import eval_device
-from engine.pictures import ColourBar, Picture, Tile, nearest, render, save_png, tile_side
+from engine.loop.evaluation import eval_device
+from engine.reporting.pictures import ColourBar, Picture, Tile, nearest, render, save_png, tile_side
 from pretrain.mim.model import BeitV2MIM, load_mim_model
 
 __all__ = ["attention_figure", "attention_grid", "attention_maps", "attention_picture", "attention_pictures",
@@ -138,7 +138,7 @@ def block_names(model: BeitV2MIM) -> tuple[str, str]:
 
 def attention_figure(image: torch.Tensor, backbone: torch.Tensor, head: torch.Tensor, alpha: float = ALPHA,
                      names: tuple[str, str] = ("last block", "aggregation block")) -> Picture:
-    """One image's maps as an `engine.pictures.Picture`: two rows of `tile_side(S)` px tiles (>= 224).
+    """One image's maps as an `engine.reporting.pictures.Picture`: two rows of `tile_side(S)` px tiles (>= 224).
 
     Row 1: the image, the mean over the heads of the last backbone block's [CLS] attention, then each head's;
     row 2: the same for the last block of the patch-aggregation head. Each map is scaled to its own maximum (its
@@ -190,7 +190,7 @@ def visualize(checkpoint: str, images: str, out: str, batch_size: int = 16) -> d
         out: folder for the PNGs (`<image stem>.png`; created if missing).
         batch_size: images per forward pass.
     """
-    from engine.cli import check_counts
+    from engine.config.cli import check_counts
     from pretrain.tokenizer.data import image_files, read_images
     check_counts(batch_size=batch_size)
     if os.path.isdir(checkpoint):

@@ -1,7 +1,7 @@
 """`python -m pretrain.tokenizer train|evaluate|encode ...` (see --help of each); also `beitv2 tokenizer ...`."""
 import sys
 
-from engine.cli import run_cli
+from engine.config.cli import run_cli
 from pretrain.tokenizer.train import encode, evaluate, train
 
 # The stage's commands; `beitv2 tokenizer ...` (engine.main) reads this dict too, so a command added here shows up

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import StageConfig, key
+from engine.config.schema import StageConfig, key
 from pretrain.tokenizer.model import ARCHS
 from pretrain.tokenizer.teachers import TeacherConfig
 

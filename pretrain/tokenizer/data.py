@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from data_tools import sources
-from engine.pictures import save_png
+from engine.reporting.pictures import save_png
 from pretrain.tokenizer.pictures import token_map_grid
 
 

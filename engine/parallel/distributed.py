@@ -8,9 +8,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from engine import host_memory, launch_env
-from engine.config import RunConfig
-from engine.ds_setup import zero_stage_of
+from engine.config.schema import RunConfig
+from engine.parallel import host_memory, launch_env
+from engine.parallel.ds_setup import zero_stage_of
 
 
 def _free_port() -> int:
@@ -23,14 +23,14 @@ def init(run: RunConfig | None = None) -> torch.device:
     """Initialise torch.distributed through DeepSpeed and return this rank's device.
 
     Works under the `deepspeed` launcher, `torchrun`, `srun` and `mpirun` (the env:// variables from SLURM's or
-    OpenMPI's: engine.launch_env, docs/launch.md), and as a plain single process (then it sets the env:// variables
-    itself, so DeepSpeed does not go looking for MPI). A training stage passes its `run` config: its ZeRO stage
-    decides where a CPU process puts big host blocks (engine.host_memory).
+    OpenMPI's: engine.parallel.launch_env, docs/launch.md), and as a plain single process (then it sets the env://
+    variables itself, so DeepSpeed does not go looking for MPI). A training stage passes its `run` config: its ZeRO
+    stage decides where a CPU process puts big host blocks (engine.parallel.host_memory).
     """
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator; it falls back to gloo without oneCCL.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Before the stage builds anything (engine.host_memory).
+    # Before the stage builds anything (engine.parallel.host_memory).
     host_memory.at_process_start(zero_stage_of(run.ds_config) if run is not None else None)
     launch_env.fill_from_scheduler()   # srun / mpirun without a torch launcher (the CLI did it already)
     if "RANK" not in os.environ:

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from engine.files import write_text_atomically
+from engine.storage.files import write_text_atomically
 
 if typing.TYPE_CHECKING:   # data_tools.config imports this module: below, DataConfig is imported where it is used
     from data_tools.config import DataConfig
@@ -113,8 +113,10 @@ class ScheduleConfig:
                      "segmentation recipes, as mmseg)", choices=("cosine", "poly"))
 
 
-# `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward (engine.ds_setup).
-PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16", "auto")   # auto: resolved when the config is (engine.precision)
+# `bf16`/`fp16`: DeepSpeed's 16-bit modes; `bf16_autocast`: fp32 weights, torch.autocast forward
+# (engine.parallel.ds_setup).
+# auto: resolved when the config is (engine.config.precision)
+PRECISIONS = ("fp32", "bf16", "bf16_autocast", "fp16", "auto")
 # torch.compile's modes; `reduce-overhead` replays the compiled graphs as CUDA graphs (one launch per graph).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Signals a run can take as "checkpoint and stop" (run.preempt_signal); not KILL/STOP (uncatchable) nor INT.
@@ -140,7 +142,7 @@ class RunConfig:
     keep_last: int = key(2, "checkpoints kept on disk", ge=1)
     save_final: bool = key(True, "checkpoint (and export the weights) when the run ends")
     resume: bool = key(True, "continue from the latest checkpoint in output_dir")
-    # engine.run_dir keeps the history of such changes in the run's folder.
+    # engine.storage.run_dir keeps the history of such changes in the run's folder.
     allow_config_change: bool = key(False, "let a resume change a key that changes what is trained (seed, arch, "
                                     "tokenizer, lr, batch...)")
     max_nonfinite_steps: int = key(5, "consecutive non-finite losses before the run stops", ge=1)
@@ -182,7 +184,7 @@ class StageConfig:
     """The sections every stage shares; a stage's config subclasses it and adds its model's sections.
 
     `harmless_on_resume`: the stage's own keys a resume may change without `run.allow_config_change` (they change
-    how fast or what is evaluated, not what is trained); the engine's are `engine.run_dir.HARMLESS`.
+    how fast or what is evaluated, not what is trained); the engine's are `engine.storage.run_dir.HARMLESS`.
     """
     harmless_on_resume: ClassVar[frozenset[str]] = frozenset()
     data: DataConfig = field(default_factory=_data_section)
@@ -486,7 +488,7 @@ def resolve_with_origins(cls: type, recipes: Mapping[str, Mapping[str, Any]], re
     validate(cfg)
     run = getattr(cfg, "run", None)
     if isinstance(run, RunConfig) and run.precision == "auto":   # what this machine computes natively
-        from engine.precision import auto_precision
+        from engine.config.precision import auto_precision
         run.precision = auto_precision()
         notes["run.precision"] = f"auto on this machine ({layers[last_setter(layers, 'run.precision')][0]})"
     origins = {key: layers[last_setter(layers, key)][0] for key in _leaves(to_dict(cfg))
@@ -600,7 +602,7 @@ def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: st
 
 
 def _note(msg: str) -> None:
-    """A line on stderr from the first process only (engine.distributed is not imported here: no torch)."""
+    """A line on stderr from the first process only (engine.parallel.distributed is not imported here: no torch)."""
     if os.environ.get("RANK", "0") == "0":
         print(msg, file=sys.stderr, flush=True)
 

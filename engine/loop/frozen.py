@@ -15,9 +15,9 @@ from typing import Callable
 
 from torch import nn
 
-from engine import distributed as dist_utils
-from engine.config import RunConfig
-from engine.ds_setup import (comm_backend, largest_layer, load_ds_json, quiet_defaults, stage3_gather_limits,
+from engine.config.schema import RunConfig
+from engine.parallel import distributed as dist_utils
+from engine.parallel.ds_setup import (comm_backend, largest_layer, load_ds_json, quiet_defaults, stage3_gather_limits,
                               zero_stage_of)
 
 
@@ -40,7 +40,7 @@ def shards_frozen(run: RunConfig, world_size: int | None = None) -> bool:
 
 def frozen_zero_config(run: RunConfig, module: nn.Module, world_size: int, backend: str) -> dict:
     """The ZeRO-3 inference config of a frozen helper: the run's `zero_optimization` block without what only an
-    optimizer uses, over the gather limits the model gets (`engine.ds_setup.stage3_gather_limits`)."""
+    optimizer uses, over the gather limits the model gets (`engine.parallel.ds_setup.stage3_gather_limits`)."""
     zero = {k: v for k, v in load_ds_json(run.ds_config).get("zero_optimization", {}).items()
             if k not in ("offload_optimizer", "sub_group_size", "reduce_bucket_size", "contiguous_gradients")}
     return quiet_defaults({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,

@@ -29,7 +29,7 @@ than they save on a ViT (measured in docs/scale.md with `python -m bench.memory`
   bucket at ZeRO-1/2.
 
 On CPU runs, where glibc places big host tensors decides how much resident memory a ZeRO rank keeps after its engine
-start (`engine.host_memory`).
+start (`engine.parallel.host_memory`).
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from engine import host_memory
-from engine.config import ConfigError, OptimConfig, RunConfig
+from engine.config.schema import ConfigError, OptimConfig, RunConfig
+from engine.parallel import host_memory
 
 # `bf16` and `fp16` are DeepSpeed's modes: 16-bit weights and gradients, fp32 master weights in the optimizer.
 # `bf16_autocast` keeps fp32 weights and gradients and runs the forward under torch.autocast (bf16 matmuls); at
@@ -51,7 +51,7 @@ COMPUTE_DTYPES = {**PARAM_DTYPES, "bf16_autocast": torch.bfloat16}   # what froz
 
 
 def loop_owns_step(precision: str, stage: int) -> bool:
-    """Whether the training loop clips and skips non-finite updates itself (see `engine.trainer`).
+    """Whether the training loop clips and skips non-finite updates itself (see `engine.loop.trainer`).
 
     DeepSpeed does both inside its own optimizers (16-bit modes, ZeRO >= 1), with a host sync per parameter
     check. At ZeRO-0 with fp32 gradients the optimizer is torch's fused AdamW, which skips an update on device
@@ -176,7 +176,7 @@ def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int, load_un
         derived = {"overlap_comm": (backend or comm_backend()) == "nccl"}
     if derived:
         ds["zero_optimization"] = {**derived, **zero}
-    if load_universal:   # resuming from a checkpoint re-split for another number of ranks (engine.checkpoint)
+    if load_universal:   # resuming from a checkpoint re-split for another number of ranks (engine.storage.checkpoint)
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if "scheduler" in ds:
         raise ConfigError(f"{path} has a 'scheduler' block; the lr schedule comes from the run config's "

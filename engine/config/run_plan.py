@@ -9,7 +9,7 @@ Every train command resolves its config through `start_run`, which prints (first
 
 A classifier's `num_classes` comes from the data's record unless the user set it, and a label the data holds at or
 above it is a one-line error naming the file and the label (`check_labels`, shared with the evaluation commands).
-With `--dry_run` it raises `DryRun` after printing: the command exits 0 without building a model (engine.cli).
+With `--dry_run` it raises `DryRun` after printing: the command exits 0 without building a model (engine.config.cli).
 """
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from data_tools.config import DataConfig
-from engine.config import ConfigError, flat_keys, resolve_with_origins, to_dict
+from engine.config.schema import ConfigError, flat_keys, resolve_with_origins, to_dict
 
 DRY_RUN_KEY = "dry_run"   # a train command's `--dry_run`, taken out of its overrides like `--config`
 TASKS = ("images", "classify", "segment")   # what the stage does with the data: pretrain on images, or labels
 
 
 class DryRun(Exception):
-    """`--dry_run`: the plan is printed and nothing else happens; `engine.cli.run_cli` prints `result`, exits 0."""
+    """`--dry_run`: the plan is printed and nothing else happens; `engine.config.cli.run_cli` prints `result`, exits
+    0."""
 
     def __init__(self, result: dict):
         super().__init__("dry run")
@@ -87,7 +88,7 @@ def _beton_samples(path: str, key: str) -> int:
     """The sample count in a .beton's header (24 bytes read); a missing or short file is a one-line error."""
     import numpy as np
 
-    from engine.extras import require
+    from engine.config.extras import require
     HeaderType = require("ffcv.types", f"data.{key} = {path} (a .beton file)").HeaderType
 
     try:
@@ -179,7 +180,7 @@ def _log(lines: list[str]) -> None:
 
 def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str | None,
               overrides: Mapping[str, Any], task: str = "images") -> Any:
-    """A train command's config (`engine.config.resolve`), said before anything is built: the data each split
+    """A train command's config (`engine.config.schema.resolve`), said before anything is built: the data each split
     reads and the resolved config (module doc). `task`: `images` (pretraining: the training split), `classify`
     (also the held-out split, and `num_classes` from the data unless set) or `segment` (both splits).
 
@@ -200,7 +201,7 @@ def start_run(cls: type, recipes: Mapping[str, Mapping[str, Any]], recipe: str |
                 origins["num_classes"] = f"the data: {splits[0].where}"
         check_labels(splits, cfg.num_classes, origins.get("num_classes", "the default"))
     _log([s.line() for s in splits] + config_lines(cfg, origins))
-    from engine.guards import requeue_on_signal   # imports torch, which the plan alone does not need
+    from engine.loop.guards import requeue_on_signal   # imports torch, which the plan alone does not need
     requeue_on_signal(cfg.run.requeue)
     if dry_run:
         raise DryRun({"dry_run": True, "data": [dataclasses.asdict(s) for s in splits],

@@ -27,9 +27,9 @@ def build_from_registry(cls: type, archs: Mapping[str, Mapping[str, Any]], arch:
 
 def load_registered(cls: type, archs: Mapping[str, Mapping[str, Any]], path: str, what: str, file_format: str,
                     overrides: Mapping[str, Any], hint: str) -> Any:
-    """The model saved in one of our weights files (`engine.weights.save_weights_file`), built from its own recorded
-    arch and loaded strictly, in eval mode; `hint` tells the user what to do when the file records no arch."""
-    from engine.weights import load_strict, read_weights_file
+    """The model saved in one of our weights files (`engine.storage.weights.save_weights_file`), built from its own
+    recorded arch and loaded strictly, in eval mode; `hint` tells the user what to do when the file records no arch."""
+    from engine.storage.weights import load_strict, read_weights_file
     sd, arch = read_weights_file(path, what, file_format)
     if not isinstance(arch, dict) or "num_classes" not in arch:
         raise ValueError(f"{path} does not record its {what} arch; {hint}")

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import fire
 
-from engine.config import CONFIG_KEY, PREEMPT_SIGNALS, ConfigError
-from engine.files import json_text
-from engine.guards import Preempted, TrainingDiverged, stop_on_signals
-from engine.launch_env import fill_from_scheduler
-from engine.run_plan import DRY_RUN_KEY, DryRun
+from engine.config.run_plan import DRY_RUN_KEY, DryRun
+from engine.config.schema import CONFIG_KEY, PREEMPT_SIGNALS, ConfigError
+from engine.loop.guards import Preempted, TrainingDiverged, stop_on_signals
+from engine.parallel.launch_env import fill_from_scheduler
+from engine.storage.files import json_text
 
 # Errors a user can fix from the message alone: print it on one line and exit non-zero.
 USER_ERRORS = (ConfigError, FileNotFoundError, TrainingDiverged, ValueError)
@@ -59,8 +59,9 @@ def spell_flags(commands: dict | Callable, args: list[str]) -> list[str]:
     bools = {name for name, p in params.items() if p.annotation in (bool, "bool")}
     strings = {name for name, p in params.items() if p.annotation in (str, "str")}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and CONFIG_KEY not in params:
-        strings.add(CONFIG_KEY)   # a train command's `--config=FILE` (engine.config.resolve) is a path, not a literal
-        bools.add(DRY_RUN_KEY)    # and `--dry_run` a yes/no (engine.run_plan)
+        # a train command's `--config=FILE` (engine.config.schema.resolve) is a path, not a literal
+        strings.add(CONFIG_KEY)
+        bools.add(DRY_RUN_KEY)    # and `--dry_run` a yes/no (engine.config.run_plan)
     out, rest, positional, named = list(head), list(args[len(head):]), [], set()
     while rest:
         a = rest.pop(0)
@@ -182,10 +183,11 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
         # Stage commands take **overrides, which would swallow --help as a config key: ask fire for help instead.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fill_from_scheduler()   # under srun/mpirun: RANK before rank 0 alone prints the plan (engine.launch_env)
+        # under srun/mpirun: RANK before rank 0 alone prints the plan (engine.parallel.launch_env)
+        fill_from_scheduler()
         argv = _check_command(commands, argv, name)
         argv = spell_flags(commands, argv)
-        with stop_on_signals(PREEMPT_SIGNALS):   # outside a training loop they stop cleanly too (engine.guards)
+        with stop_on_signals(PREEMPT_SIGNALS):   # outside a training loop they stop cleanly too (engine.loop.guards)
             result = fire.Fire(_typed(commands), command=argv, name=name, serialize=lambda r: None)
     except DryRun as e:   # --dry_run: the plan is printed, nothing was built
         result = e.result
@@ -199,7 +201,7 @@ def run_cli(commands: dict | Callable, argv: list[str] | None = None, *, name: s
         return 2
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # a launched rank: it exits next
-            from engine import distributed as dist_utils
+            from engine.parallel import distributed as dist_utils
             dist_utils.shutdown()
     _print_result(result)
     return 0

@@ -16,9 +16,9 @@ checkpoint: rank 0 converts the checkpoint once into `<tag>_universal/` (removed
 loads that with `checkpoint.load_universal`. (DeepSpeed's files do not record their folder's name: a renamed folder
 loads, converts and consolidates like one written in place.)
 
-Every file is read weights-only (`engine.safe_load`), DeepSpeed's reads included: a checkpoint file holding pickled
-objects other than weights stops the resume with a one-line error naming it (no fallback to an older checkpoint of
-the same directory), and nothing in it runs.
+Every file is read weights-only (`engine.storage.safe_load`), DeepSpeed's reads included: a checkpoint file holding
+pickled objects other than weights stops the resume with a one-line error naming it (no fallback to an older checkpoint
+of the same directory), and nothing in it runs.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ from functools import partial
 import numpy as np
 import torch
 
-from engine import distributed as dist_utils
-from engine.files import write_atomically, write_text_atomically
-from engine.guards import TrainingDiverged
-from engine.safe_load import REFUSED, UntrustedCheckpoint, deepspeed_loads_weights_only, load, load_deepspeed_file
+from engine.loop.guards import TrainingDiverged
+from engine.parallel import distributed as dist_utils
+from engine.storage.files import write_atomically, write_text_atomically
+from engine.storage.safe_load import (REFUSED, UntrustedCheckpoint, deepspeed_loads_weights_only, load,
+                                      load_deepspeed_file)
 
 LATEST = "latest"
 UNIVERSAL = "_universal"
@@ -66,11 +67,11 @@ def _to_universal(folder: str, target: str) -> str:
     tmp = target + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     workers = str(max(1, min(4, os.cpu_count() or 1)))
-    # Through `engine.safe_load`: the converter's own loads would unpickle anything. `inject_missing_state`: the
+    # Through `engine.storage.safe_load`: the converter's own loads would unpickle anything. `inject_missing_state`: the
     # converter expects Megatron-DeepSpeed's parallelism record; a plain model has none.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
+    proc = subprocess.run([sys.executable, "-m", "engine.storage.safe_load", "deepspeed.checkpoint.ds_to_universal",
                            "--input_folder", folder, "--output_folder", tmp, "--num_extract_workers", workers,
                            "--num_merge_workers", workers, "--inject_missing_state"],
                           capture_output=True, text=True, env=env)
@@ -420,7 +421,7 @@ class CheckpointManager:
 
 
 def _stop_if_refused(error: str) -> None:
-    """An agreed error that is a refusal (`engine.safe_load`) stops the resume on every rank: falling back would
+    """An agreed error that is a refusal (`engine.storage.safe_load`) stops the resume on every rank: falling back would
     read more files of the same untrusted directory."""
     if REFUSED in error:
         raise ValueError(error)

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from engine import distributed as dist_utils
-from engine.files import finite_json, write_text_atomically
+from engine.parallel import distributed as dist_utils
+from engine.storage.files import finite_json, write_text_atomically
 
 
 def eval_device() -> torch.device:
@@ -37,9 +37,9 @@ def write_result(result: dict, out: str) -> dict:
 def log_to_run(result: dict, out: str) -> None:
     """When `out` sits in a run's folder (beside its `tb/`), its numbers also go to tensorboard as `eval/<key>` at
     the run's last logged step, next to the training curves: codebook usage, masked-token accuracy, top-1, mIoU;
-    and to the run's W&B / MLflow runs when it reports to them (engine.trackers)."""
-    from engine.metrics import last_logged_step, open_tensorboard
-    from engine.trackers import log_eval
+    and to the run's W&B / MLflow runs when it reports to them (engine.reporting.trackers)."""
+    from engine.reporting.metrics import last_logged_step, open_tensorboard
+    from engine.reporting.trackers import log_eval
     run_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(os.path.join(run_dir, "tb")):
         return

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import MutableMapping
 
-from engine.config import ConfigError
+from engine.config.schema import ConfigError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_MPI_PORT = 29500

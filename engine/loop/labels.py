@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.config import ConfigError
+from engine.config.schema import ConfigError
 
 
 class LabelRange:

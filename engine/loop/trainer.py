@@ -12,19 +12,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import distributed as dist_utils
-from engine import launch_env
-from engine import schedule as sched
-from engine import trackers
-from engine.checkpoint import CheckpointManager
-from engine.config import OptimConfig, RunConfig, ScheduleConfig, to_dict
-from engine.ds_setup import initialize, loop_owns_step, zero_stage
-from engine.weights import save_final_weights
-from engine.global_batch import record as record_global_batch
-from engine.interfaces import DataSource, FitResult, StepHook
-from engine.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag
-from engine.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
-from engine.run_dir import claims_output_dir, save_config
+from engine.config.schema import OptimConfig, RunConfig, ScheduleConfig, to_dict
+from engine.loop import schedule as sched
+from engine.loop.guards import NonFiniteSteps, PreemptionFlag, Preempted, TrainingDiverged, clip_and_flag
+from engine.loop.interfaces import DataSource, FitResult, StepHook
+from engine.parallel import distributed as dist_utils
+from engine.parallel import launch_env
+from engine.parallel.ds_setup import initialize, loop_owns_step, zero_stage
+from engine.parallel.global_batch import record as record_global_batch
+from engine.reporting import trackers
+from engine.reporting.metrics import DeviceMeter, RunLogger, StepProfiler, Throughput, peak_memory_gib
+from engine.storage.checkpoint import CheckpointManager
+from engine.storage.run_dir import claims_output_dir, save_config
+from engine.storage.weights import save_final_weights
 
 
 def seed_everything(seed: int) -> None:
@@ -34,7 +34,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@claims_output_dir   # one run per output dir, and a resume may not change what is trained (engine.run_dir)
+@claims_output_dir   # one run per output dir, and a resume may not change what is trained (engine.storage.run_dir)
 def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, model: nn.Module,
         groups: list[dict], data: DataSource, step_fn: Callable, *, flops_per_image: float | None = None,
         keep_fp32_buffers: tuple[str, ...] = (), hooks: tuple[StepHook, ...] = (),
@@ -44,7 +44,7 @@ def fit(cfg: Any, run: RunConfig, optim: OptimConfig, schedule: ScheduleConfig, 
     `final_weights=(filename, save_fn)`: after the last checkpoint, rank 0 consolidates it into one fp32 state
     dict and calls `save_fn(<output_dir>/<filename>, state_dict)`. Another run holding the output directory, or a
     resume whose config changes what is trained (the global batch included: a stage resuming on another number of
-    ranks calls `engine.global_batch.keep_global_batch` before it builds `data`), is a one-line ConfigError
+    ranks calls `engine.parallel.global_batch.keep_global_batch` before it builds `data`), is a one-line ConfigError
     before the engine is built.
     """
     loop = _Loop(cfg, run, optim, schedule, model, groups, data, keep_fp32_buffers, hooks, flops_per_image)
@@ -105,7 +105,7 @@ class _Loop:
         # Only now: a run that cannot resume must not overwrite the config it was made with (the old one goes to
         # history).
         save_config(cfg, run.output_dir, start)
-        record_global_batch(run, world)   # what a later resume keeps (engine.global_batch)
+        record_global_batch(run, world)   # what a later resume keeps (engine.parallel.global_batch)
 
         # W&B / MLflow runs (run.report_to; collective: a tracker that cannot start stops every rank here).
         self.logger = RunLogger(run.output_dir, self.total, start, run.progress_bar,

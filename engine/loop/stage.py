@@ -18,13 +18,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from engine import distributed as dist_utils
-from engine.global_batch import keep_global_batch
-from engine.interfaces import DataSource, FitResult, StepHook
-from engine.metrics import TensorboardPictures
-from engine.run_dir import claimed_output_dir
-from engine.run_plan import start_run
-from engine.trainer import fit, seed_everything
+from engine.config.run_plan import start_run
+from engine.loop.interfaces import DataSource, FitResult, StepHook
+from engine.loop.trainer import fit, seed_everything
+from engine.parallel import distributed as dist_utils
+from engine.parallel.global_batch import keep_global_batch
+from engine.reporting.metrics import TensorboardPictures
+from engine.storage.run_dir import claimed_output_dir
 
 __all__ = ["StagePlan", "train_stage"]
 

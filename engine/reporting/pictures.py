@@ -215,7 +215,7 @@ def save_png(image: np.ndarray, path: str) -> None:
 
     from PIL import Image
 
-    from engine.files import write_atomically
+    from engine.storage.files import write_atomically
     picture = Image.fromarray(image)
     image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
     write_atomically(path, lambda tmp: picture.save(tmp, format=image_format))

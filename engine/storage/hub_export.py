@@ -9,7 +9,7 @@
 - `README.md`: a short model card (what it is, data, recipe, steps, commit, results when the run folder has them).
 
 The weights are loaded into the timm model before anything is written, so a folder that timm cannot load is never
-written; each file is written atomically (engine.files).
+written; each file is written atomically (engine.storage.files).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.files import write_atomically, write_text_atomically
+from engine.storage.files import write_atomically, write_text_atomically
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "beit_model_args", "run_facts", "timm_architecture", "write_timm_folder"]
 
@@ -173,7 +173,7 @@ def write_timm_folder(out_dir: str | os.PathLike, state_dict: Mapping[str, torch
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
-    from engine.weights import load_strict
+    from engine.storage.weights import load_strict
 
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

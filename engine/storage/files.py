@@ -1,7 +1,7 @@
 """Atomic file writes: the files a run or a tool leaves behind (checkpoint RNG states and `latest`, weights, configs,
 the metrics file when a resume rewrites it, .beton files, reports) are written under a temporary name, flushed to
 disk and renamed, so a reader, or a run resumed after a crash, sees the old file or the whole new one, never half
-of one. (Per-step metric rows are appended; a row torn by a kill is dropped on resume, see engine.metrics.)"""
+of one. (Per-step metric rows are appended; a row torn by a kill is dropped on resume, see engine.reporting.metrics.)"""
 from __future__ import annotations
 
 import errno

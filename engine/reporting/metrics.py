@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from engine import distributed as dist_utils
-from engine.files import json_text, write_text_atomically
+from engine.parallel import distributed as dist_utils
+from engine.storage.files import json_text, write_text_atomically
 
 # Dense bf16/fp16 tensor-core peak per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -95,14 +95,14 @@ def _step_of(line: str) -> float:
 
 class RunLogger:
     """Rank 0 writes tensorboard scalars and `metrics.jsonl` (and sends them to the trackers of `run.report_to`,
-    engine.trackers); other ranks stay silent. On a terminal a progress bar
+    engine.reporting.trackers); other ranks stay silent. On a terminal a progress bar
     shows the run; without one (launchers, log files, `run.progress_bar=false`) every logged step prints one plain
     line: step, loss, lr, images/s and the time left."""
 
     def __init__(self, output_dir: str, total_steps: int, start_step: int, show_progress: bool = True,
                  trackers=None):
         self.active = dist_utils.is_main()
-        self.trackers = trackers   # engine.trackers.Trackers (run.report_to), or None
+        self.trackers = trackers   # engine.reporting.trackers.Trackers (run.report_to), or None
         self.jsonl = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.bar = None

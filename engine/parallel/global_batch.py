@@ -1,6 +1,6 @@
 """A resume keeps the global batch, micro_batch_size x grad_accum_steps x ranks, also on another number of ranks.
 
-The global batch G sets the schedule's length (steps per epoch = samples // G, engine.schedule) and where in each
+The global batch G sets the schedule's length (steps per epoch = samples // G, engine.loop.schedule) and where in each
 epoch's order a step reads (data_tools.ffcv_loader.ShardPlan: step s reads [s*G, (s+1)*G)). A run resumed with
 another G would continue a longer or shorter schedule from another place in the data. So:
 
@@ -14,7 +14,7 @@ another G would continue a longer or shorter schedule from another place in the 
   otherwise it is a one-line ConfigError naming flags that keep G. A resume whose batch flags differ from those
   the saved run was asked for, with `--run.allow_config_change=true`, trains on with the new G, knowingly; the
   same flags (the same command on another number of ranks, or after an adjusted start) are always adjusted.
-- Compare: `engine.run_dir.check_resume` (inside `fit`) compares G rather than micro_batch_size and
+- Compare: `engine.storage.run_dir.check_resume` (inside `fit`) compares G rather than micro_batch_size and
   grad_accum_steps one by one (`resume_changes`), so an adjusted accumulation is no change of what is trained,
   and a `fit` caller that changes G without `keep_global_batch` gets a one-line error. config.json then records
   the accumulation that actually ran (the one it replaces goes to the config history).
@@ -29,10 +29,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine import distributed as dist_utils
-from engine.checkpoint import LATEST, CheckpointManager
-from engine.config import ConfigError, RunConfig
-from engine.files import write_text_atomically
+from engine.config.schema import ConfigError, RunConfig
+from engine.parallel import distributed as dist_utils
+from engine.storage.checkpoint import LATEST, CheckpointManager
+from engine.storage.files import write_text_atomically
 
 RECORD = "global_batch.json"
 KEYS = ("run.micro_batch_size", "run.grad_accum_steps")   # compared through G on resume, not one by one

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from engine.config import OptimConfig, ScheduleConfig
+from engine.config.schema import OptimConfig, ScheduleConfig
 
 
 def total_and_warmup_steps(schedule: ScheduleConfig, steps_per_epoch: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from engine import distributed as dist_utils
+from engine.parallel import distributed as dist_utils
 
 if TYPE_CHECKING:
     import psutil
@@ -32,8 +32,8 @@ class PreemptionFlag:
     Ranks may see the signal at different steps, so they agree at the log interval, where the loop reads the
     device anyway: one all-reduce of a flag, then every rank saves the same step. A rank whose launcher is gone
     (`LauncherWatch`) asks for the same stop. `signals` (TERM and run.preempt_signal: USR1...) are those taken
-    this way; `end_time` (unix seconds, the job's end: engine.launch_env.job_end_time) asks for the stop once the
-    next log interval (as long as the last one) and `margin_s` more would run past it. After `agreed()`,
+    this way; `end_time` (unix seconds, the job's end: engine.parallel.launch_env.job_end_time) asks for the stop once
+    the next log interval (as long as the last one) and `margin_s` more would run past it. After `agreed()`,
     `scheduled` says whether a signal or the time limit asked on some rank (a job to requeue), not only a launcher
     that is gone.
     """
@@ -92,7 +92,7 @@ def requeue_on_signal(on: bool) -> None:
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[str, ...]) -> Iterator[None]:
     """Around a whole command: SIGTERM and the other signals a scheduler may send before the end (`signals`,
-    run.preempt_signal's choices) raise `Preempted` (exit 143 with one `stopped:` line, engine.cli) instead of
+    run.preempt_signal's choices) raise `Preempted` (exit 143 with one `stopped:` line, engine.config.cli) instead of
     killing the process where it stands, so `finally` blocks run (temporary files removed, the run lock released)
     and nothing is left half-written; with run.requeue, rank 0 requeues the job first. The training loop's
     `PreemptionFlag` takes its signals over while it trains (a checkpoint first); this covers what runs outside it:
@@ -105,7 +105,7 @@ def stop_on_signals(signals: tuple[str, ...]) -> Iterator[None]:
     def stop(signum, frame) -> None:
         requeued = ""
         if _requeue_on_signal and os.environ.get("RANK", "0") == "0":
-            from engine.launch_env import requeue_job
+            from engine.parallel.launch_env import requeue_job
             requeued = f" ({requeue_job()})"
         raise Preempted(f"{signal.Signals(signum).name} outside a training loop{requeued}; nothing was left "
                         f"half-written and the checkpoints are whole: run the same command again (a training run "

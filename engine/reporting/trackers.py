@@ -2,7 +2,7 @@
 MLflow, where the user has them installed. Neither is a dependency: tensorboard's `tb/` and `metrics.jsonl` are
 always written, and with `run.report_to` empty (the default) nothing here is imported.
 
-- Start: the training loop (`engine.trainer`) first checks on every rank that each named package imports, before it
+- Start: the training loop (`engine.loop.trainer`) first checks on every rank that each named package imports, before it
   builds the engine; a missing one is a one-line error naming `pip install wandb` / `pip install mlflow-skinny`.
   Then rank 0 starts one run per tracker, named after `run.output_dir`, with the resolved config as its parameters
   (W&B: the nested config; MLflow: one `section.key` parameter per value). A tracker that cannot start (no W&B
@@ -13,7 +13,7 @@ always written, and with `run.report_to` empty (the default) nothing here is imp
   Ctrl-C; W&B exit code 1).
 - Resume and evaluation: `<output_dir>/trackers.json` keeps each tracker's run id. A run that resumes from a
   checkpoint continues the same tracker runs; an evaluation written beside the run (`eval.json`,
-  `engine.evaluation.log_to_run`) sends its numbers as `eval/<key>` at the run's last logged step to the same
+  `engine.loop.evaluation.log_to_run`) sends its numbers as `eval/<key>` at the run's last logged step to the same
   tracker runs, as it does to tensorboard.
 
 Where the trackers write is their own configuration: W&B's `wandb login` or `WANDB_MODE=offline`, `WANDB_PROJECT`
@@ -28,9 +28,9 @@ import os
 import time
 from typing import Any
 
-from engine import distributed as dist_utils
-from engine.config import ConfigError, flat_keys
-from engine.files import write_text_atomically
+from engine.config.schema import ConfigError, flat_keys
+from engine.parallel import distributed as dist_utils
+from engine.storage.files import write_text_atomically
 
 __all__ = ["INSTALL", "STATE", "Trackers", "log_eval", "names", "require", "start"]
 
@@ -80,7 +80,7 @@ class _Wandb:
         else:
             kwargs["config"] = config
         self.run = wandb.init(**kwargs)
-        if saved and config is not None:   # a resume may change reporting keys (engine.run_dir.HARMLESS)
+        if saved and config is not None:   # a resume may change reporting keys (engine.storage.run_dir.HARMLESS)
             self.run.config.update(config, allow_val_change=True)
         self.state = {"id": self.run.id, "project": self.run.project}
         # W&B keeps one increasing step per run: a resumed online run goes on after the last step it received, and
@@ -136,7 +136,7 @@ class _Mlflow:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
 
     def close(self, error: BaseException | None) -> None:
-        from engine.guards import Preempted
+        from engine.loop.guards import Preempted
         stopped = isinstance(error, (Preempted, KeyboardInterrupt))
         self.client.set_terminated(self.run_id, "FINISHED" if error is None else "KILLED" if stopped else "FAILED")
 

@@ -18,12 +18,12 @@ writes files after `fit`, such as eval.json, holds `claimed_output_dir` around b
   `harmless_on_resume`) is a one-line error listing the first keys with old -> new,
   unless `run.allow_config_change=true` says the change is meant. A key missing from the saved config (added to the
   code since that run began) is compared with its default. The batch is compared as the global batch (micro x
-  accum x ranks, engine.global_batch): a resume on another number of ranks re-splits the checkpoint
-  (engine.checkpoint) and passes when the stage kept the global batch by adjusting the accumulation.
+  accum x ranks, engine.parallel.global_batch): a resume on another number of ranks re-splits the checkpoint
+  (engine.storage.checkpoint) and passes when the stage kept the global batch by adjusting the accumulation.
 - History: before `config.json` is replaced by a different config (a resume with an allowed change, or a run that
   starts over), the old one is appended to `<output_dir>/config_history.jsonl` as one JSON line
   `{"resumed_at_step": <the new config's first step; 0 when the run started over>, "replaced_utc": ..., "config":
-  <old>}`, oldest first. Both files are rewritten atomically (engine.files).
+  <old>}`, oldest first. Both files are rewritten atomically (engine.storage.files).
 
 Rank 0 decides and one broadcast gives every rank the outcome, so no rank waits for a run that will not start.
 """
@@ -40,11 +40,11 @@ import socket
 import sys
 from typing import Any, Callable
 
-from engine import distributed as dist_utils
-from engine.checkpoint import LATEST
-from engine.config import ConfigError, flat_keys, save_json, to_dict
-from engine.files import write_text_atomically
-from engine.global_batch import resume_changes
+from engine.config.schema import ConfigError, flat_keys, save_json, to_dict
+from engine.parallel import distributed as dist_utils
+from engine.parallel.global_batch import resume_changes
+from engine.storage.checkpoint import LATEST
+from engine.storage.files import write_text_atomically
 
 LOCK = ".run.lock"
 HISTORY = "config_history.jsonl"
@@ -53,7 +53,7 @@ SHOWN = 3   # differing keys named in the error
 # Keys a resume may change without --run.allow_config_change: they change how the run reports, saves, is computed
 # or evaluated, not the weights it trains. Everything else (seed, arch, tokenizer, init, data, optimizer, schedule,
 # precision, ds_config) must match the saved config; micro_batch_size and grad_accum_steps are compared through
-# the global batch they make (engine.global_batch.resume_changes).
+# the global batch they make (engine.parallel.global_batch.resume_changes).
 # Not here on purpose: data.os_cache, which switches FFCV to another (page-blocked) sample order.
 HARMLESS = frozenset({
     "run.output_dir",                       # the same folder by definition, however it is spelled

@@ -5,7 +5,7 @@
   the built-in data (Fashion-MNIST, synthetic) runs without them.
 - `teachers`: the EfficientNet-Lite0 teacher (the demo's tokenizer teacher).
 - `dev`: pytest and ruff, for `make test` and `make lint`; wandb and mlflow-skinny, for the tests of the optional
-  trackers (`run.report_to`, engine.trackers), which import them only when named.
+  trackers (`run.report_to`, engine.reporting.trackers), which import them only when named.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Weights in and out of a run: consolidate the newest DeepSpeed checkpoint into one fp32 state dict (any ZeRO
 stage, any precision), write and read the stages' weights files, and load a state dict strictly with a one-line
-error. Every file is read weights-only (`engine.safe_load`): one holding pickled objects is refused, not run."""
+error. Every file is read weights-only (`engine.storage.safe_load`): one holding pickled objects is refused, not run."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +12,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from engine import distributed as dist_utils
-from engine.checkpoint import CheckpointManager
-from engine.files import write_atomically
-from engine.safe_load import UntrustedCheckpoint, deepspeed_loads_weights_only, load, load_deepspeed_file
+from engine.parallel import distributed as dist_utils
+from engine.storage.checkpoint import CheckpointManager
+from engine.storage.files import write_atomically
+from engine.storage.safe_load import UntrustedCheckpoint, deepspeed_loads_weights_only, load, load_deepspeed_file
 
 
 def consolidated_state_dict(output_dir: str) -> dict[str, torch.Tensor]:

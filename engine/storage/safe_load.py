@@ -9,7 +9,7 @@ before any object in it is built.
 - `load(path, ...)`: our own reads.
 - `deepspeed_loads_weights_only()`: around calls into DeepSpeed (its checkpoint load, the ZeRO consolidation), every
   `torch.load` is `load`, whatever `weights_only` the caller passes.
-- `python -m engine.safe_load <module> <args>`: runs a DeepSpeed tool (the universal-checkpoint converter) as
+- `python -m engine.storage.safe_load <module> <args>`: runs a DeepSpeed tool (the universal-checkpoint converter) as
   `python -m <module>` would, with its loads made safe the same way (its worker processes are forked, so they
   inherit that).
 """
@@ -140,5 +140,5 @@ def _run_module(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Through the module's import name: a worker process must find the refusal's class by it to pass it back.
-    from engine.safe_load import _run_module as run
+    from engine.storage.safe_load import _run_module as run
     sys.exit(run(sys.argv[1:]))
