@@ -2,7 +2,7 @@
 emulated. Both CPU paths are exercised with given flag sets; this machine's own flags decide the demo recipes."""
 import pytest
 
-from engine.config.schema import precision
+from engine.config import precision
 from engine.config.schema import resolve_with_origins
 from pretrain.mim.config import RECIPES as MIM_RECIPES
 from pretrain.mim.config import MIMConfig
