@@ -72,6 +72,7 @@ def load(out):
         "segment": {k: read_json(p(f"transfer/segment_{k}/eval.json")) for k in BACKBONES},
         "segment_rows": {k: read_jsonl(p(f"transfer/segment_{k}/metrics.jsonl")) for k in BACKBONES},
         "seconds": read_json(p("seconds.json")),
+        "configs": {stage: read_json(p(f"{stage}/config.json")) for stage in ("tokenizer", "mim")},
     }
 
 
@@ -146,6 +147,9 @@ def summarize(data):
                                      for k, v in data["finetune"].items() if v and v.get("per_class")}
     if all(k in seg for k in BACKBONES):
         results["pretraining_gain"]["segmentation"] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
+    # The seeds the pretraining ran with (run.seed): a rerun with the same ones gives the same table; other MIM seeds
+    # measure the spread (docs/demo.md).
+    results["seed"] = {stage: (cfg or {}).get("run", {}).get("seed") for stage, cfg in data["configs"].items()}
     results["seconds"] = dict(data["seconds"] or {})
     results["environment"] = environment(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return results
@@ -379,7 +383,8 @@ def report_md(results, data, plots, notes):
     env = results["environment"]
     libraries = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     lines += [f"Measured at commit {env['commit'] or 'unknown'} with Python {env['python']}, {libraries}; CPU "
-              f"{env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_vector_flags']) or 'no AVX'}).", ""]
+              f"{env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_vector_flags']) or 'no AVX'}); seeds: "
+              f"tokenizer {results['seed']['tokenizer']}, MIM {results['seed']['mim']}.", ""]
     for title, name in plots:
         lines += [f"![{title}](report/{name})", ""] if name else []
     if data["tokens_png"]:  # the encoder's own picture of the token maps

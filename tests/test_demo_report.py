@@ -77,6 +77,8 @@ def out(tmp_path):
             "images": 200, "mIoU": miou, "mAcc": miou + 0.1, "aAcc": 0.802, "pixels": 1800000,
             "per_class": [{"class": c, "iou": iou, "acc": None if iou is None else 0.5, "pixels": 1000}
                           for c, iou in zip(classes, ious)]})
+    for stage, seed in (("tokenizer", 0), ("mim", 2)):
+        write(tmp_path, f"{stage}/config.json", {"run": {"seed": seed}, "data": {"source": "fashion_mnist"}})
     write(tmp_path, "seconds.json", {"tokenizer": 120.5, "mim": 200.0, "linear_probe": 30.0, "knn": 5.0,
                                      "finetune": 90.0, "segment": 300.0})
     return tmp_path
@@ -100,13 +102,14 @@ def test_full_report(out):
     detail = results["segmentation_detail"]
     assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
     assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
-    assert results["seconds"]["tokenizer"] == 120.5
+    assert results["seconds"]["tokenizer"] == 120.5 and results["seed"] == {"tokenizer": 0, "mim": 2}
     assert results["finetune_per_class"]["random"] == {"T-shirt/top": pytest.approx(0.81),
                                                        "Trouser": pytest.approx(0.61), "Bag": None}
     env = results["environment"]   # what a rerun elsewhere needs to compare with
     assert env["packages"]["torch"] == metadata.version("torch") and env["packages"]["deepspeed"]
     assert env["cores"] == os.cpu_count() and env["cpu"] and env["python"] == platform.python_version()
     report = (out / "report.md").read_text()
+    assert "seeds: tokenizer 0, MIM 2." in report
     assert f"torch {metadata.version('torch')}" in report and f"({os.cpu_count()} cores;" in report
     for row in ("| tokenizer codebook usage (held-out) | 75.0% of 8 codes |",
                 "| tokenizer cosine to teacher (held-out) | 0.771 |",

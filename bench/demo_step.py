@@ -1,0 +1,113 @@
+"""The demo's training steps on the CPU: images/s of the real `train` command per process layout and precision.
+
+Each variant runs the demo recipe (`vqkd_small_demo` or `beitv2_small_demo`, real Fashion-MNIST, the real teacher or
+a tokenizer of the demo's shapes) as its own process tree for `steps` steps at the demo's global batch, and reports
+the median images/s of the log rows after the first `skip` (start-up, first allocations). Layouts on a machine of C
+cores: `ranks` (C ranks of one thread each through the `deepspeed` launcher, ZeRO-2: how `make demo` ran the
+pretraining stages before) and `threads` (one process with C threads, no launcher, ZeRO-0). Precisions: `fp32` and
+`auto` (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: engine/config/precision.py). Speed-ups
+are against the first variant. Writes JSON.
+
+    python -m bench.demo_step --stage=mim --steps=60
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {"tokenizer": "vqkd_small_demo", "mim": "beitv2_small_demo"}
+LAYOUTS = ("ranks", "threads")
+
+
+def _command(stage: str, layout: str, cores: int, out: str, steps: int, global_batch: int, precision: str,
+             tokenizer: str) -> tuple[list[str], dict]:
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ranks = cores if layout == "ranks" else 1
+    flags = [f"--run.output_dir={out}", f"--schedule.total_steps={steps}", "--schedule.warmup_steps=1",
+             f"--run.micro_batch_size={global_batch // ranks}", f"--run.precision={precision}",
+             "--run.progress_bar=false", "--run.log_interval=5", f"--run.save_interval={steps + 1}",
+             "--run.ds_config=ds_configs/" + ("zero2.json" if layout == "ranks" else "zero0.json")]
+    if stage == "tokenizer":
+        flags.append("--data.eval_images=0")
+    else:
+        flags.append(f"--tokenizer={tokenizer}")
+    command = [f"pretrain.{stage}", "train", RECIPES[stage], *flags]
+    if layout == "ranks":
+        env.update(OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks))
+        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        return [launcher, "--num_gpus", str(ranks), "--master_port", str(29700 + os.getpid() % 200), "--module",
+                *command], env
+    env["OMP_NUM_THREADS"] = str(cores)
+    return [sys.executable, "-m", *command], env
+
+
+def _demo_tokenizer(folder: str) -> str:
+    """A tokenizer of the demo's shapes (random weights: the codes it gives do not change the step's cost)."""
+    from pretrain.tokenizer import build_tokenizer, save_tokenizer
+    path = os.path.join(folder, "tokenizer.pt")
+    save_tokenizer(build_tokenizer("vqkd_small_demo"), path)
+    return path
+
+
+def measure(stage: str, layout: str, precision: str, *, cores: int, steps: int, skip: int, global_batch: int,
+            tokenizer: str, work: str) -> dict:
+    out = tempfile.mkdtemp(dir=work)
+    cmd, env = _command(stage, layout, cores, out, steps, global_batch, precision, tokenizer)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:300]}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rates = [r["images_per_s"] for r in rows[skip:] if "images_per_s" in r]
+    with open(os.path.join(out, "config.json")) as f:
+        resolved = json.load(f)["run"]["precision"]
+    return {"images_per_s": statistics.median(rates), "log_rows": len(rates), "precision_resolved": resolved,
+            "wall_s": round(time.time() - start, 1)}
+
+
+def main(stage: str = "mim", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
+         precisions: str = "auto,fp32", cores: int = 0, global_batch: int = 64, out: str = "") -> dict:
+    """Images/s of the demo's `stage` step per layout x precision, and each as a ratio to the first variant.
+
+    Args:
+        stage: `tokenizer` or `mim`.
+        steps: training steps per variant (log every 5); skip: log rows dropped at the start.
+        layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`.
+        cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
+    """
+    if stage not in RECIPES:
+        raise ValueError(f"stage must be one of {sorted(RECIPES)}, got {stage!r}")
+    cores = cores or os.cpu_count()
+    work = tempfile.mkdtemp(prefix="bench_demo_step_")
+    tokenizer = _demo_tokenizer(work) if stage == "mim" else ""
+    result = {"bench": "demo_step", "stage": stage, "recipe": RECIPES[stage], "cores": cores, "steps": steps,
+              "global_batch": global_batch, "variants": {}}
+    baseline = None
+    for layout in [x for x in layouts.split(",") if x]:
+        for precision in [x for x in precisions.split(",") if x]:
+            name = f"{layout}_{precision}"
+            row = measure(stage, layout, precision, cores=cores, steps=steps, skip=skip, global_batch=global_batch,
+                          tokenizer=tokenizer, work=work)
+            if "images_per_s" in row:
+                baseline = baseline or row["images_per_s"]
+                row["speedup_vs_first"] = round(row["images_per_s"] / baseline, 3)
+            result["variants"][name] = row
+            print(name, row, flush=True)
+            write_json(result, out)
+    return result
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire(main)
