@@ -24,11 +24,13 @@ from bench.common import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"tokenizer": "vqkd_small_demo", "mim": "beitv2_small_demo"}
+TOKENIZER_FOR = {"beitv2_small_demo": "vqkd_small_demo", "beitv2_tiny_test": "vqkd_tiny_test"}
 LAYOUTS = ("ranks", "threads")
 
 
-def _command(stage: str, layout: str, cores: int, out: str, steps: int, global_batch: int, precision: str,
-             tokenizer: str) -> tuple[list[str], dict]:
+def _command(stage: str, recipe: str, layout: str, cores: int, out: str, steps: int, global_batch: int,
+             precision: str, tokenizer: str) -> tuple[list[str], dict]:
+    """The train command of one variant and its environment."""
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -36,12 +38,11 @@ def _command(stage: str, layout: str, cores: int, out: str, steps: int, global_b
     flags = [f"--run.output_dir={out}", f"--schedule.total_steps={steps}", "--schedule.warmup_steps=1",
              f"--run.micro_batch_size={global_batch // ranks}", f"--run.precision={precision}",
              "--run.progress_bar=false", "--run.log_interval=5", f"--run.save_interval={steps + 1}",
-             "--run.ds_config=ds_configs/" + ("zero2.json" if layout == "ranks" else "zero0.json")]
-    if stage == "tokenizer":
-        flags.append("--data.eval_images=0")
-    else:
+             "--run.ds_config=ds_configs/" + ("zero2.json" if layout == "ranks" else "zero0.json"),
+             "--data.eval_images=64"]   # the evaluation after training is not timed: keep it short
+    if stage == "mim":
         flags.append(f"--tokenizer={tokenizer}")
-    command = [f"pretrain.{stage}", "train", RECIPES[stage], *flags]
+    command = [f"pretrain.{stage}", "train", recipe, *flags]
     if layout == "ranks":
         env.update(OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks))
         launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -51,18 +52,19 @@ def _command(stage: str, layout: str, cores: int, out: str, steps: int, global_b
     return [sys.executable, "-m", *command], env
 
 
-def _demo_tokenizer(folder: str) -> str:
-    """A tokenizer of the demo's shapes (random weights: the codes it gives do not change the step's cost)."""
+def _tokenizer_for(recipe: str, folder: str) -> str:
+    """A tokenizer of the MIM recipe's shapes (random weights: the codes it gives do not change the step's cost)."""
+    from pretrain.mim.config import RECIPES as MIM_RECIPES
     from pretrain.tokenizer import build_tokenizer, save_tokenizer
     path = os.path.join(folder, "tokenizer.pt")
-    save_tokenizer(build_tokenizer("vqkd_small_demo"), path)
+    save_tokenizer(build_tokenizer(TOKENIZER_FOR[MIM_RECIPES[recipe]["arch"]]), path)
     return path
 
 
-def measure(stage: str, layout: str, precision: str, *, cores: int, steps: int, skip: int, global_batch: int,
-            tokenizer: str, work: str) -> dict:
+def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int, steps: int, skip: int,
+            global_batch: int, tokenizer: str, work: str) -> dict:
     out = tempfile.mkdtemp(dir=work)
-    cmd, env = _command(stage, layout, cores, out, steps, global_batch, precision, tokenizer)
+    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer)
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -76,29 +78,33 @@ def measure(stage: str, layout: str, precision: str, *, cores: int, steps: int, 
             "wall_s": round(time.time() - start, 1)}
 
 
-def main(stage: str = "mim", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
+def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
          precisions: str = "auto,fp32", cores: int = 0, global_batch: int = 64, out: str = "") -> dict:
     """Images/s of the demo's `stage` step per layout x precision, and each as a ratio to the first variant.
 
     Args:
-        stage: `tokenizer` or `mim`.
+        stage: `tokenizer` or `mim`; recipe: its recipe (default the demo's).
         steps: training steps per variant (log every 5); skip: log rows dropped at the start.
         layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`.
         cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
     """
     if stage not in RECIPES:
         raise ValueError(f"stage must be one of {sorted(RECIPES)}, got {stage!r}")
+    recipe = recipe or RECIPES[stage]
+    unknown = [x for x in layouts.split(",") if x and x not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"layouts must be among {LAYOUTS}, got {unknown}")
     cores = cores or os.cpu_count()
     work = tempfile.mkdtemp(prefix="bench_demo_step_")
-    tokenizer = _demo_tokenizer(work) if stage == "mim" else ""
-    result = {"bench": "demo_step", "stage": stage, "recipe": RECIPES[stage], "cores": cores, "steps": steps,
+    tokenizer = _tokenizer_for(recipe, work) if stage == "mim" else ""
+    result = {"bench": "demo_step", "stage": stage, "recipe": recipe, "cores": cores, "steps": steps,
               "global_batch": global_batch, "variants": {}}
     baseline = None
     for layout in [x for x in layouts.split(",") if x]:
         for precision in [x for x in precisions.split(",") if x]:
             name = f"{layout}_{precision}"
-            row = measure(stage, layout, precision, cores=cores, steps=steps, skip=skip, global_batch=global_batch,
-                          tokenizer=tokenizer, work=work)
+            row = measure(stage, recipe, layout, precision, cores=cores, steps=steps, skip=skip,
+                          global_batch=global_batch, tokenizer=tokenizer, work=work)
             if "images_per_s" in row:
                 baseline = baseline or row["images_per_s"]
                 row["speedup_vs_first"] = round(row["images_per_s"] / baseline, 3)

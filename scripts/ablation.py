@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer_recipe", default="vqkd_small_demo")
     p.add_argument("--mim_recipe", default="beitv2_small_demo")
     p.add_argument("--tokenizer_steps", type=int, default=150, help="tokenizer training steps (each teacher kind)")
-    p.add_argument("--mim_steps", type=int, default=150, help="MIM steps, the same for every row and seed")
+    p.add_argument("--mim_steps", type=int, default=300, help="MIM steps, the same for every row and seed")
     p.add_argument("--limit", type=int, default=12000, help="training images of every stage and of the probe")
     p.add_argument("--eval_images", type=int, default=10000, help="held-out test images of the probe")
     p.add_argument("--probe_epochs", type=int, default=30, help="linear-probe epochs")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The main job on two CPU ranks (DeepSpeed ZeRO-2 through the `deepspeed` launcher), on real data:
+# The main job on the CPU, on real data. Each training stage runs as one DeepSpeed process on every core (on a small
+# CPU that is faster than a rank per core: bench/demo_step.py); DEMO_NPROC=N runs them as N ranks through the
+# `deepspeed` launcher (ZeRO-2) at the same global batch instead:
 #   1. train a VQ-KD tokenizer on Fashion-MNIST with an ImageNet-trained EfficientNet-Lite0 teacher,
 #   2. evaluate it on the held-out test split and encode a few test images to token ids,
 #   3. pretrain a small BEiT v2 (MIM + patch aggregation) against that tokenizer, export it to timm's layout,
@@ -15,9 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-runs/demo}
 PY=.venv/bin/python
-NPROC=${DEMO_NPROC:-2}
+NPROC=${DEMO_NPROC:-1}
+CORES=${DEMO_CORES:-$(nproc)}
+GLOBAL_BATCH=64   # the demo recipes' micro_batch_size on one process
 mkdir -p "$OUT"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 declare -A SECS
 logged() {  # logged NAME CMD...: run CMD with its output in $OUT/NAME.log; show the log's end if it fails
@@ -27,38 +30,43 @@ logged() {  # logged NAME CMD...: run CMD with its output in $OUT/NAME.log; show
   SECS[$name]=$((SECONDS - start))
 }
 
-launch() {  # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (its CPU accelerator reads it)
-  LOCAL_SIZE=$NPROC .venv/bin/deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29600}" --module "$@"
+launch() {  # launch MODULE ARGS...: a training command, one process on all cores or NPROC ranks of one thread each
+  if [ "$NPROC" -eq 1 ]; then
+    env OMP_NUM_THREADS="$CORES" $PY -m "$@"
+  else   # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (its CPU accelerator reads it)
+    OMP_NUM_THREADS=1 LOCAL_SIZE=$NPROC .venv/bin/deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29600}" \
+      --module "$@" --run.micro_batch_size=$((GLOBAL_BATCH / NPROC)) --run.ds_config=ds_configs/zero2.json
+  fi
 }
 
-echo "== 1/7 VQ-KD tokenizer: training ($NPROC ranks, ZeRO-2, fp32) =="
+echo "== 1/7 VQ-KD tokenizer: training ($NPROC process(es), $CORES cores) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \
   --run.progress_bar=false
 
 echo "== 2/7 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
-logged evaluate $PY -m pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
+logged evaluate env OMP_NUM_THREADS="$CORES" $PY -m pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
 
 echo "== 3/7 VQ-KD tokenizer: encoding 32 test images =="
-logged encode $PY -m pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
+logged encode env OMP_NUM_THREADS="$CORES" $PY -m pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
   --count=32 --png="$OUT/tokenizer/test_tokens.png"
 
-echo "== 4/7 BEiT v2 MIM pretraining ($NPROC ranks, ZeRO-2, fp32) against the tokenizer, then export to timm =="
+echo "== 4/7 BEiT v2 MIM pretraining ($NPROC process(es)) against the tokenizer, then export to timm =="
 logged mim launch pretrain.mim train beitv2_small_demo --tokenizer="$OUT/tokenizer/tokenizer.pt" \
   --run.output_dir="$OUT/mim" --run.progress_bar=false
-logged export $PY -m pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
+logged export env OMP_NUM_THREADS="$CORES" $PY -m pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
 
 echo "== 5/7 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
-logged mim_evaluate $PY -m pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
+logged mim_evaluate env OMP_NUM_THREADS="$CORES" $PY -m pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
 
 echo "== 6/7 Transfer on held-out Fashion-MNIST: linear probe, k-NN, fine-tuning (pretrained vs random) =="
 T=$OUT/transfer
 mkdir -p "$T"
 # The MIM stage's 12k training images and the whole 10k test split, seen whole (no centre crop at 28 px).
 DATA='{"source": "fashion_mnist", "limit": 12000, "eval_images": 10000}'
-# Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN; one process,
-# both cores.
+# Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN; one process on
+# every core.
 PROBE=(--data_cfg="$DATA" --eval_crop=1.0 --cache_dir="$T/features")
-ONE=(env OMP_NUM_THREADS=2 $PY -m finetune.classify)
+ONE=(env OMP_NUM_THREADS="$CORES" $PY -m finetune.classify)
 logged probe_pretrained "${ONE[@]}" linear_probe "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/linear_probe_pretrained.json"
 logged probe_random "${ONE[@]}" linear_probe random --arch=beitv2_small_demo "${PROBE[@]}" \
   --out="$T/linear_probe_random.json"
@@ -84,8 +92,7 @@ for split in training validation; do
 done
 for init in pretrained random; do
   path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
-  # One process on both cores: faster than two ranks for this small model.
-  logged segment_$init env OMP_NUM_THREADS=2 $PY -m finetune.segment train upernet_beitv2_small_demo_mosaics \
+  logged segment_$init env OMP_NUM_THREADS="$CORES" $PY -m finetune.segment train upernet_beitv2_small_demo_mosaics \
     --init="$path" --data.source=beton --data.train_path="$M/training.beton" --data.eval_path="$M/validation.beton" \
     --run.output_dir="$T/segment_$init" --run.progress_bar=false
 done

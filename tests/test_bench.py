@@ -284,3 +284,32 @@ def test_the_suite_runs_each_benchmark_in_its_own_process_and_writes_one_table(t
     table = (tmp_path / "suite_cpu.md").read_text()
     assert "| tokenizer |" in table and "| pretrain |" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(suite["rows"])
+
+
+def test_demo_step_bench_command_keeps_the_global_batch_per_layout():
+    from bench.demo_step import _command
+    ranks, env = _command("mim", "beitv2_small_demo", "ranks", 2, "/tmp/o", 10, 64, "auto", "tok.pt")
+    assert "deepspeed" in ranks[0] and ranks[1:3] == ["--num_gpus", "2"] and env["OMP_NUM_THREADS"] == "1"
+    assert "--run.micro_batch_size=32" in ranks and "--run.ds_config=ds_configs/zero2.json" in ranks
+    one, env = _command("mim", "beitv2_small_demo", "threads", 2, "/tmp/o", 10, 64, "fp32", "tok.pt")
+    assert one[:3] == [sys.executable, "-m", "pretrain.mim"] and env["OMP_NUM_THREADS"] == "2"
+    assert "--run.micro_batch_size=64" in one and "--run.ds_config=ds_configs/zero0.json" in one
+    assert "--tokenizer=tok.pt" in one and "--run.precision=fp32" in one
+    tok, _ = _command("tokenizer", "vqkd_small_demo", "threads", 2, "/tmp/o", 10, 64, "auto", "")
+    assert not [f for f in tok if f.startswith("--tokenizer=")]
+
+
+@pytest.mark.slow
+def test_demo_step_bench_times_both_layouts_through_the_real_train_command(tmp_path):
+    from bench.demo_step import main
+    out = tmp_path / "demo_step.json"
+    result = main(stage="mim", recipe="beitv2_tiny_test", steps=10, skip=1, layouts="threads,ranks",
+                  precisions="fp32", global_batch=8, out=str(out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["variants"]
+    assert set(rows) == {"threads_fp32", "ranks_fp32"}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["log_rows"] >= 1 and row["precision_resolved"] == "fp32", row
+    assert rows["threads_fp32"]["speedup_vs_first"] == 1.0
+    assert rows["ranks_fp32"]["speedup_vs_first"] == pytest.approx(
+        rows["ranks_fp32"]["images_per_s"] / rows["threads_fp32"]["images_per_s"], abs=1e-3)
