@@ -133,6 +133,7 @@ def test_train_help_lists_recipes_keys_and_config(helps):
     assert "--config=FILE" in text and "defaults < recipe < FILE < flags" in text
 
 
+@pytest.mark.slow
 def test_config_rerun_in_a_new_dir_reproduces_the_losses_and_flags_win(tiny_run, tmp_path):
     """No recipe named: the command's default recipe (vqkd_small_demo) sits below the file, which sets every key."""
     rerun = tmp_path / "rerun"

@@ -111,6 +111,7 @@ def host_syncs(stdout, kind="SYNCS"):
 
 
 @pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, zero):
     _, clean, clean_weight, _ = run_fit(tmp_path / "clean", zero, [], steps=7)
     out, rows, weight, _ = run_fit(tmp_path / "bad", zero, [7])
@@ -120,6 +121,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, zero):
 
 
 @pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.slow
 def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path, zero):
     out, rows, _, run_dir = run_fit(tmp_path, zero, [5, 6, 7])
     message = out.split("DIVERGED ")[1].splitlines()[0]
@@ -130,6 +132,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_
 
 
 @pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, zero):
     _, full, full_weight, _ = run_fit(tmp_path / "full", zero, [], accum=1)
     _, accumulated, acc_weight, _ = run_fit(tmp_path / "acc", zero, [], accum=2)
@@ -139,6 +142,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, zero):
     assert max(abs(a - b) for a, b in zip(full_weight, acc_weight)) < 1e-6
 
 
+@pytest.mark.slow
 def test_the_loops_clipping_at_zero0_equals_deepspeeds(tmp_path):
     # ZeRO-0 (fp32 gradients): the loop clips with one foreach norm; ZeRO-1: DeepSpeed's optimizer clips.
     _, ours, our_weight, _ = run_fit(tmp_path / "ours", 0, [], clip=0.5, precision="bf16_autocast")
@@ -150,6 +154,7 @@ def test_the_loops_clipping_at_zero0_equals_deepspeeds(tmp_path):
 
 
 @pytest.mark.parametrize("zero,precision,per_step", [(0, "bf16_autocast", False), (1, "bf16", True)])
+@pytest.mark.slow
 def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per_step):
     """Counting every `.item()`-like read: 2 or 6 steps between two log points cost the same on the lean path;
     DeepSpeed's own bf16 optimizer (the contrast) reads the device on every step."""
@@ -162,6 +167,7 @@ def test_host_syncs_come_only_at_the_log_interval(tmp_path, zero, precision, per
 
 
 @pytest.mark.parametrize("zero,precision", [(0, "bf16_autocast"), (1, "bf16"), (3, "fp32")])
+@pytest.mark.slow
 def test_deepspeed_does_not_synchronize_the_device_every_step(tmp_path, zero, precision):
     """Counting `synchronize()` on DeepSpeed's accelerator: its throughput timer, on by default, would call it at
     every forward and optimizer step (engine.parallel.ds_setup.quiet_defaults turns it off); 2 or 6 steps cost the
@@ -174,6 +180,7 @@ def test_deepspeed_does_not_synchronize_the_device_every_step(tmp_path, zero, pr
     assert syncs[6] == syncs[2], syncs
 
 
+@pytest.mark.slow
 def test_the_lean_step_resumes_exactly(tmp_path):
     # bf16_autocast at ZeRO-0: the fused optimizer's on-device state (moments, step counts) round-trips.
     _, ref, ref_weight, _ = run_fit(tmp_path / "ref", 0, [], clip=0.5, precision="bf16_autocast")

@@ -105,6 +105,7 @@ def killed_after_step_6(reference, tmp_path):
     return run, run / "checkpoints"
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_save_do_not_end_up_in_the_next_checkpoint(reference, tmp_path):
     # A save of step 8 by a 3-rank run, killed after rank 2 wrote its shard: in the partial folder, and (as an
     # unfixed save left it) in the step folder itself. The run resumed on 2 ranks saves step 8 again.
@@ -128,6 +129,7 @@ def test_leftovers_of_a_killed_save_do_not_end_up_in_the_next_checkpoint(referen
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.slow
 def test_weights_that_are_not_finite_are_never_saved(reference, tmp_path):
     run, ckpt = killed_after_step_6(reference, tmp_path)
     out = run_fit(tmp_path, run, poison=7)   # the save at step 8 finds NaN weights
@@ -158,6 +160,7 @@ SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 @pytest.mark.parametrize("damaged,resumed", [({6: (SHARD, tear), 4: (SHARD, wrong_content)}, 2),
                                              ({6: ("rng_rank1.pt", garble)}, 4)], ids=["shards", "rng"])
+@pytest.mark.slow
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, damaged, resumed):
     # Only rank 1's files are damaged: both ranks must still agree on the checkpoint they load.
     run, ckpt = killed_after_step_6(reference, tmp_path)
@@ -173,6 +176,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path
     assert (ckpt / "latest").read_text() == "step_00000008"
 
 
+@pytest.mark.slow
 def test_an_empty_latest_file_falls_back_to_the_newest_checkpoint_folder(reference, tmp_path):
     run, ckpt = killed_after_step_6(reference, tmp_path)
     (ckpt / "latest").write_text("")

@@ -109,6 +109,7 @@ def _alias_bomb() -> str:
     ("brackets.yaml", "run: " + "[" * 20_000 + "]" * 20_000 + "\n", "config file {path} is "),
 ])
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_config_files_that_bomb_or_nest_deeply_are_one_line_errors(tmp_path, name, content, message):
     import subprocess
     import sys

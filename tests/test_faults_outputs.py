@@ -131,6 +131,7 @@ def test_sigterm_during_classify_evaluate_exits_143_and_writes_nothing(tmp_path)
 
 
 @pytest.mark.parametrize("signal_name", ["TERM", "USR1"])
+@pytest.mark.slow
 def test_a_signal_during_a_stage_evaluation_after_training_exits_143_and_the_rerun_evaluates(
         tmp_path, fashion_mnist_available, signal_name):
     """USR1 as the job's preemption signal (`#SBATCH --signal=B:USR1@300`) with run.requeue: outside the loop it
@@ -204,6 +205,7 @@ def losses(out) -> dict:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_a_kill_inside_the_first_save_then_the_same_command_starts_over_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = run_python(FIT, json.dumps({"out": str(run), "steps": 4, "kill_in_save": True}))
@@ -217,6 +219,7 @@ def test_a_kill_inside_the_first_save_then_the_same_command_starts_over_cleanly(
     assert report == "DONE" and losses(run) == losses(tmp_path / "straight")   # each step logged once, the same
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_zero_3_to_0_switch_is_one_line_naming_the_saved_config(tmp_path):
     run = tmp_path / "run"
     assert fit(run, zero=3)[0] == "DONE"
@@ -276,6 +279,7 @@ def test_a_read_only_tensorboard_folder_warns_and_pictures_are_skipped(tmp_path,
 
 # ---- a global batch that does not split over `deepspeed --num_gpus 2` -----------------------------------------
 
+@pytest.mark.slow
 def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_in_one_line(tmp_path):
     """A run made on one rank with micro-batch 3 (global batch 3), resumed by `deepspeed --num_gpus 2`: no micro-batch
     splits 3 over 2 ranks. Both ranks stop before building anything, with the line that says what keeps it."""
@@ -301,8 +305,9 @@ def test_a_global_batch_that_does_not_split_over_two_deepspeed_ranks_stops_both_
     expected = (f"error: resuming {run} with a global batch of 6 (3 x 1 x 2 ranks) instead of the saved 3 (3 x 1 x 1 "
                 f"rank) would change the schedule and the data order; no micro-batch splits it over 2 ranks: resume "
                 f"on 1 rank to keep it, or pass --run.allow_config_change=true to train on with a global batch of 6")
-    lines = (proc.stdout + proc.stderr).splitlines()
-    assert lines.count(expected) == 2, [line for line in lines if "error" in line]   # each rank, one line
+    out = proc.stdout + proc.stderr
+    # each rank, one line (counted in the text: the two ranks' writes can land on one line of the launcher's output)
+    assert out.count(expected) == 2, [line for line in out.splitlines() if "error" in line]
     assert sorted(p.name for p in run.rglob("*")) == before   # nothing written
 
 

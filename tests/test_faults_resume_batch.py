@@ -110,6 +110,7 @@ def killed_after_step_4(reference, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_a_resume_on_one_rank_keeps_the_global_batch_by_accumulating(reference, tmp_path):
     ref_dir, ref_steps, ref_weight = reference
     assert [len(ref_steps[s][0]) for s in range(8)] == [4] * 8   # 2 ranks x micro-batch 2

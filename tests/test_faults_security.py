@@ -166,6 +166,7 @@ def resumes(references, tmp_path_factory):
 
 
 @pytest.mark.parametrize("zero,name", PLANTED, ids=[f"z{z}-{n}" for z, n in PLANTED])
+@pytest.mark.slow
 def test_a_resume_refuses_a_file_holding_pickled_code(resumes, zero, name):
     results, tmp = resumes
     run, report = results[f"z{zero}-{name}"]

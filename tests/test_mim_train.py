@@ -106,6 +106,7 @@ def test_pretraining_starts_from_given_weights(tmp_path, zero2_fp32_run, tiny_to
     assert str(err.value).endswith("pick the recipe or --arch that matches the file")
 
 
+@pytest.mark.slow
 def test_tokenizer_that_does_not_fit_is_a_one_line_error(tmp_path):
     wrong = tmp_path / "wrong.pt"
     save_tokenizer(build_tokenizer("vqkd_tiny_test", num_codes=32), str(wrong))

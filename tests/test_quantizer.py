@@ -2,6 +2,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +64,7 @@ def _kmeans_worker(rank, world, out_dir):
     torch.save({"weight": q.embedding.weight, "z": z}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_kmeans_init_is_identical_on_every_rank_and_uses_all_data():
     with tempfile.TemporaryDirectory() as d:
         run_ranks(_kmeans_worker, 2, d)
@@ -90,6 +92,7 @@ def _restart_worker(rank, world, out_dir):
                 "usage": q.cluster_size.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_dead_code_restart_is_identical_on_every_rank():
     with tempfile.TemporaryDirectory() as d:
         run_ranks(_restart_worker, 2, d)

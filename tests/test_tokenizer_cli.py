@@ -106,6 +106,7 @@ def test_train_help_lists_recipes_and_keys(module):
     (["--batch_size=0"], "error: --batch_size must be a whole number >= 1 (got 0)"),
     (["--batch_size=abc"], "error: --batch_size must be an integer, got 'abc'"),
 ])
+@pytest.mark.slow
 def test_evaluate_rejects_bad_settings_in_one_line(tiny_tokenizer_file, args, message):
     proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "evaluate", str(tiny_tokenizer_file), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

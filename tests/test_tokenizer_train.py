@@ -73,6 +73,7 @@ def test_sigkill_then_resume_reproduces_the_losses(tmp_path, reference_losses):
     assert resumed == reference_losses   # fp32 on CPU: bitwise the same losses
 
 
+@pytest.mark.slow
 def test_bad_config_is_a_one_line_error_before_any_compute(tmp_path):
     cmd = [sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test", "--optim.lrr=1",
            f"--run.output_dir={tmp_path}"]
@@ -144,6 +145,7 @@ def test_sigterm_to_the_deepspeed_command_stops_its_ranks_with_a_checkpoint(tmp_
     assert 3 <= saved < 400 and max(losses(tmp_path)) == saved
 
 
+@pytest.mark.slow
 def test_resuming_into_a_run_of_another_model_is_a_one_line_error_that_keeps_its_config(tmp_path):
     base = [sys.executable, "-m", "pretrain.tokenizer", "train", "vqkd_tiny_test", f"--run.output_dir={tmp_path}",
             "--schedule.total_steps=2"]

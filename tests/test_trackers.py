@@ -75,6 +75,7 @@ def wandb_history(records) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_a_run_and_its_evaluation_reach_mlflow_and_wandb_as_they_reach_metrics_jsonl(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # to read the store back here
@@ -136,6 +137,7 @@ sys.meta_path.insert(0, Absent())
 
 
 @pytest.mark.parametrize("name, install", [("wandb", "pip install wandb"), ("mlflow", "pip install mlflow-skinny")])
+@pytest.mark.slow
 def test_a_missing_tracker_is_one_line_before_training(tmp_path, name, install):
     out = tmp_path / "run"
     proc = stage(["train", "vqkd_tiny_test", *(a.format(out=out) for a in TINY), f"--run.report_to={name}"],
