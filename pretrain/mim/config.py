@@ -75,16 +75,16 @@ RECIPES = {
     "beitv2_large_1600e": _official("beit_large_patch16_224_8k_vocab_cls_pt", 1600, [0.9, 0.999], 0.1, 1e-5,
                                     "runs/beitv2_large_1600e"),
     # Two CPU cores: the small ViT on Fashion-MNIST at 48 px against the demo tokenizer (6 x 6 codes, 14 masked).
-    # Global batch 64 on one process using every core (faster on a small CPU than a rank per core; scripts/demo.sh
-    # runs N ranks with --run.micro_batch_size=64/N and ZeRO-2 for DEMO_NPROC=N).
+    # Global batch 64 on one process using every core (1.1-1.2x the images/s of a rank per core on 2 cores, and a
+    # shorter start: bench/demo_step.py); for DEMO_NPROC=N, scripts/demo.sh runs N ranks, micro-batch 64/N, ZeRO-2.
     "beitv2_small_demo": {
         "arch": "beitv2_small_demo",
         "tokenizer": "runs/demo/tokenizer/tokenizer.pt",
         "masking": {"min_patches": 4},
         "data": {"source": "fashion_mnist", "limit": 12000},
         "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "betas": [0.9, 0.98], "weight_decay": 0.05, "grad_clip": 3.0},
-        # The [CLS] token's linear probe gains with length (docs/demo.md: 2 epochs +7, 6 epochs +12 points over random
-        # weights); one process affords 8 epochs in the time two ranks took for 2.
+        # The final [CLS] token's linear probe gains with length (docs/demo.md: 2 epochs +7, 6 epochs +12, 8 epochs
+        # +13 to +16 points over random weights); 8 epochs take about 11 min on 2 cores with native bf16.
         "schedule": {"epochs": 8, "warmup_epochs": 0.8},
         # auto: bf16 matmuls on a CPU that computes them natively (AVX512-BF16, AMX), fp32 elsewhere.
         "run": {"precision": "auto", "micro_batch_size": 64, "ds_config": "ds_configs/zero0.json",

@@ -38,8 +38,8 @@ RECIPES = {
                 "output_dir": "runs/vqkd_base_clip", "save_interval": 2000, "log_interval": 50},
     },
     # Two CPU cores, real data (Fashion-MNIST) and a real ImageNet teacher (EfficientNet-Lite0), minutes.
-    # Global batch 64 on one process using every core (faster on a small CPU than a rank per core; scripts/demo.sh
-    # runs N ranks with --run.micro_batch_size=64/N and ZeRO-2 for DEMO_NPROC=N).
+    # Global batch 64 on one process using every core (1.1-1.2x the images/s of a rank per core on 2 cores, and a
+    # shorter start: bench/demo_step.py); for DEMO_NPROC=N, scripts/demo.sh runs N ranks, micro-batch 64/N, ZeRO-2.
     "vqkd_small_demo": {
         "arch": "vqkd_small_demo",
         "teacher": {"name": "efficientnet_lite0", "input_size": 96},
