@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from bench.common import write_json
+from engine.config.cli import check_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"tokenizer": "vqkd_small_demo", "mim": "beitv2_small_demo"}
@@ -67,8 +68,9 @@ def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int,
     cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer)
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:300]}
+    if proc.returncode:   # recorded, the other variants still run
+        lines = (proc.stdout + proc.stderr).strip().splitlines() or [f"exit status {proc.returncode}"]
+        return {"error": lines[-1][:300]}
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rates = [r["images_per_s"] for r in rows[skip:] if "images_per_s" in r]
@@ -88,6 +90,7 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
         layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`.
         cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
     """
+    check_counts(steps=steps, global_batch=global_batch)
     if stage not in RECIPES:
         raise ValueError(f"stage must be one of {sorted(RECIPES)}, got {stage!r}")
     recipe = recipe or RECIPES[stage]
@@ -115,5 +118,5 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
 
 
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    from engine.config.cli import run_cli
+    sys.exit(run_cli(main))

@@ -106,6 +106,9 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
     ("attention", ["--dtype=fp8"], "error: --dtype must be one of bf16, fp16, fp32 (got 'fp8')"),
     ("pretrain", ["--warmup=1.5"], "error: --warmup must be an integer, got 1.5"),
     ("loader", ["--batch=0"], "error: --batch must be a whole number >= 1 (got 0)"),
+    ("demo_step", ["--stage=segment"], "error: stage must be one of ['mim', 'tokenizer'], got 'segment'"),
+    ("demo_step", ["--steps=0"], "error: --steps must be a whole number >= 1 (got 0)"),
+    ("demo_step", ["--layouts=gpus"], "error: layouts must be among ('ranks', 'threads'), got ['gpus']"),
 ])
 def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
     import importlib

@@ -230,3 +230,14 @@ def test_a_comma_list_flag_for_a_text_key_is_the_text_typed():
     assert cfg.run.report_to == "wandb,mlflow" and cfg.optim.betas == (0.9, 0.95)
     with pytest.raises(ConfigError, match="'run.seed' must be an integer"):
         resolve(cls, recipes, recipe, {**base, "run.seed": ("1", "2")})
+
+
+def test_a_damaged_saved_run_config_is_one_line_naming_the_file_and_the_fix(tmp_path):
+    from engine.config.schema import ConfigError, saved_run_config
+    assert saved_run_config(str(tmp_path / "mim.pt")) == {}   # no config.json beside it
+    (tmp_path / "config.json").write_text('{"run": {"seed": 1,}}')
+    with pytest.raises(ConfigError) as err:
+        saved_run_config(str(tmp_path / "mim.pt"))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "config.json") in message and message.endswith(
+        "fix or delete it and give the settings as flags")

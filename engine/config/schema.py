@@ -570,17 +570,21 @@ def load_json(cls: type, path: str) -> Any:
     return cfg
 
 
+def load_json_config(path: str, fix: str) -> dict:
+    """A saved config.json; one that is not valid JSON is a one-line ConfigError ending with `fix`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+
+
 def saved_run_config(checkpoint: str) -> dict:
     """The config.json of the run that wrote `checkpoint` when it sits in that run's output directory, else {}."""
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it "
-                          f"and give the settings as flags") from None
+    return load_json_config(path, "fix or delete it and give the settings as flags")
 
 
 def config_section(cls: type, saved: Mapping[str, Any], overrides: Any, flag: str) -> Any:
@@ -608,6 +612,6 @@ def _note(msg: str) -> None:
 
 
 __all__ = ["CONFIG_KEY", "ConfigError", "load_config_file", "StageConfig", "config_section",
-           "resolve_with_origins", "last_setter", "type_hints",
+           "resolve_with_origins", "last_setter", "type_hints", "load_json_config",
            "describe", "saved_run_config", "OptimConfig", "ScheduleConfig", "RunConfig", "from_dict", "merge",
            "resolve", "to_dict", "flat_keys", "validate", "save_json", "load_json", "field", "key"]

@@ -40,7 +40,7 @@ import socket
 import sys
 from typing import Any, Callable
 
-from engine.config.schema import ConfigError, flat_keys, save_json, to_dict
+from engine.config.schema import ConfigError, flat_keys, load_json_config, save_json, to_dict
 from engine.parallel import distributed as dist_utils
 from engine.parallel.global_batch import resume_changes
 from engine.storage.checkpoint import LATEST
@@ -128,15 +128,6 @@ class RunLock:
             os.close(fd)
 
 
-def _load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); restore it, or "
-                          f"delete it to resume without comparing settings") from None
-
-
 def config_changes(saved: dict, cfg: Any, run: Any) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key of `cfg` whose value differs from `saved`, in config order.
     Keys are spelled as flags (`run.seed`), also when `cfg` is the RunConfig itself."""
@@ -168,7 +159,8 @@ def check_resume(cfg: Any, run: Any) -> None:
             and os.path.exists(path)):
         return
     harmless = HARMLESS | getattr(cfg, "harmless_on_resume", frozenset())
-    changed = resume_changes(run, [c for c in config_changes(_load(path), cfg, run) if c[0] not in harmless])
+    saved = load_json_config(path, "restore it, or delete it to resume without comparing settings")
+    changed = resume_changes(run, [c for c in config_changes(saved, cfg, run) if c[0] not in harmless])
     if not changed:
         return
     shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])
