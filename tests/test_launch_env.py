@@ -104,3 +104,46 @@ def test_the_chosen_signal_and_the_time_limit_stop_the_loop_and_count_as_schedul
         flag.restore()
     monkeypatch.setenv("SLURM_JOB_END_TIME", "1800000000")
     assert job_end_time() == 1800000000.0
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+
+
+@pytest.mark.parametrize("guard", ["stop_on_signals", "PreemptionFlag"])
+def test_a_pool_forked_under_the_signal_handlers_still_terminates(guard):
+    """A fork Pool's workers inherit the handlers; Pool.terminate's SIGTERM must still end them (a worker that raised
+    Preempted or only noted the signal hung the pool: the loader benchmark's conversion did under load)."""
+    import multiprocessing as mp
+
+    from engine.loop.guards import Preempted, stop_on_signals
+    flag = None
+    context = stop_on_signals(("TERM",)) if guard == "stop_on_signals" else None
+    if context:
+        context.__enter__()
+    else:
+        flag = PreemptionFlag(("TERM",))
+    try:
+        pool = mp.get_context("fork").Pool(2)
+        pool.map_async(_sleep, [30, 30])
+        time.sleep(0.5)   # both workers inside a task
+        workers = list(pool._pool)
+        start = time.time()
+        pool.terminate()
+        pool.join()
+        assert time.time() - start < 10
+        assert [w.exitcode for w in workers] == [-signal.SIGTERM] * 2
+        # the owner itself still gets the handler's behaviour
+        if context:
+            with pytest.raises(Preempted):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert flag.requested and flag.reason == "SIGTERM"
+    finally:
+        if context:
+            context.__exit__(None, None, None)
+        else:
+            flag.restore()

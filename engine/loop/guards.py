@@ -26,6 +26,18 @@ class Preempted(RuntimeError):
     pass
 
 
+def _forked_child(owner: int, signum: int) -> bool:
+    """True in a process forked after the handler was installed (a multiprocessing Pool worker inherits it): there the
+    signal is given its default action and sent again, so the child ends as it would without the handler. Raising or
+    only noting the signal there would leave a Pool waiting on a worker forever (`Pool.terminate` sends SIGTERM and
+    joins)."""
+    if os.getpid() == owner:
+        return False
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return True
+
+
 class PreemptionFlag:
     """SIGTERM (what schedulers send before they kill a job) asks the loop to checkpoint and stop.
 
@@ -46,10 +58,13 @@ class PreemptionFlag:
         self.end_time, self.margin_s = end_time, margin_s
         self._last_check = time.time()
         names = dict.fromkeys(n.strip().upper().removeprefix("SIG") for n in signals)
+        self._owner = os.getpid()
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.Signals[f"SIG{n}"] for n in names)}
         self._watch = LauncherWatch.watching(self._launcher_gone)
 
     def _handle(self, signum, frame) -> None:
+        if _forked_child(self._owner, signum):
+            return
         self.reason = signal.Signals(signum).name
         self.requested = self._mine = True
 
@@ -102,7 +117,11 @@ def stop_on_signals(signals: tuple[str, ...]) -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def stop(signum, frame) -> None:
+        if _forked_child(owner, signum):
+            return
         requeued = ""
         if _requeue_on_signal and os.environ.get("RANK", "0") == "0":
             from engine.parallel.launch_env import requeue_job
