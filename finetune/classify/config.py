@@ -104,7 +104,8 @@ RECIPES = {
                     "cutmix": 0.0, "smoothing": 0.0, "eval_crop": 1.0},
         "optim": {"lr": 2e-3, "min_lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.05},
         "schedule": {"epochs": 1, "warmup_epochs": 0.1},
-        "run": {"precision": "fp32", "micro_batch_size": 64, "ds_config": "ds_configs/zero0.json",
+        # auto: bf16 matmuls on a CPU that computes them natively (AVX512-BF16, AMX), fp32 elsewhere.
+        "run": {"precision": "auto", "micro_batch_size": 64, "ds_config": "ds_configs/zero0.json",
                 "output_dir": "runs/demo/finetune", "save_interval": 100, "log_interval": 10},
     },
     "beitv2_tiny_test_ft": {

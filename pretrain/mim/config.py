@@ -88,7 +88,7 @@ RECIPES = {
         "schedule": {"epochs": 8, "warmup_epochs": 0.8},
         # auto: bf16 matmuls on a CPU that computes them natively (AVX512-BF16, AMX), fp32 elsewhere.
         "run": {"precision": "auto", "micro_batch_size": 64, "ds_config": "ds_configs/zero0.json",
-                "output_dir": "runs/demo/mim", "save_interval": 100, "log_interval": 10},
+                "output_dir": "runs/demo/mim", "save_interval": 250, "log_interval": 10},
     },
     "beitv2_tiny_test": {
         "arch": "beitv2_tiny_test",
