@@ -5,8 +5,9 @@ a tokenizer of the demo's shapes) as its own process tree for `steps` steps at t
 the median images/s of the log rows after the first `skip` (start-up, first allocations). Layouts on a machine of C
 cores: `ranks` (C ranks of one thread each through the `deepspeed` launcher, ZeRO-2: how `make demo` ran the
 pretraining stages before) and `threads` (one process with C threads, no launcher, ZeRO-0). Precisions: `fp32` and
-`auto` (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: engine/config/precision.py). Speed-ups
-are against the first variant. Writes JSON.
+`auto` (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: engine/config/precision.py). With
+`--compiles=off,on` each layout x precision also runs with `--run.compile=true` (torch.compile's inductor on the
+CPU; its compile time is in `wall_s`, not in images/s). Speed-ups are against the first variant. Writes JSON.
 
     python -m bench.demo_step --stage=mim --steps=60
 """
@@ -27,10 +28,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"tokenizer": "vqkd_small_demo", "mim": "beitv2_small_demo"}
 TOKENIZER_FOR = {"beitv2_small_demo": "vqkd_small_demo", "beitv2_tiny_test": "vqkd_tiny_test"}
 LAYOUTS = ("ranks", "threads")
+COMPILES = ("off", "on")
 
 
 def _command(stage: str, recipe: str, layout: str, cores: int, out: str, steps: int, global_batch: int,
-             precision: str, tokenizer: str) -> tuple[list[str], dict]:
+             precision: str, tokenizer: str, compiled: bool = False) -> tuple[list[str], dict]:
     """The train command of one variant and its environment."""
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -43,6 +45,8 @@ def _command(stage: str, recipe: str, layout: str, cores: int, out: str, steps: 
              "--data.eval_images=64"]   # the evaluation after training is not timed: keep it short
     if stage == "mim":
         flags.append(f"--tokenizer={tokenizer}")
+    if compiled:
+        flags.append("--run.compile=true")
     command = [f"pretrain.{stage}", "train", recipe, *flags]
     if layout == "ranks":
         env.update(OMP_NUM_THREADS="1", LOCAL_SIZE=str(ranks))
@@ -63,9 +67,9 @@ def _tokenizer_for(recipe: str, folder: str) -> str:
 
 
 def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int, steps: int, skip: int,
-            global_batch: int, tokenizer: str, work: str) -> dict:
+            global_batch: int, tokenizer: str, work: str, compiled: bool = False) -> dict:
     out = tempfile.mkdtemp(dir=work)
-    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer)
+    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer, compiled)
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:   # recorded, the other variants still run
@@ -81,13 +85,15 @@ def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int,
 
 
 def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
-         precisions: str = "auto,fp32", cores: int = 0, global_batch: int = 64, out: str = "") -> dict:
+         precisions: str = "auto,fp32", compiles: str = "off", cores: int = 0, global_batch: int = 64,
+         out: str = "") -> dict:
     """Images/s of the demo's `stage` step per layout x precision, and each as a ratio to the first variant.
 
     Args:
         stage: `tokenizer` or `mim`; recipe: its recipe (default the demo's).
         steps: training steps per variant (log every 5); skip: log rows dropped at the start.
-        layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`.
+        layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`;
+        compiles: comma-separated `off` / `on` (torch.compile the model).
         cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
     """
     check_counts(steps=steps, global_batch=global_batch)
@@ -97,6 +103,9 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
     unknown = [x for x in layouts.split(",") if x and x not in LAYOUTS]
     if unknown:
         raise ValueError(f"layouts must be among {LAYOUTS}, got {unknown}")
+    unknown = [x for x in compiles.split(",") if x and x not in COMPILES]
+    if unknown:
+        raise ValueError(f"compiles must be among {COMPILES}, got {unknown}")
     cores = cores or os.cpu_count()
     work = tempfile.mkdtemp(prefix="bench_demo_step_")
     tokenizer = _tokenizer_for(recipe, work) if stage == "mim" else ""
@@ -104,10 +113,10 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
               "global_batch": global_batch, "variants": {}}
     baseline = None
     for layout in [x for x in layouts.split(",") if x]:
-        for precision in [x for x in precisions.split(",") if x]:
-            name = f"{layout}_{precision}"
+        for precision, compiled in [(p, c) for p in precisions.split(",") if p for c in compiles.split(",") if c]:
+            name = f"{layout}_{precision}" + ("_compile" if compiled == "on" else "")
             row = measure(stage, recipe, layout, precision, cores=cores, steps=steps, skip=skip,
-                          global_batch=global_batch, tokenizer=tokenizer, work=work)
+                          global_batch=global_batch, tokenizer=tokenizer, work=work, compiled=compiled == "on")
             if "images_per_s" in row:
                 baseline = baseline or row["images_per_s"]
                 row["speedup_vs_first"] = round(row["images_per_s"] / baseline, 3)

@@ -8,6 +8,8 @@ shapes rather than "non-zero = garment") on which a few Fashion-MNIST garments a
 factor, tinted with a random colour and alpha-blended by its intensity, later garments covering earlier ones. The
 per-pixel labels follow from the pasting, so they are exact, and everything is drawn from
 `np.random.default_rng([seed, split id, mosaic index])`: any mosaic, or any slice of the set, is reproducible alone.
+`palette="grey"` renders the same scenes in grey (each pixel's mean over the colour channels): the same garments at the
+same places with the same labels, in the domain of Fashion-MNIST itself.
 
 Annotation ids (ADE20K style; train with reduce_zero_label, which makes id 0 the ignore label and shifts the rest
 down by one):
@@ -54,6 +56,7 @@ NOISE_STD = 6.0         # background pixel noise (of 255)
 CHUNK = 500             # mosaics held in memory at once by write_ade20k
 # split -> (Fashion-MNIST split the garments come from, split id in the random key)
 SPLITS = {"training": ("train", 0), "validation": ("test", 1)}
+PALETTES = ("colour", "grey")
 
 
 class MosaicError(ValueError):
@@ -165,10 +168,19 @@ def draw_scene(rng: np.random.Generator, num_source: int, source_hw: tuple[int, 
     return Scene(background, tuple(placed))
 
 
-def render(scene: Scene, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _palette(palette: str) -> str:
+    if palette not in PALETTES:
+        raise MosaicError(f"--palette must be one of {', '.join(PALETTES)}, got {palette!r}")
+    return palette
+
+
+def render(scene: Scene, images: np.ndarray, labels: np.ndarray, palette: str = "colour"
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 [H, W, 3], annotation uint8 [H, W]) of a scene: garments pasted in order, each one's pixels
     alpha-blended by intensity (opaque from OPAQUE up) and labelled: id class+2 where intensity >= THRESHOLD,
-    OTHER where it is fainter but not zero; a later garment overwrites both image and labels beneath it."""
+    OTHER where it is fainter but not zero; a later garment overwrites both image and labels beneath it. Palette
+    "grey" replaces each pixel by its channel mean after the pasting, so the labels do not depend on it (every tint
+    has channels >= TINT_MIN and every background corner <= BACKGROUND_MAX: garments stay distinct in grey)."""
     canvas = scene.background.copy()
     ann = np.full(canvas.shape[:2], BACKGROUND, np.uint8)
     for g in scene.garments:
@@ -184,6 +196,8 @@ def render(scene: Scene, images: np.ndarray, labels: np.ndarray) -> tuple[np.nda
         region = ann[box]
         region[(src > 0) & (src < THRESHOLD)] = OTHER
         region[src >= THRESHOLD] = FIRST_GARMENT + int(labels[g.index])
+    if _palette(palette) == "grey":
+        canvas = np.repeat(canvas.mean(axis=2, keepdims=True), 3, axis=2)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), ann
 
 
@@ -205,26 +219,28 @@ def make_scenes(split: str, num: int, *, num_source: int, source_hw: tuple[int, 
 
 def make_mosaics(split: str, num: int, *, height: int = 96, width_range: tuple[int, int] = (96, 128),
                  garments: tuple[int, int] = (1, 3), scale: tuple[float, float] = (1.5, 2.5), seed: int = 0,
-                 start: int = 0, source: Optional[tuple[np.ndarray, np.ndarray]] = None
+                 start: int = 0, source: Optional[tuple[np.ndarray, np.ndarray]] = None, palette: str = "colour"
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Mosaics start..start+num-1 of split 'training' or 'validation' as (image uint8 [H, W, 3], annotation uint8
     [H, W]) pairs, H = height, W drawn from width_range, each with garments[0]..garments[1] garments resized by a
     factor in `scale`. `source` = (images uint8 [N, h, w], labels [N] in 0..9) replaces the Fashion-MNIST split
-    the garments come from (train for 'training', test for 'validation')."""
+    the garments come from (train for 'training', test for 'validation'); `palette` is "colour" or "grey"."""
     _split_id(split)
+    _palette(palette)
     images, labels = _source(split, source)
     scenes = make_scenes(split, num, num_source=len(images), source_hw=images.shape[1:], height=height,
                          width_range=width_range, garments=garments, scale=scale, seed=seed, start=start)
-    return [render(s, images, labels) for s in scenes]
+    return [render(s, images, labels, palette) for s in scenes]
 
 
 def mosaic_arrays(split: str, num: int, *, size: int = 64, garments: tuple[int, int] = (1, 3),
                   scale: tuple[float, float] = (1.5, 2.5), seed: int = 0, start: int = 0,
-                  source: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+                  source: Optional[tuple[np.ndarray, np.ndarray]] = None, palette: str = "colour"
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """size x size mosaics stacked for in-memory use: (images uint8 [N, size, size, 3], annotations uint8
     [N, size, size]); mosaic i is make_mosaics' mosaic i with height = width = size."""
     pairs = make_mosaics(split, num, height=size, width_range=(size, size), garments=garments, scale=scale,
-                         seed=seed, start=start, source=source)
+                         seed=seed, start=start, source=source, palette=palette)
     if not pairs:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8)
     images, annotations = zip(*pairs)
@@ -281,7 +297,8 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 def write_ade20k(out_dir: str, train: int = 2000, val: int = 200, height: int = 96,
                  width_range: tuple[int, int] = (96, 128), seed: int = 0, quality: int = 95, force: bool = False,
-                 garments: tuple[int, int] = (1, 3), scale: tuple[float, float] = (1.5, 2.5)) -> dict:
+                 garments: tuple[int, int] = (1, 3), scale: tuple[float, float] = (1.5, 2.5),
+                 palette: str = "colour") -> dict:
     """Write `train` + `val` mosaics to OUT_DIR in the ADEChallengeData2016 layout (images/<split>/*.jpg,
     annotations/<split>/*.png, classes.json); returns classes.json's content.
 
@@ -295,6 +312,7 @@ def write_ade20k(out_dir: str, train: int = 2000, val: int = 200, height: int = 
     width_range = _pair("width_range", width_range, int, 1)
     garments = _pair("garments", garments, int, 0)
     scale = _pair("scale", scale, float, 1e-3)
+    _palette(palette)
     out_dir = os.path.normpath(out_dir)
     _check_out_dir(out_dir, force)
     t0 = time.time()
@@ -307,14 +325,14 @@ def write_ade20k(out_dir: str, train: int = 2000, val: int = 200, height: int = 
             pixels[split] = np.zeros(NUM_CLASSES + 1, np.int64)
             for start in range(0, num, CHUNK):     # in chunks: memory stays flat however many are asked for
                 pairs = make_mosaics(split, min(CHUNK, num - start), height=height, width_range=width_range,
-                                     garments=garments, scale=scale, seed=seed, start=start)
+                                     garments=garments, scale=scale, seed=seed, start=start, palette=palette)
                 pixels[split] += _write_pairs(tmp, split, pairs, start, quality)
         meta = {"class_names": list(CLASS_NAMES), "num_classes": NUM_CLASSES, "reduce_zero_label": True,
                 "id_meaning": "0 other (ignored), 1 background, 2.. garments", "seed": seed, "counts": counts,
                 "pixel_counts": {s: {"other": int(p[OTHER]), **{n: int(c) for n, c in zip(CLASS_NAMES, p[1:])}}
                                  for s, p in pixels.items()},
                 "height": height, "width_range": list(width_range), "garments": list(garments),
-                "scale": list(scale), "threshold": THRESHOLD, "quality": quality,
+                "scale": list(scale), "palette": palette, "threshold": THRESHOLD, "quality": quality,
                 "source": {s: f"Fashion-MNIST {fm} split" for s, (fm, _) in SPLITS.items()}}
         with open(os.path.join(tmp, "classes.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -351,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = ["CLASS_NAMES", "NUM_CLASSES", "MosaicError", "Placement", "Scene", "THRESHOLD", "draw_scene",
+__all__ = ["CLASS_NAMES", "NUM_CLASSES", "PALETTES", "MosaicError", "Placement", "Scene", "THRESHOLD", "draw_scene",
            "make_mosaics", "make_scenes", "mosaic_arrays", "render", "write_ade20k"]
 
 if __name__ == "__main__":

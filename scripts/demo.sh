@@ -82,14 +82,20 @@ done
 
 echo "== 7/7 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out) =="
 M=$OUT/mosaics
-# 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split; both writers
-# publish by rename, so a finished file is whole and a rerun skips it. Stored raw (75 MB): no JPEG decoding competes
-# with training for the two cores.
-[ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" --train=2000 --val=200 --force
+# 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split, in grey like the
+# pretraining images (docs/demo.md, "Segmentation"); both writers publish by rename, so a finished file is whole and a
+# rerun skips it. Stored raw (75 MB): no JPEG decoding competes with training for the two cores.
+MOSAIC_ARGS="--train=2000 --val=200 --palette=grey"
+if [ -d "$M" ] && [ "$(cat "$M/made_with" 2>/dev/null)" != "$MOSAIC_ARGS" ]; then
+  # Mosaics of other arguments (an older demo): redraw them, and retrain the segmenters that learnt from them.
+  rm -rf "$M" "$T"/segment_*
+fi
+[ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" $MOSAIC_ARGS --force
 for split in training validation; do
   [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
     --split=$split --mode=raw --progress=false
 done
+echo "$MOSAIC_ARGS" > "$M/made_with"
 for init in pretrained random; do
   path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
   logged segment_$init env OMP_NUM_THREADS="$CORES" $PY -m finetune.segment train upernet_beitv2_small_demo_mosaics \

@@ -109,6 +109,7 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
     ("demo_step", ["--stage=segment"], "error: stage must be one of ['mim', 'tokenizer'], got 'segment'"),
     ("demo_step", ["--steps=0"], "error: --steps must be a whole number >= 1 (got 0)"),
     ("demo_step", ["--layouts=gpus"], "error: layouts must be among ('ranks', 'threads'), got ['gpus']"),
+    ("demo_step", ["--compiles=yes"], "error: compiles must be among ('off', 'on'), got ['yes']"),
 ])
 def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
     import importlib
@@ -300,6 +301,9 @@ def test_demo_step_bench_command_keeps_the_global_batch_per_layout():
     assert "--tokenizer=tok.pt" in one and "--run.precision=fp32" in one
     tok, _ = _command("tokenizer", "vqkd_small_demo", "threads", 2, "/tmp/o", 10, 64, "auto", "")
     assert not [f for f in tok if f.startswith("--tokenizer=")]
+    assert "--run.compile=true" not in one
+    compiled, _ = _command("mim", "beitv2_small_demo", "threads", 2, "/tmp/o", 10, 64, "fp32", "tok.pt", True)
+    assert "--run.compile=true" in compiled and [f for f in compiled if f != "--run.compile=true"] == one
 
 
 @pytest.mark.slow

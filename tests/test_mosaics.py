@@ -113,6 +113,23 @@ def test_real_fashion_mnist_mosaics(fashion_mnist_available):
     assert mosaics.NUM_CLASSES == len(mosaics.CLASS_NAMES) == 11 and mosaics.CLASS_NAMES[0] == "background"
 
 
+def test_grey_palette_renders_the_same_scenes_in_grey():
+    """palette="grey": the colour mosaics' annotations unchanged, every pixel the mean of the colour one's channels
+    (to rounding), and garments still stand out from the background (grey tints are >= TINT_MIN, backgrounds <=
+    BACKGROUND_MAX)."""
+    src = squares()
+    colour = make_mosaics("training", 4, source=src, **SMALL)
+    grey = make_mosaics("training", 4, source=src, palette="grey", **SMALL)
+    for (ci, ca), (gi, ga) in zip(colour, grey):
+        np.testing.assert_array_equal(ga, ca)
+        assert (gi[..., 0] == gi[..., 1]).all() and (gi[..., 1] == gi[..., 2]).all()
+        assert np.abs(gi[..., 0].astype(np.float32) - ci.astype(np.float32).mean(axis=2)).max() <= 1.0
+        garment, background = gi[..., 0][ga >= FIRST_GARMENT], gi[..., 0][ga == BACKGROUND]
+        assert garment.size and background.size and garment.mean() > background.mean() + 50
+    images, _ = mosaic_arrays("training", 2, size=40, source=src, palette="grey")
+    assert (images[..., 0] == images[..., 2]).all()
+
+
 def test_bad_arguments_are_one_line_errors():
     src = squares()
     with pytest.raises(mosaics.MosaicError, match="split must be one of training, validation"):
@@ -121,6 +138,8 @@ def test_bad_arguments_are_one_line_errors():
         make_mosaics("training", 1, width_range=(50, 40), source=src)
     with pytest.raises(mosaics.MosaicError, match="labels must be garment classes"):
         make_mosaics("training", 1, source=(src[0], src[1] + 5))
+    with pytest.raises(mosaics.MosaicError, match="--palette must be one of colour, grey, got 'gray'"):
+        make_mosaics("training", 1, source=src, palette="gray")
 
 
 # ------------------------------------------------------------------------------------------------------ ADE20K files
