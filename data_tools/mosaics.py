@@ -45,9 +45,9 @@ CLASS_NAMES = ("background", *fashion_mnist.CLASS_NAMES)   # index = class id af
 NUM_CLASSES = len(CLASS_NAMES)                               # 11
 OTHER, BACKGROUND, FIRST_GARMENT = 0, 1, 2                   # annotation ids as written
 THRESHOLD = 48          # garment intensity (of 255) from which a pixel is labelled as the garment
-# Garments light on a dim background, as Fashion-MNIST shows them (bright on black), in colour: a backbone pretrained
-# on Fashion-MNIST meets its own domain, and a random backbone separates garment from background within a few steps,
-# so the short demo runs measure what matters (recognising the garment per pixel).
+# Garments light on a dim background, as Fashion-MNIST shows them (bright on black): a random backbone separates
+# garment from background within a few steps, so short runs measure what matters (recognising the garment per pixel).
+# The tints are a shift away from Fashion-MNIST's grey; palette "grey" removes it (the demo's choice, docs/demo.md).
 BACKGROUND_MAX = 80     # background corner colours are drawn from 0..BACKGROUND_MAX per channel
 TINT_MIN = 150          # garment tints from TINT_MIN..255 per channel
 OPAQUE = 96             # garment intensity from which it fully covers what lies below (alpha ramps up to it)
