@@ -212,3 +212,96 @@ def test_each_stage_names_its_own_keys_a_resume_may_change(tmp_path):
             setattr(getattr(cfg, section), key, value)
         with pytest.raises(ConfigError, match=f"{section}.{key}"):
             check_resume(cfg, cfg.run)
+
+
+def test_a_resume_on_a_beton_rewritten_in_place_is_an_error_naming_the_file(tmp_path, capsys):
+    """Same path, other content: the settings match, so only the record of what the file held can tell."""
+    from engine.storage.input_files import RECORD
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"first conversion" * 100)
+    out = tmp_path / "run"
+    data = {"data.source": "beton", "data.train_path": str(beton)}
+    train(out, **data)
+    record = json.loads((out / RECORD).read_text())
+    assert record["data.train_path"]["path"] == str(beton) and record["data.train_path"]["size"] == 1600
+    train(out, **data)   # unchanged: resumes
+    beton.write_bytes(b"other conversion" * 100)   # the same size, another sha256
+    with pytest.raises(ConfigError) as err:
+        train(out, **data)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"resuming {out} on input files whose content changed since the run began: data.train_path ({beton}): "
+        f"sha256 ")
+    assert message.endswith(f"(recorded in {out}/{RECORD}); put back the files it began with, pass "
+                            f"--run.allow_config_change=true if the change is meant, or use another --run.output_dir")
+    beton.write_bytes(b"shorter")
+    with pytest.raises(ConfigError, match=r"size 1600 -> 7 bytes"):
+        train(out, **data)
+    beton.unlink()
+    with pytest.raises(ConfigError, match=r"\(.*train.beton\): it is gone"):
+        train(out, **data)
+    beton.write_bytes(b"meant")
+    train(out, **data, **{"run.allow_config_change": True})
+    assert "on changed input files (allowed): data.train_path" in capsys.readouterr().err
+    assert json.loads((out / RECORD).read_text())["data.train_path"]["size"] == 5   # the new content is the record
+    train(out, **data)
+
+
+def test_input_files_are_only_those_read_at_every_step(tmp_path):
+    """MIM's tokenizer and the tokenizer stage's teacher are; an init checkpoint (replaced by the resumed weights),
+    held-out data and the built-in data are not; a run made before the record existed resumes unchecked."""
+    from engine.config.schema import to_dict
+    from engine.storage.input_files import RECORD, read_while_training, record_input_files
+    from engine.storage.run_dir import LATEST, check_resume
+    from finetune.classify.config import ClassifyConfig
+    from pretrain.mim.config import MIMConfig
+    from pretrain.tokenizer.config import TokenizerConfig
+    mim, tok, ft = MIMConfig(), TokenizerConfig(), ClassifyConfig()
+    mim.tokenizer, tok.teacher.weights, ft.init = "t.pt", "teacher.pth", "mim.pt"
+    for cfg in (mim, tok, ft):
+        cfg.data.train_path, cfg.data.eval_path = "train.beton", "val.beton"   # source stays fashion_mnist
+    assert read_while_training(mim) == {"tokenizer": "t.pt"}
+    assert read_while_training(tok) == {"teacher.weights": "teacher.pth"}
+    assert read_while_training(ft) == {}
+    ft.data.source = "beton"
+    assert read_while_training(ft) == {"data.train_path": "train.beton"}
+
+    out = tmp_path / "mim"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / LATEST).write_text("step_00000002")
+    tokenizer = tmp_path / "tokenizer.pt"
+    tokenizer.write_bytes(b"codebook 1")
+    mim.tokenizer, mim.run.output_dir = str(tokenizer), str(out)
+    (out / "config.json").write_text(json.dumps(to_dict(mim)))
+    tokenizer.write_bytes(b"codebook 2")
+    check_resume(mim, mim.run)   # no record yet (a run from before it existed): resumes unchecked
+    record_input_files(mim, str(out))
+    check_resume(mim, mim.run)
+    tokenizer.write_bytes(b"codebook 3")   # a tokenizer retrained into the same file
+    with pytest.raises(ConfigError, match=rf"tokenizer \({tokenizer}\): sha256 [0-9a-f]{{12}}\.\.\. -> "):
+        check_resume(mim, mim.run)
+    (out / RECORD).write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{RECORD} is unreadable"):
+        check_resume(mim, mim.run)
+
+
+def test_a_large_input_file_is_known_by_its_ends_and_its_conversion_record(tmp_path, monkeypatch):
+    """Hashing a 150 GB .beton at every start would cost minutes: above FULL_HASH_MAX the ends (header, index) and
+    the sha256 data_tools.convert recorded stand for the whole."""
+    from engine.storage import input_files
+    monkeypatch.setattr(input_files, "FULL_HASH_MAX", 64)
+    monkeypatch.setattr(input_files, "SAMPLE", 16)
+    beton = tmp_path / "big.beton"
+    beton.write_bytes(bytes(range(200)))
+    (tmp_path / "big.beton.json").write_text(json.dumps({"sha256": "a" * 64}))
+    first = input_files.fingerprint(str(beton))
+    assert set(first) == {"size", "ends_sha256", "recorded_sha256"} and first["recorded_sha256"] == "a" * 64
+    body = bytearray(range(200))
+    body[-1] = 0   # the index at the end
+    beton.write_bytes(bytes(body))
+    assert input_files._why(first, input_files.fingerprint(str(beton))).startswith("ends_sha256 ")
+    beton.write_bytes(bytes(range(200)))
+    (tmp_path / "big.beton.json").write_text(json.dumps({"sha256": "b" * 64}))   # re-converted: a new record
+    now = input_files.fingerprint(str(beton))
+    assert now["ends_sha256"] == first["ends_sha256"]
+    assert input_files._why(first, now) == f"recorded_sha256 {'a' * 12}... -> {'b' * 12}..."

@@ -185,8 +185,11 @@ class StageConfig:
 
     `harmless_on_resume`: the stage's own keys a resume may change without `run.allow_config_change` (they change
     how fast or what is evaluated, not what is trained); the engine's are `engine.storage.run_dir.HARMLESS`.
+    `read_while_training`: the stage's keys naming files read at every step (beside the training .beton), whose
+    content a resume checks against what the run began with (engine.storage.input_files).
     """
     harmless_on_resume: ClassVar[frozenset[str]] = frozenset()
+    read_while_training: ClassVar[tuple[str, ...]] = ()
     data: DataConfig = field(default_factory=_data_section)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -20,6 +20,8 @@ writes files after `fit`, such as eval.json, holds `claimed_output_dir` around b
   code since that run began) is compared with its default. The batch is compared as the global batch (micro x
   accum x ranks, engine.parallel.global_batch): a resume on another number of ranks re-splits the checkpoint
   (engine.storage.checkpoint) and passes when the stage kept the global batch by adjusting the accumulation.
+  With the settings equal, the files the run reads at every step (its training .beton, MIM's tokenizer, the
+  teacher's weights) must still hold what they held when it began (engine.storage.input_files), on the same terms.
 - History: before `config.json` is replaced by a different config (a resume with an allowed change, or a run that
   starts over), the old one is appended to `<output_dir>/config_history.jsonl` as one JSON line
   `{"resumed_at_step": <the new config's first step; 0 when the run started over>, "replaced_utc": ..., "config":
@@ -45,6 +47,7 @@ from engine.parallel import distributed as dist_utils
 from engine.parallel.global_batch import resume_changes
 from engine.storage.checkpoint import LATEST
 from engine.storage.files import write_text_atomically
+from engine.storage.input_files import RECORD, input_file_changes, record_input_files
 
 LOCK = ".run.lock"
 HISTORY = "config_history.jsonl"
@@ -161,21 +164,31 @@ def check_resume(cfg: Any, run: Any) -> None:
     harmless = HARMLESS | getattr(cfg, "harmless_on_resume", frozenset())
     saved = load_json_config(path, "restore it, or delete it to resume without comparing settings")
     changed = resume_changes(run, [c for c in config_changes(saved, cfg, run) if c[0] not in harmless])
-    if not changed:
+    if changed:
+        shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])
+        more = f" (and {len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
+        if run.allow_config_change:
+            dist_utils.log_main(f"resuming {run.output_dir} with changed settings (allowed): {shown}{more}; the old "
+                                f"config goes to {os.path.join(run.output_dir, HISTORY)}")
+            return
+        raise ConfigError(f"resuming {run.output_dir} with settings that change what is trained: {shown}{more} "
+                          f"(saved in {path}); resume with the saved settings, pass --run.allow_config_change=true "
+                          f"if the change is meant, or use another --run.output_dir")
+    files = input_file_changes(cfg, run.output_dir)   # the same paths, other content (engine.storage.input_files)
+    if not files:
         return
-    shown = ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changed[:SHOWN])
-    more = f" (and {len(changed) - SHOWN} more)" if len(changed) > SHOWN else ""
+    shown = "; ".join(files[:SHOWN]) + (f" (and {len(files) - SHOWN} more)" if len(files) > SHOWN else "")
     if run.allow_config_change:
-        dist_utils.log_main(f"resuming {run.output_dir} with changed settings (allowed): {shown}{more}; the old "
-                            f"config goes to {os.path.join(run.output_dir, HISTORY)}")
+        dist_utils.log_main(f"resuming {run.output_dir} on changed input files (allowed): {shown}")
         return
-    raise ConfigError(f"resuming {run.output_dir} with settings that change what is trained: {shown}{more} "
-                      f"(saved in {path}); resume with the saved settings, pass --run.allow_config_change=true if "
-                      f"the change is meant, or use another --run.output_dir")
+    raise ConfigError(f"resuming {run.output_dir} on input files whose content changed since the run began: {shown} "
+                      f"(recorded in {os.path.join(run.output_dir, RECORD)}); put back the files it began with, pass "
+                      f"--run.allow_config_change=true if the change is meant, or use another --run.output_dir")
 
 
 def save_config(cfg: Any, output_dir: str, step: int) -> None:
-    """Rank 0: write `config.json`; a different one already there is first appended to the history file."""
+    """Rank 0: write `config.json` (a different one already there is first appended to the history file) and the
+    record of the input files' content (engine.storage.input_files)."""
     if not dist_utils.is_main():
         return
     path = os.path.join(output_dir, "config.json")
@@ -197,6 +210,7 @@ def save_config(cfg: Any, output_dir: str, step: int) -> None:
                                     sort_keys=True))
             write_text_atomically(history, "\n".join(lines) + "\n")
     save_json(cfg, path)
+    record_input_files(cfg, output_dir)
 
 
 # Output folders this process holds the lock of: a stage that claims its folder for what it writes after `fit`

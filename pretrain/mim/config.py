@@ -35,6 +35,7 @@ class MaskingConfig:
 @dataclass
 class MIMConfig(StageConfig):
     harmless_on_resume = frozenset({"model.attention"})   # the same function, another kernel
+    read_while_training = ("tokenizer",)   # its codes are every step's targets
     arch: str = key("beitv2_small_demo", "the model", choices=MIM_ARCHS)
     tokenizer: str = key("", "frozen tokenizer checkpoint (ours or official); needed for model.target=codes")
     tokenizer_arch: str = key("", "the tokenizer's arch, only for arch-less files whose shapes are ambiguous")

@@ -21,6 +21,7 @@ class QuantizerConfig:
 
 @dataclass
 class TokenizerConfig(StageConfig):
+    read_while_training = ("teacher.weights",)   # its features are every step's targets
     arch: str = key("vqkd_small_demo", "the tokenizer", choices=ARCHS)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
