@@ -305,3 +305,6 @@ def test_a_large_input_file_is_known_by_its_ends_and_its_conversion_record(tmp_p
     now = input_files.fingerprint(str(beton))
     assert now["ends_sha256"] == first["ends_sha256"]
     assert input_files._why(first, now) == f"recorded_sha256 {'a' * 12}... -> {'b' * 12}..."
+    gone = input_files.fingerprint(str(tmp_path / "gone.beton"))
+    assert input_files._why(now, gone) == "it is gone"
+    assert input_files._why(gone, gone) == ""   # missing then and now: the stage names it when it opens it

@@ -86,8 +86,8 @@ def record_input_files(cfg: Any, output_dir: str) -> None:
 
 
 def _why(before: dict, now: dict) -> str:
-    if now.get("missing"):
-        return "it is gone"
+    if now.get("missing"):   # gone now; gone then too (a start allowed without it) is the stage's error to give
+        return "" if before.get("missing") else "it is gone"
     if before.get("size") != now.get("size"):
         return f"size {before.get('size')} -> {now.get('size')} bytes"
     for digest in ("sha256", "recorded_sha256", "ends_sha256"):
