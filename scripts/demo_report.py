@@ -25,7 +25,10 @@ PROBE_FEATURES = ("pretrained", "random", "tokenizer_encoder")
 BACKBONES = ("pretrained", "random")
 TRANSFER = {"linear_probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
 SEG_METRICS = ("mIoU", "mAcc", "aAcc")  # held-out segmentation measures, fractions; results.json's headline is mIoU
-CLEAR_MARGIN = 0.05  # a linear-probe gain of at least 5 points is read as a clear pretraining benefit
+# The gains over random weights the demo is built to show, per row (segmentation: mIoU points): a run that reaches
+# them shows pretraining helping by more than the spread over seeds (docs/demo.md, "Measured"). The report's reading
+# and results.json's "bars" judge each measured row against them.
+BARS = {"linear_probe": 0.10, "knn": 0.08, "finetune": 0.03, "segmentation": 0.03}
 # The spread of this recipe over MIM seeds, measured once (three seeds cost three demos' MIM time, so one demo cannot
 # measure it): seeds 0, 1, 2 of beitv2_small_demo with the demo's tokenizer, 90-epoch probes, at commit ec027ab
 # (docs/demo.md, "Measured"). The report prints their mean +/- sample std beside the single seed's numbers. Top-1 per
@@ -162,6 +165,9 @@ def summarize(data):
     # The seeds the pretraining ran with (run.seed): a rerun with the same ones gives the same table; other MIM seeds
     # measure the spread (docs/demo.md).
     results["seed"] = {stage: (cfg or {}).get("run", {}).get("seed") for stage, cfg in data["configs"].items()}
+    results["bars"] = {k: {"gain": results["pretraining_gain"][k], "bar": bar,
+                           "met": results["pretraining_gain"][k] >= bar}
+                       for k, bar in BARS.items() if k in results["pretraining_gain"]}
     results["seconds"] = dict(data["seconds"] or {})
     results["environment"] = environment(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return results
@@ -429,15 +435,21 @@ def segmentation_spread_line():
 
 
 def reading(results):
-    """One sentence: does pretraining beat random initialisation on the linear probe by a clear margin?"""
-    probe = results["linear_probe"]
-    if "linear_probe" not in results["pretraining_gain"]:
-        return "Reading: no linear-probe comparison, since the pretrained or the random probe result is missing."
-    gap = results["pretraining_gain"]["linear_probe"]
-    verdict = "beats" if gap >= CLEAR_MARGIN else "does not beat"
-    return (f"Reading: the pretrained backbone {verdict} the random one on the linear probe by a clear margin "
-            f"(>= {100 * CLEAR_MARGIN:.0f} points): "
-            f"{pct(probe['pretrained'])} vs {pct(probe['random'])}, a gap of {100 * gap:+.1f} points.")
+    """One sentence: which rows' gains over random initialisation reach the demo's bars (BARS), which do not."""
+    bars = results["bars"]
+    if not bars:
+        return "Reading: no pretrained vs random comparison, since the pretrained or the random results are missing."
+    names = {**TRANSFER, "segmentation": "segmentation"}
+
+    def said(met):
+        return ", ".join(f"{names[k]} {100 * b['gain']:+.1f} {'>=' if met else '<'} {100 * b['bar']:.0f} points"
+                         for k, b in bars.items() if b["met"] == met)
+    met, missed = said(True), said(False)
+    if not missed:
+        return f"Reading: pretraining reaches the demo's bar over random initialisation on every row: {met}."
+    if not met:
+        return f"Reading: pretraining misses the demo's bar over random initialisation on every row: {missed}."
+    return f"Reading: pretraining reaches the demo's bar over random initialisation on {met}; misses it on {missed}."
 
 
 def write_atomically(path, text):

@@ -138,7 +138,10 @@ def test_full_report(out):
                 "| T-shirt/top | 25.0% | 5.0% |", "| Trouser | - | - |", "| Bag | 8.0% | 0.0% |",
                 "| segment | 300.0 |", "![segmentation IoU per class](report/segmentation_iou.png)"):
         assert row in report
-    assert "beats the random one on the linear probe by a clear margin" in report and "+21.0 points." in report
+    assert results["bars"]["segmentation"] == {"gain": 0.263, "bar": 0.03, "met": True}
+    assert ("Reading: pretraining reaches the demo's bar over random initialisation on every row: linear probe "
+            "+21.0 >= 10 points, k-NN +21.0 >= 8 points, fine-tune +9.0 >= 3 points, segmentation +26.3 >= 3 "
+            "points.") in report
     assert "missing" not in report
     for name in ("loss_curves", "accuracy", "codebook_usage", "token_maps", "segmentation_iou"):
         assert_png(out / "report" / f"{name}.png")
@@ -161,7 +164,10 @@ def test_missing_optional_inputs_leave_rows_out_with_a_note(out):
     assert "k-NN top-1, random backbone" not in report and "k-NN pretraining gain" not in report
     assert "`transfer/knn_random.json` missing" in report and "`tokenizer/test_tokens.npy` missing" in report
     assert not (out / "report/token_maps.png").exists()
-    assert "does not beat the random one on the linear probe" in report and "+2.0 points." in report
+    assert set(results["bars"]) == {"linear_probe", "finetune", "segmentation"}   # no k-NN gain, no k-NN bar
+    assert results["bars"]["linear_probe"]["met"] is False
+    assert ("Reading: pretraining reaches the demo's bar over random initialisation on fine-tune +9.0 >= 3 points, "
+            "segmentation +26.3 >= 3 points; misses it on linear probe +2.0 < 10 points.") in report
 
 
 def test_segmentation_loss_curves_are_the_train_rows(out):
@@ -231,3 +237,12 @@ def test_token_maps_show_each_map_beside_its_test_image(out):
     assert demo_report.main(str(out)) == 0
     with Image.open(out / "report/token_maps.png") as image:
         assert (np.asarray(image.convert("RGB")) == alone.image).all()
+
+
+def test_reading_names_the_rows_below_their_bar():
+    bars = {"knn": {"gain": 0.05, "bar": 0.08, "met": False},
+            "segmentation": {"gain": -0.009, "bar": 0.03, "met": False}}
+    assert demo_report.reading({"bars": bars}) == (
+        "Reading: pretraining misses the demo's bar over random initialisation on every row: k-NN +5.0 < 8 points, "
+        "segmentation -0.9 < 3 points.")
+    assert demo_report.reading({"bars": {}}).startswith("Reading: no pretrained vs random comparison")
