@@ -308,3 +308,10 @@ def test_a_large_input_file_is_known_by_its_ends_and_its_conversion_record(tmp_p
     gone = input_files.fingerprint(str(tmp_path / "gone.beton"))
     assert input_files._why(now, gone) == "it is gone"
     assert input_files._why(gone, gone) == ""   # missing then and now: the stage names it when it opens it
+
+    def denied(*_):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(input_files, "_hash_ends", denied)   # (chmod 0 would not stop root, who runs CI)
+    # unreadable: not a change and not an OSError (which the lock's handler would misname); the stage names the file
+    assert input_files.fingerprint(str(beton)) == {"unreadable": True}
+    assert input_files._why(now, {"unreadable": True}) == ""

@@ -61,18 +61,23 @@ def _recorded_sha256(path: str) -> str | None:
 
 def fingerprint(path: str) -> dict:
     """{"size", "sha256"} of a file up to FULL_HASH_MAX bytes; {"size", "ends_sha256", "recorded_sha256"?} of a larger
-    one; {"missing": true} when there is no such file (the stage itself says so when it opens it)."""
+    one; {"missing": true} when there is no such file, {"unreadable": true} when it cannot be read (the stage itself
+    says so when it opens it)."""
     try:
         st = os.stat(path)
     except OSError:
         return {"missing": True}
     if not os.path.isfile(path):
         return {"missing": True}
-    # Hashed afresh each time (twice per start): a cache keyed by size and mtime would miss a rewrite within the
-    # file system's coarse timestamp tick.
-    if st.st_size <= FULL_HASH_MAX:
-        return {"size": st.st_size, "sha256": file_sha256(path)}
-    found = {"size": st.st_size, "ends_sha256": _hash_ends(path, st.st_size)}
+    # Hashed afresh each time (twice per start, under 1 GiB each: a few seconds). finetune.feature_cache.file_digest
+    # memoises full digests by inode, size, mtime and ctime; for a run folder that would still hash a 150 GB .beton
+    # in full once per new run, which the ends avoid.
+    try:
+        if st.st_size <= FULL_HASH_MAX:
+            return {"size": st.st_size, "sha256": file_sha256(path)}
+        found = {"size": st.st_size, "ends_sha256": _hash_ends(path, st.st_size)}
+    except OSError:   # unreadable (permissions): the stage names it when it opens it, not the resume check
+        return {"unreadable": True}
     recorded = _recorded_sha256(path)
     if recorded:
         found["recorded_sha256"] = recorded
@@ -86,6 +91,8 @@ def record_input_files(cfg: Any, output_dir: str) -> None:
 
 
 def _why(before: dict, now: dict) -> str:
+    if now.get("unreadable") or before.get("unreadable"):   # nothing to compare: the stage's error to give
+        return ""
     if now.get("missing"):   # gone now; gone then too (a start allowed without it) is the stage's error to give
         return "" if before.get("missing") else "it is gone"
     if before.get("size") != now.get("size"):
