@@ -7,7 +7,9 @@ cores: `ranks` (C ranks of one thread each through the `deepspeed` launcher, ZeR
 pretraining stages before) and `threads` (one process with C threads, no launcher, ZeRO-0). Precisions: `fp32` and
 `auto` (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: engine/config/precision.py). With
 `--compiles=off,on` each layout x precision also runs with `--run.compile=true` (torch.compile's inductor on the
-CPU; its compile time is in `wall_s`, not in images/s). Speed-ups are against the first variant. Writes JSON.
+CPU; its compile time is in `wall_s`, not in images/s). Speed-ups are against the first variant; with
+`--baseline_tree=DIR` (another checkout, e.g. a `git worktree` of the commit before a change) each variant also runs
+on that code first, and `speedup_vs_baseline` is the change's before/after on the same machine. Writes JSON.
 
     python -m bench.demo_step --stage=mim --steps=60
 """
@@ -32,9 +34,9 @@ COMPILES = ("off", "on")
 
 
 def _command(stage: str, recipe: str, layout: str, cores: int, out: str, steps: int, global_batch: int,
-             precision: str, tokenizer: str, compiled: bool = False) -> tuple[list[str], dict]:
-    """The train command of one variant and its environment."""
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+             precision: str, tokenizer: str, compiled: bool = False, tree: str = ROOT) -> tuple[list[str], dict]:
+    """The train command of one variant and its environment; `tree` is the checkout whose code it runs."""
+    env = dict(os.environ, PYTHONPATH=tree, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     ranks = cores if layout == "ranks" else 1
@@ -67,11 +69,11 @@ def _tokenizer_for(recipe: str, folder: str) -> str:
 
 
 def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int, steps: int, skip: int,
-            global_batch: int, tokenizer: str, work: str, compiled: bool = False) -> dict:
+            global_batch: int, tokenizer: str, work: str, compiled: bool = False, tree: str = ROOT) -> dict:
     out = tempfile.mkdtemp(dir=work)
-    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer, compiled)
+    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer, compiled, tree)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode:   # recorded, the other variants still run
         lines = (proc.stdout + proc.stderr).strip().splitlines() or [f"exit status {proc.returncode}"]
         return {"error": lines[-1][:300]}
@@ -86,7 +88,7 @@ def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int,
 
 def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
          precisions: str = "auto,fp32", compiles: str = "off", cores: int = 0, global_batch: int = 64,
-         out: str = "") -> dict:
+         baseline_tree: str = "", out: str = "") -> dict:
     """Images/s of the demo's `stage` step per layout x precision, and each as a ratio to the first variant.
 
     Args:
@@ -95,6 +97,9 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
         layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`;
         compiles: comma-separated `off` / `on` (torch.compile the model).
         cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
+        baseline_tree: another checkout of this project (e.g. `git worktree add /tmp/before <commit>`): each variant
+            runs there first as `<variant>@baseline`, and the variant gains `speedup_vs_baseline`, the before/after
+            of a change in one run on one machine.
     """
     check_counts(steps=steps, global_batch=global_batch)
     if stage not in RECIPES:
@@ -106,23 +111,33 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
     unknown = [x for x in compiles.split(",") if x and x not in COMPILES]
     if unknown:
         raise ValueError(f"compiles must be among {COMPILES}, got {unknown}")
+    if baseline_tree and not os.path.isfile(os.path.join(baseline_tree, "pretrain", stage, "__main__.py")):
+        raise ValueError(f"baseline_tree {baseline_tree!r} is not a checkout of this project (no "
+                         f"pretrain/{stage}/__main__.py there)")
     cores = cores or os.cpu_count()
     work = tempfile.mkdtemp(prefix="bench_demo_step_")
     tokenizer = _tokenizer_for(recipe, work) if stage == "mim" else ""
     result = {"bench": "demo_step", "stage": stage, "recipe": recipe, "cores": cores, "steps": steps,
-              "global_batch": global_batch, "variants": {}}
+              "global_batch": global_batch, "baseline_tree": baseline_tree or None, "variants": {}}
     baseline = None
     for layout in [x for x in layouts.split(",") if x]:
         for precision, compiled in [(p, c) for p in precisions.split(",") if p for c in compiles.split(",") if c]:
             name = f"{layout}_{precision}" + ("_compile" if compiled == "on" else "")
-            row = measure(stage, recipe, layout, precision, cores=cores, steps=steps, skip=skip,
-                          global_batch=global_batch, tokenizer=tokenizer, work=work, compiled=compiled == "on")
-            if "images_per_s" in row:
-                baseline = baseline or row["images_per_s"]
-                row["speedup_vs_first"] = round(row["images_per_s"] / baseline, 3)
-            result["variants"][name] = row
-            print(name, row, flush=True)
-            write_json(result, out)
+            before = None
+            for tree, label in ([(baseline_tree, name + "@baseline")] if baseline_tree else []) + [(ROOT, name)]:
+                row = measure(stage, recipe, layout, precision, cores=cores, steps=steps, skip=skip,
+                              global_batch=global_batch, tokenizer=tokenizer, work=work, compiled=compiled == "on",
+                              tree=tree)
+                if "images_per_s" in row:
+                    baseline = baseline or row["images_per_s"]
+                    row["speedup_vs_first"] = round(row["images_per_s"] / baseline, 3)
+                    if tree != ROOT:
+                        before = row["images_per_s"]
+                    elif before:
+                        row["speedup_vs_baseline"] = round(row["images_per_s"] / before, 3)
+                result["variants"][label] = row
+                print(label, row, flush=True)
+                write_json(result, out)
     return result
 
 

@@ -14,11 +14,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from timm.models.beit import Block as BeitBlock
 from torch import nn
 
 from data_tools.gpu_augment import normalize
 from engine.storage.files import OutputPathError, write_text_atomically
 from engine.storage.weights import read_weights_file
+from pretrain.mim.model import block_at_rows
 
 POOLINGS = ("cls", "mean", "agg_cls")
 
@@ -91,7 +93,8 @@ class FrozenFeatures(nn.Module):
         return build_classifier(arch, 0, path) if arch else load_classifier(path)
 
     def _tokens(self, x01: torch.Tensor) -> torch.Tensor:
-        """Tokens `[B, 1 + N, D]` after block `layer` (the aggregation head's output for `agg_cls`)."""
+        """Tokens `[B, 1 + N, D]` after block `layer` (the aggregation head's output for `agg_cls`; for `cls`
+        pooling of a BEiT backbone only the CLS row, `[B, 1, D]`)."""
         if self.kind == "mim":
             x = normalize(x01)
             if self.pooling == "agg_cls":
@@ -104,7 +107,10 @@ class FrozenFeatures(nn.Module):
         if getattr(vit, "pos_embed", None) is not None:
             x = x + vit.pos_embed
         bias = vit.rel_pos_bias() if getattr(vit, "rel_pos_bias", None) is not None else None
-        for blk in vit.blocks[:self.layer]:
+        for i, blk in enumerate(vit.blocks[:self.layer]):
+            if i + 1 == self.layer and self.pooling == "cls" and isinstance(blk, BeitBlock):
+                # Only the CLS row is read: the last block's MLP runs on it alone (same values, 1/N of the rows).
+                return block_at_rows(blk, x, bias, keep=torch.zeros_like(x[:, :1, 0], dtype=torch.long))
             x = blk(x, shared_rel_pos_bias=bias)
         return x
 

@@ -1,5 +1,6 @@
 """The benchmarks still run and report what they promise (tiny sizes on CPU; the numbers are not asserted)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,8 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
     ("demo_step", ["--steps=0"], "error: --steps must be a whole number >= 1 (got 0)"),
     ("demo_step", ["--layouts=gpus"], "error: layouts must be among ('ranks', 'threads'), got ['gpus']"),
     ("demo_step", ["--compiles=yes"], "error: compiles must be among ('off', 'on'), got ['yes']"),
+    ("demo_step", ["--baseline_tree=/nonexistent"],
+     "error: baseline_tree '/nonexistent' is not a checkout of this project (no pretrain/mim/__main__.py there)"),
 ])
 def test_bad_bench_flags_are_one_line_errors(capsys, bench, args, error):
     import importlib
@@ -304,6 +307,9 @@ def test_demo_step_bench_command_keeps_the_global_batch_per_layout():
     assert "--run.compile=true" not in one
     compiled, _ = _command("mim", "beitv2_small_demo", "threads", 2, "/tmp/o", 10, 64, "fp32", "tok.pt", True)
     assert "--run.compile=true" in compiled and [f for f in compiled if f != "--run.compile=true"] == one
+    # A baseline checkout runs the same command on its own code.
+    before, env = _command("mim", "beitv2_small_demo", "threads", 2, "/tmp/o", 10, 64, "fp32", "tok.pt", tree="/b")
+    assert before == one and env["PYTHONPATH"] == "/b"
 
 
 @pytest.mark.slow
@@ -320,3 +326,19 @@ def test_demo_step_bench_times_both_layouts_through_the_real_train_command(tmp_p
     assert rows["threads_fp32"]["speedup_vs_first"] == 1.0
     assert rows["ranks_fp32"]["speedup_vs_first"] == pytest.approx(
         rows["ranks_fp32"]["images_per_s"] / rows["threads_fp32"]["images_per_s"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_demo_step_bench_measures_a_baseline_checkout_before_each_variant(tmp_path):
+    """--baseline_tree runs each variant on another checkout first (here a copy of this one, so the code is the
+    same) and gives the before/after ratio."""
+    from bench.demo_step import ROOT, main
+    tree = tmp_path / "before"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+    result = main(stage="tokenizer", recipe="vqkd_tiny_test", steps=6, skip=1, layouts="threads", precisions="fp32",
+                  global_batch=8, baseline_tree=str(tree), out=str(tmp_path / "r.json"))
+    rows = result["variants"]
+    assert list(rows) == ["threads_fp32@baseline", "threads_fp32"] and result["baseline_tree"] == str(tree)
+    assert all(r["images_per_s"] > 0 for r in rows.values()), rows
+    assert rows["threads_fp32"]["speedup_vs_baseline"] == pytest.approx(
+        rows["threads_fp32"]["images_per_s"] / rows["threads_fp32@baseline"]["images_per_s"], abs=1e-3)

@@ -471,3 +471,24 @@ def test_all_gather_uneven_on_two_ranks(two_rank_results):
     expected = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2), torch.tensor([[100.0, 101.0]])])
     for rank, result in enumerate(two_rank_results):
         assert torch.equal(result["gathered"], expected), (rank, result["gathered"])
+
+
+def test_cls_features_run_the_last_mlp_on_the_cls_row_only(tmp_path):
+    """A probe of the CLS token reads one row of the last block: its MLP runs on that row alone and the feature is
+    the whole forward's (to float rounding: a one-row product may take another kernel); mean pooling reads every
+    patch row."""
+    from data_tools.gpu_augment import normalize
+    from finetune.features import FrozenFeatures
+    mim = tiny().eval()
+    save_mim_model(mim, tmp_path / "mim.pt")
+    x01 = torch.rand(3, 3, 32, 32)
+    for pooling, rows in (("cls", (3, 1)), ("mean", (3, 17))):
+        feats = FrozenFeatures(str(tmp_path / "mim.pt"), pooling=pooling)
+        seen = []
+        feats.vit.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1]))
+        got = feats(x01)
+        assert seen == [rows], pooling
+        with torch.no_grad():
+            tokens = mim.forward_features(normalize(x01))[0]
+            want = mim.norm(tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=pooling)

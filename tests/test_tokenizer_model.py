@@ -7,7 +7,8 @@ import torch
 
 from pretrain.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from pretrain.tokenizer.model import ARCHS, _infer_arch
-from pretrain.tokenizer.teachers import TeacherConfig, TeacherError, build_teacher
+from pretrain.tokenizer.teachers import (EfficientNetLite0Teacher, TeacherConfig, TeacherError, build_teacher,
+                                         randomly_initialise)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = os.path.join(ROOT, "reference", "official_state_dict_keys.json")
@@ -105,6 +106,26 @@ def test_efficientnet_teacher_gives_features_on_the_tokenizer_grid():
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     # Different images give different features: the weights are real, not a constant function.
     assert (feats[0] - feats[1]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("random_init", [False, True])
+def test_efficientnet_teacher_fused_for_inference_computes_the_same_function(random_init):
+    """Folded BatchNorm, padding inside the convolutions and channels-last change the speed, not the features: the
+    frozen teacher equals the library's net as loaded (or as randomly re-drawn: the fold comes after the init)."""
+    fused = build_teacher(TeacherConfig(name="efficientnet_lite0", input_size=64, random_init=random_init), seed=3)
+    plain = EfficientNetLite0Teacher(input_size=64)
+    if random_init:
+        randomly_initialise(plain, 3)
+    plain.eval()
+    used = [fused.net._bn0, *fused.net._blocks[:fused.stop]]   # the stem and the blocks the features come from
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for part in used for m in part.modules())
+    assert sum(isinstance(m, torch.nn.ZeroPad2d) for m in fused.modules()) \
+        < sum(isinstance(m, torch.nn.ZeroPad2d) for m in plain.modules())
+    x = torch.rand(4, 3, 32, 32)
+    got, want = fused(x, (4, 4)), plain(x, (4, 4))
+    scale = want.abs().max()   # a random teacher's features are ~1e-6
+    assert (want[0] - want[1]).abs().mean() > 1e-3 * scale   # a function of the image, not a constant
+    torch.testing.assert_close(got / scale, want / scale, atol=1e-5, rtol=1e-4)
 
 
 def test_dino_teacher_loads_a_local_timm_layout_file(tmp_path):

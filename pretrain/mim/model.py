@@ -26,7 +26,7 @@ from engine.storage.weights import load_strict, read_weights_file, save_weights_
 from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_mim_model",
-           "masked_positions", "patch_pixel_targets", "read_mim_file", "save_mim_model"]
+           "block_at_rows", "masked_positions", "patch_pixel_targets", "read_mim_file", "save_mim_model"]
 
 FILE_FORMAT = "beitv2-ds/mim/1"
 # What the heads predict for a masked patch: the frozen tokenizer's code (BEiT v2) or the patch's own normalised
@@ -78,6 +78,22 @@ def patch_pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
     mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
     return (x - mean) / (var + 1e-6).sqrt()
+
+
+def block_at_rows(blk: Block, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None, keep: torch.Tensor
+                  ) -> torch.Tensor:
+    """timm's BEiT `Block.forward` that returns only the rows `keep` (`[B, R]` token indices): equal to
+    `blk(x).gather(1, keep)`, but the MLP runs on the R kept rows instead of all N.
+
+    The attention reads every token, so it runs whole; after it, LayerNorm, MLP, layer scale and drop path act on
+    each token alone (drop path draws one number per image, whatever the row count, so the random stream is the
+    same as `blk(x)`'s).
+    """
+    attn = blk.attn(blk.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+    x = x + blk.drop_path1(attn if blk.gamma_1 is None else blk.gamma_1 * attn)
+    x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    mlp = blk.mlp(blk.norm2(x))
+    return x + blk.drop_path2(mlp if blk.gamma_2 is None else blk.gamma_2 * mlp)
 
 
 class BeitV2MIM(nn.Module):
@@ -219,21 +235,28 @@ class BeitV2MIM(nn.Module):
         """Patches per image."""
         return self.patch_embed.num_patches
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _block(self, blk: Block, x: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        run = blk if keep is None else partial(block_at_rows, blk, keep=keep)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, shared_rel_pos_bias=bias, use_reentrant=False)
-        return blk(x, shared_rel_pos_bias=bias)
+            return checkpoint(run, x, shared_rel_pos_bias=bias, use_reentrant=False)
+        return run(x, shared_rel_pos_bias=bias)
 
-    def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Backbone and aggregation-head tokens, before the final norm (None for a model without the head).
 
         Args:
             images: `[B, C, H, W]`, normalised.
             mask: Optional bool `[B, num_patches]`; True patches are replaced by the mask token.
+            keep: Optional `[B, R]` token indices (0 is the CLS token, which the aggregation head reads and so must
+                come first): the only rows the caller reads. The last backbone block (unless the head reads its
+                patch tokens) and the last head block then run their MLP, two thirds of a block's FLOPs, on these
+                rows alone; the attention still reads every token.
 
         Returns:
-            `(tokens, aggregation_tokens)`, each `[B, 1 + num_patches, embed_dim]` with the CLS token first.
+            `(tokens, aggregation_tokens)`, each `[B, 1 + num_patches, embed_dim]` with the CLS token first, or
+            `[B, R, embed_dim]`, the rows `keep`, when it is given.
         """
         x = self.patch_embed(images)
         if mask is not None:
@@ -241,17 +264,21 @@ class BeitV2MIM(nn.Module):
             x = torch.where(mask.unsqueeze(-1), self.mask_token, x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         bias = self.rel_pos_bias()
+        depth, has_head = len(self.blocks), len(self.cls_pt_layers) > 0
         early = x
         for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x, bias)
+            last = i + 1 == depth and not (has_head and self.early_layers == depth)
+            x = self._block(blk, x, bias, keep if last else None)
             if i + 1 == self.early_layers:
                 early = x
-        if not len(self.cls_pt_layers):
+        if keep is not None and has_head and self.early_layers == depth:
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if not has_head:
             return x, None
         # The head sees the final CLS token with the early patch tokens (the paper's patch aggregation).
         agg = torch.cat([x[:, :1], early[:, 1:]], dim=1)
-        for blk in self.cls_pt_layers:
-            agg = self._block(blk, agg, bias)
+        for i, blk in enumerate(self.cls_pt_layers):
+            agg = self._block(blk, agg, bias, keep if i + 1 == len(self.cls_pt_layers) else None)
         return x, agg
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
@@ -269,12 +296,12 @@ class BeitV2MIM(nn.Module):
             ascending: the rows of `lm_head(norm(tokens))[mask]`; `aggregation_logits` is None without the head.
         """
         k = self.num_masked_patches if num_masked is None else num_masked
-        x, agg = self.forward_features(images, mask)
-        index = masked_positions(mask, k).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        masked = masked_positions(mask, k) + 1   # token indices: the CLS token is row 0
+        x, agg = self.forward_features(images, mask, keep=torch.cat([torch.zeros_like(masked[:, :1]), masked], 1))
         if agg is None:
-            return self.lm_head(self.norm(x[:, 1:].gather(1, index).flatten(0, 1))), None
-        # Norm and LM head only on the gathered tokens (they act per token), both streams in one matmul.
-        picked = torch.cat([x[:, 1:].gather(1, index), agg[:, 1:].gather(1, index)]).flatten(0, 1)
+            return self.lm_head(self.norm(x[:, 1:].flatten(0, 1))), None
+        # Norm and LM head only on the masked tokens (they act per token), both streams in one matmul.
+        picked = torch.cat([x[:, 1:], agg[:, 1:]]).flatten(0, 1)
         logits = self.lm_head(self.norm(picked))
         return logits[:x.shape[0] * k], logits[x.shape[0] * k:]
 
@@ -285,11 +312,16 @@ class BeitV2MIM(nn.Module):
             num_masked: Masked patches per image (LM-head rows); defaults to `num_masked_patches`.
         """
         k = self.num_masked_patches if num_masked is None else num_masked
-        d, depth = self.embed_dim, len(self.blocks) + len(self.cls_pt_layers)
+        d, depth, has_head = self.embed_dim, len(self.blocks) + len(self.cls_pt_layers), len(self.cls_pt_layers) > 0
+        hidden = int(self.arch_kwargs["mlp_ratio"] * d)
+        # `forward` skips the MLP of the unread rows in the last head block and the last backbone block.
+        pruned_blocks = int(has_head) + int(not has_head or self.early_layers < len(self.blocks))
+        rows_skipped = (self.num_patches - k) * pruned_blocks
         fwd = (patch_embed_flops(self.num_patches, self.patch_embed.proj.in_channels,
                                  self.patch_embed.patch_size[0], d)
                + vit_blocks_flops(d, depth, self.num_patches + 1, self.arch_kwargs["mlp_ratio"])
-               + linear_flops((2 if len(self.cls_pt_layers) else 1) * k, d, self.lm_head.out_features))
+               - 2 * linear_flops(rows_skipped, d, hidden)
+               + linear_flops((2 if has_head else 1) * k, d, self.lm_head.out_features))
         return TRAIN_FACTOR * fwd
 
 
