@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from engine.config.schema import RunConfig
@@ -61,6 +62,9 @@ def frozen_entry(module: nn.Module, method: str, run: RunConfig) -> Callable:
         return getattr(module, method)
     import deepspeed
     module.requires_grad_(False).eval()
+    for p in module.parameters():   # ZeRO-3 reads each parameter's storage as flat row-major bytes: convolution
+        if p.dim() == 4:               # weights laid out channels-last (a teacher's, for the CPU kernels) go row-major
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
     config = frozen_zero_config(run, module, dist_utils.world_size(), comm_backend())
     engine, _, _, _ = deepspeed.initialize(model=_MethodAsForward(module, method), config=config)
     engine.eval()
