@@ -22,6 +22,16 @@ from engine.parallel.ds_setup import (comm_backend, largest_layer, load_ds_json,
                               zero_stage_of)
 
 
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a row-major tensor of `shape` (`is_contiguous()` also accepts other strides on size-1 dims,
+    e.g. a channels-last 1x1 convolution weight, which ZeRO-3's flat byte view rejects)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class _MethodAsForward(nn.Module):
     """`module.<method>(...)` as a forward, so that DeepSpeed's hooks run around the call."""
 
@@ -62,8 +72,8 @@ def frozen_entry(module: nn.Module, method: str, run: RunConfig) -> Callable:
         return getattr(module, method)
     import deepspeed
     module.requires_grad_(False).eval()
-    for p in module.parameters():   # ZeRO-3 reads each parameter's storage as flat row-major bytes: convolution
-        if p.dim() == 4:               # weights laid out channels-last (a teacher's, for the CPU kernels) go row-major
+    for p in module.parameters():   # ZeRO-3 reads each parameter's storage as flat row-major bytes: weights laid out
+        if p.stride() != _row_major_strides(p.shape):   # otherwise (a teacher's channels-last convolutions) are copied
             p.data = p.data.clone(memory_format=torch.contiguous_format)
     config = frozen_zero_config(run, module, dist_utils.world_size(), comm_backend())
     engine, _, _, _ = deepspeed.initialize(model=_MethodAsForward(module, method), config=config)
