@@ -303,10 +303,14 @@ class FFCVSource(_PlannedSource):
                 pipelines[ANNOTATION] = [CanvasLabelDecoder(), ToTensor(), *to_dev]
             elif LABEL in fields:
                 pipelines[LABEL] = [IntDecoder(), ToTensor()]
-            _LOADERS[key] = Loader(
-                self.path, batch_size=batch_size, num_workers=self.num_workers, os_cache=self.os_cache,
-                order=OrderOption.SEQUENTIAL, pipelines=pipelines, custom_fields={ANNOTATION: LabelMapField},
-                drop_last=False, batches_ahead=self.batches_ahead)
+            threads = torch.get_num_threads()
+            try:
+                _LOADERS[key] = Loader(
+                    self.path, batch_size=batch_size, num_workers=self.num_workers, os_cache=self.os_cache,
+                    order=OrderOption.SEQUENTIAL, pipelines=pipelines, custom_fields={ANNOTATION: LabelMapField},
+                    drop_last=False, batches_ahead=self.batches_ahead)
+            finally:   # FFCV sets torch's intra-op threads to its own num_workers: the caller's count stays
+                torch.set_num_threads(threads)
         return _LOADERS[key]
 
     def _fetch(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:

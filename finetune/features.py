@@ -20,7 +20,7 @@ from torch import nn
 from data_tools.gpu_augment import normalize
 from engine.storage.files import OutputPathError, write_text_atomically
 from engine.storage.weights import read_weights_file
-from pretrain.mim.model import block_at_rows
+from pretrain.block_rows import block_at_rows
 
 POOLINGS = ("cls", "mean", "agg_cls")
 

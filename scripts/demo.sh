@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The main job on the CPU, on real data. Each training stage runs as one DeepSpeed process on every core (on a small
-# CPU that is faster than a rank per core: bench/demo_step.py); DEMO_NPROC=N runs them as N ranks through the
-# `deepspeed` launcher (ZeRO-2) at the same global batch instead:
+# The main job on the CPU, on real data. The tokenizer and MIM training stages each run as one DeepSpeed process on
+# every core (on a small CPU that is faster than a rank per core: bench/demo_step.py); DEMO_NPROC=N runs them as N
+# ranks through the `deepspeed` launcher (ZeRO-2) at the same global batch instead:
 #   1. train a VQ-KD tokenizer on Fashion-MNIST with an ImageNet-trained EfficientNet-Lite0 teacher,
-#   2. evaluate it on the held-out test split and encode a few test images to token ids,
-#   3. pretrain a small BEiT v2 (MIM + patch aggregation) against that tokenizer, export it to timm's layout,
-#   4. measure its masked-token accuracy on the held-out test split,
-#   5. judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
+#   2. pretrain a small BEiT v2 (MIM + patch aggregation) against that tokenizer, export it to timm's layout,
+#   3. evaluate the tokenizer (and encode a few test images to token ids) and the MIM model's masked-token accuracy on
+#      the held-out test split,
+#   4. judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
 #      random weights and the tokenizer's encoder, and a short fine-tune from pretrained and from random weights,
 #      all on the held-out test split,
-#   6. and in semantic segmentation: UperNet on Fashion-MNIST mosaics (garments of the training / test split pasted on
+#   5. and in semantic segmentation: UperNet on Fashion-MNIST mosaics (garments of the training / test split pasted on
 #      canvases, written in the ADE20K layout and converted to .beton) from the pretrained and from a random
 #      backbone, mIoU on the held-out mosaics; results.json and report.md (with plots) sum it up.
-# A killed demo resumes where it stopped when run again.
+# Steps 3-5 are independent jobs: they run in two lanes side by side, each on half the cores (on 2 cores, two
+# one-thread processes train 1.15x the images/s of one two-thread process, and each one's single-threaded start-up
+# overlaps the other's work). A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-runs/demo}
@@ -21,16 +23,17 @@ NPROC=${DEMO_NPROC:-1}
 CORES=${DEMO_CORES:-$(nproc)}
 GLOBAL_BATCH=64   # the demo recipes' micro_batch_size on one process
 mkdir -p "$OUT"
+SECS_DIR=$OUT/seconds   # one file per step: its wall seconds (the lanes run in subshells)
+rm -rf "$SECS_DIR" && mkdir -p "$SECS_DIR"
 
-declare -A SECS
 logged() {  # logged NAME CMD...: run CMD with its output in $OUT/NAME.log; show the log's end if it fails
   local name=$1; shift
   local start=$SECONDS
   "$@" > "$OUT/$name.log" 2>&1 || { tail -n 30 "$OUT/$name.log"; echo "demo step '$name' failed"; exit 1; }
-  SECS[$name]=$((SECONDS - start))
+  echo $((SECONDS - start)) > "$SECS_DIR/$name"
 }
 
-launch() {  # launch MODULE ARGS...: a training command, one process on all cores or NPROC ranks of one thread each
+launch() {  # launch MODULE ARGS...: a training command, one process on $CORES cores or NPROC ranks of one thread each
   if [ "$NPROC" -eq 1 ]; then
     env OMP_NUM_THREADS="$CORES" $PY -m "$@"
   else   # the deepspeed launcher on this host; on CPU it needs LOCAL_SIZE (its CPU accelerator reads it)
@@ -38,78 +41,104 @@ launch() {  # launch MODULE ARGS...: a training command, one process on all core
       --module "$@" --run.micro_batch_size=$((GLOBAL_BATCH / NPROC)) --run.ds_config=ds_configs/zero2.json
   fi
 }
+one() { env OMP_NUM_THREADS="$CORES" $PY -m "$@"; }   # a one-process command on $CORES cores
 
-echo "== 1/7 VQ-KD tokenizer: training ($NPROC process(es), $CORES cores) =="
+lanes() {  # lanes FN_A FN_B: run both, side by side on half the cores each (one after the other with DEMO_NPROC > 1)
+  if [ "$NPROC" -gt 1 ] || [ "$CORES" -lt 2 ]; then "$1"; "$2"; return; fi
+  local half=$((CORES / 2)) a b
+  (CORES=$half; "$1") & a=$!
+  (CORES=$((CORES - half)); "$2") & b=$!
+  local failed=0
+  wait "$a" || failed=1
+  wait "$b" || failed=1
+  [ "$failed" -eq 0 ] || { echo "demo: a step failed (its log's end is above)"; exit 1; }
+}
+
+echo "== 1/5 VQ-KD tokenizer: training ($NPROC process(es), $CORES cores) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \
   --run.progress_bar=false
 
-echo "== 2/7 VQ-KD tokenizer: evaluation on held-out Fashion-MNIST test images =="
-logged evaluate env OMP_NUM_THREADS="$CORES" $PY -m pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
-
-echo "== 3/7 VQ-KD tokenizer: encoding 32 test images =="
-logged encode env OMP_NUM_THREADS="$CORES" $PY -m pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
-  --count=32 --png="$OUT/tokenizer/test_tokens.png"
-
-echo "== 4/7 BEiT v2 MIM pretraining ($NPROC process(es)) against the tokenizer, then export to timm =="
+echo "== 2/5 BEiT v2 MIM pretraining ($NPROC process(es)) against the tokenizer, then export to timm =="
 logged mim launch pretrain.mim train beitv2_small_demo --tokenizer="$OUT/tokenizer/tokenizer.pt" \
   --run.output_dir="$OUT/mim" --run.progress_bar=false
-logged export env OMP_NUM_THREADS="$CORES" $PY -m pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
 
-echo "== 5/7 BEiT v2 MIM: masked-token accuracy on held-out Fashion-MNIST test images =="
-logged mim_evaluate env OMP_NUM_THREADS="$CORES" $PY -m pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
-
-echo "== 6/7 Transfer on held-out Fashion-MNIST: linear probe, k-NN, fine-tuning (pretrained vs random) =="
 T=$OUT/transfer
+M=$OUT/mosaics
 mkdir -p "$T"
 # The MIM stage's 12k training images and the whole 10k test split, seen whole (no centre crop at 28 px).
 DATA='{"source": "fashion_mnist", "limit": 12000, "eval_images": 10000}'
-# Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN; one process on
-# every core.
+# Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN.
 PROBE=(--data_cfg="$DATA" --eval_crop=1.0 --cache_dir="$T/features")
-ONE=(env OMP_NUM_THREADS="$CORES" $PY -m finetune.classify)
-logged probe_pretrained "${ONE[@]}" linear_probe "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/linear_probe_pretrained.json"
-logged probe_random "${ONE[@]}" linear_probe random --arch=beitv2_small_demo "${PROBE[@]}" \
-  --out="$T/linear_probe_random.json"
-logged probe_tokenizer "${ONE[@]}" linear_probe "$OUT/tokenizer/tokenizer.pt" --pooling=mean "${PROBE[@]}" \
-  --out="$T/linear_probe_tokenizer_encoder.json"
-logged knn_pretrained "${ONE[@]}" knn "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/knn_pretrained.json"
-logged knn_random "${ONE[@]}" knn random --arch=beitv2_small_demo "${PROBE[@]}" --out="$T/knn_random.json"
-for init in pretrained random; do
-  path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
-  logged finetune_$init launch finetune.classify train beitv2_small_demo_ft --init="$path" \
-    --run.output_dir="$T/finetune_$init" --data.eval_images=10000 --run.progress_bar=false
-done
-
-echo "== 7/7 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out) =="
-M=$OUT/mosaics
 # 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split, in grey like the
 # pretraining images (docs/demo.md, "Segmentation"); both writers publish by rename, so a finished file is whole and a
-# rerun skips it. Stored raw (75 MB): no JPEG decoding competes with training for the two cores.
+# rerun skips it. Stored raw (75 MB): no JPEG decoding competes with training for the cores.
 MOSAIC_ARGS="--train=2000 --val=200 --palette=grey"
-if [ -d "$M" ] && [ "$(cat "$M/made_with" 2>/dev/null)" != "$MOSAIC_ARGS" ]; then
-  # Mosaics of other arguments (an older demo): redraw them, and retrain the segmenters that learnt from them.
-  rm -rf "$M" "$T"/segment_*
-fi
-[ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" $MOSAIC_ARGS --force
-for split in training validation; do
-  [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
-    --split=$split --mode=raw --progress=false
-done
-echo "$MOSAIC_ARGS" > "$M/made_with"
-for init in pretrained random; do
-  path=$([ $init = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
-  logged segment_$init env OMP_NUM_THREADS="$CORES" $PY -m finetune.segment train upernet_beitv2_small_demo_mosaics \
-    --init="$path" --data.source=beton --data.train_path="$M/training.beton" --data.eval_path="$M/validation.beton" \
-    --run.output_dir="$T/segment_$init" --run.progress_bar=false
-done
 
-secs() { local t=0; for n in "$@"; do t=$((t + ${SECS[$n]:-0})); done; echo $t; }
+pretrained_lane() {   # everything that reads the pretrained models, then the segmentation mosaics
+  logged export one pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
+  logged evaluate one pretrain.tokenizer evaluate "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/eval.json"
+  logged encode one pretrain.tokenizer encode "$OUT/tokenizer/tokenizer.pt" --out="$OUT/tokenizer/test_tokens.npy" \
+    --count=32 --png="$OUT/tokenizer/test_tokens.png"
+  logged mim_evaluate one pretrain.mim evaluate "$OUT/mim" --out="$OUT/mim/eval.json"
+  logged probe_pretrained one finetune.classify linear_probe "$OUT/mim/mim.pt" "${PROBE[@]}" \
+    --out="$T/linear_probe_pretrained.json"
+  logged knn_pretrained one finetune.classify knn "$OUT/mim/mim.pt" "${PROBE[@]}" --out="$T/knn_pretrained.json"
+  logged finetune_pretrained launch finetune.classify train beitv2_small_demo_ft --init="$OUT/mim/mim.pt" \
+    --run.output_dir="$T/finetune_pretrained" --data.eval_images=10000 --run.progress_bar=false
+  mosaics   # here rather than in the other lane: it evens out the two lanes' lengths
+}
+
+mosaics() {   # the segmentation data, drawn once and converted to .beton
+  if [ -d "$M" ] && [ "$(cat "$M/made_with" 2>/dev/null)" != "$MOSAIC_ARGS" ]; then
+    # Mosaics of other arguments (an older demo): redraw them, and retrain the segmenters that learnt from them.
+    rm -rf "$M" "$T"/segment_*
+  fi
+  [ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" $MOSAIC_ARGS --force
+  for split in training validation; do
+    [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
+      --split=$split --mode=raw --progress=false
+  done
+  echo "$MOSAIC_ARGS" > "$M/made_with"
+}
+
+baseline_lane() {   # the random-weight baselines and the tokenizer encoder's probe
+  logged probe_random one finetune.classify linear_probe random --arch=beitv2_small_demo "${PROBE[@]}" \
+    --out="$T/linear_probe_random.json"
+  logged knn_random one finetune.classify knn random --arch=beitv2_small_demo "${PROBE[@]}" \
+    --out="$T/knn_random.json"
+  logged probe_tokenizer one finetune.classify linear_probe "$OUT/tokenizer/tokenizer.pt" --pooling=mean \
+    "${PROBE[@]}" --out="$T/linear_probe_tokenizer_encoder.json"
+  logged finetune_random launch finetune.classify train beitv2_small_demo_ft --init=random \
+    --run.output_dir="$T/finetune_random" --data.eval_images=10000 --run.progress_bar=false
+}
+
+segment() {   # segment INIT: UperNet on the mosaics from the pretrained or a random backbone
+  local path
+  path=$([ "$1" = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
+  logged segment_$1 one finetune.segment train upernet_beitv2_small_demo_mosaics --init="$path" \
+    --data.source=beton --data.train_path="$M/training.beton" --data.eval_path="$M/validation.beton" \
+    --run.output_dir="$T/segment_$1" --run.progress_bar=false
+}
+segment_pretrained() { segment pretrained; }
+segment_random() { segment random; }
+
+echo "== 3/5 Evaluations, linear probes, k-NN and fine-tuning on held-out Fashion-MNIST (pretrained vs random), and" \
+  "the segmentation mosaics: two lanes =="
+lanes_start=$SECONDS
+lanes pretrained_lane baseline_lane
+echo "== 4/5 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out): two lanes =="
+lanes segment_pretrained segment_random
+echo $((SECONDS - lanes_start)) > "$SECS_DIR/transfer_wall"   # steps 3-4 side by side: less than their sum
+
+secs() { local t=0 n; for n in "$@"; do t=$((t + $(cat "$SECS_DIR/$n" 2>/dev/null || echo 0))); done; echo $t; }
 cat > "$OUT/seconds.json" <<JSON
 {"tokenizer": $(secs tokenizer evaluate encode), "mim": $(secs mim export mim_evaluate),
  "linear_probe": $(secs probe_pretrained probe_random probe_tokenizer), "knn": $(secs knn_pretrained knn_random),
  "finetune": $(secs finetune_pretrained finetune_random),
- "segment": $(secs mosaics convert_training convert_validation segment_pretrained segment_random), "total": $SECONDS}
+ "segment": $(secs mosaics convert_training convert_validation segment_pretrained segment_random),
+ "transfer_wall": $(secs transfer_wall), "total": $SECONDS}
 JSON
+echo "== 5/5 Report =="
 $PY scripts/demo_report.py "$OUT"
 
 $PY - "$OUT" <<'PY'

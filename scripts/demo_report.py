@@ -401,6 +401,10 @@ def report_md(results, data, plots, notes):
     if results["seconds"]:
         lines += ["| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()] + [""]
+        if "transfer_wall" in results["seconds"]:
+            lines += ["Each stage's seconds are its own steps' wall time. After MIM the evaluations, probes, "
+                      "fine-tunes and segmentations run in two lanes side by side (`transfer_wall` is that part's "
+                      "wall time), so the stages add up to more than `total`.", ""]
     env = results["environment"]
     libraries = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     lines += [f"Measured at commit {env['commit'] or 'unknown'} with Python {env['python']}, {libraries}; CPU "

@@ -144,6 +144,22 @@ def test_ffcv_decodes_exact_pixels_and_labels(beton):
     assert count == len(range(0, N, 2))                 # rank 0 of 2: every other sample
 
 
+def test_ffcv_leaves_torch_threads_as_the_caller_set_them(beton, monkeypatch):
+    """FFCV's Loader sets torch's intra-op thread count to its num_workers (a 1-worker loader halved the demo's
+    segmentation speed on 2 cores); the source keeps the caller's count. A fresh Loader: the shared one may exist."""
+    from data_tools import ffcv_loader
+    monkeypatch.setattr(ffcv_loader, "_LOADERS", {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        src = FFCVSource(beton, RawAug(), micro_batch_size=4, num_workers=1)
+        batch = next(src.micro_batches())
+        assert batch["image"].shape[0] == 4 and len(ffcv_loader._LOADERS) == 1   # a Loader was built here
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ffcv_jpeg_canvas_of_variable_sizes(tmp_path):
     """JPEG decoding onto a canvas: the image top-left within JPEG tolerance, one edge-replicated row and column."""
     from data_tools import convert

@@ -80,7 +80,7 @@ def out(tmp_path):
     for stage, seed in (("tokenizer", 0), ("mim", 2)):
         write(tmp_path, f"{stage}/config.json", {"run": {"seed": seed}, "data": {"source": "fashion_mnist"}})
     write(tmp_path, "seconds.json", {"tokenizer": 120.5, "mim": 200.0, "linear_probe": 30.0, "knn": 5.0,
-                                     "finetune": 90.0, "segment": 300.0})
+                                     "finetune": 90.0, "segment": 300.0, "transfer_wall": 250.0, "total": 700.0})
     return tmp_path
 
 
@@ -103,6 +103,8 @@ def test_full_report(out):
     assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
     assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
     assert results["seconds"]["tokenizer"] == 120.5 and results["seed"] == {"tokenizer": 0, "mim": 2}
+    report = (out / "report.md").read_text()
+    assert "| transfer_wall | 250.0 |" in report and "two lanes side by side" in report
     assert results["finetune_per_class"]["random"] == {"T-shirt/top": pytest.approx(0.81),
                                                        "Trouser": pytest.approx(0.61), "Bag": None}
     env = results["environment"]   # what a rerun elsewhere needs to compare with

@@ -59,6 +59,9 @@ def _partitioned_codes(rank, world, ds_config):
             with torch.inference_mode():
                 codes = codes_of(images)
             assert torch.equal(codes, whole), (dtype, (codes != whole).float().mean())
+        rows = torch.arange(16).flip(0)[None, :5].expand(6, -1)   # as the MIM step asks: some patches' codes only
+        with torch.inference_mode():
+            assert torch.equal(codes_of(images, rows), whole.gather(1, rows)), dtype
         assert tokenizer.encoder.patch_embed.proj.weight.dtype == dtype
         assert tokenizer.encode_task_layer[0].weight.dtype == torch.float32
         assert len(whole.unique()) > 4   # codes that differ per patch: equality is not trivial

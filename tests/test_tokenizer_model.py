@@ -73,6 +73,30 @@ def test_get_codebook_indices_does_not_touch_the_codebook():
     assert torch.equal(before, model.quantize.embedding.weight) and model.training
 
 
+def test_codes_of_some_patches_run_the_last_mlp_on_them_alone():
+    """The MIM step asks for the masked patches' codes only: the same tokens and ids as the whole grid's, with the
+    encoder's last MLP on those rows (counted on the real modules) and every earlier block on all of them."""
+    torch.manual_seed(0)
+    model = build_tokenizer("vqkd_tiny_test", kmeans_init=False).eval()
+    images = torch.rand(3, 3, 32, 32)
+    rows = torch.stack([torch.randperm(model.num_patches)[:6].sort().values for _ in range(3)])
+    seen = []
+    hooks = [blk.mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:2]))
+             for blk in model.encoder.blocks]
+    try:
+        codes = model.get_codebook_indices(images, rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [(3, 1 + model.num_patches)] * (len(model.encoder.blocks) - 1) + [(3, 6)]
+    whole = model.get_codebook_indices(images)
+    assert codes.shape == (3, 6) and torch.equal(codes, whole.gather(1, rows))
+    x = images * 2 - 1
+    tokens = model._patch_tokens(model.encoder, x).gather(1, rows[..., None].expand(-1, -1, model.encoder.embed_dim))
+    torch.testing.assert_close(model.encoder_rows(x, rows), tokens)
+    assert len(whole.unique()) > 4   # codes that differ between patches: the gather above checks something
+
+
 def test_mismatched_checkpoint_is_a_one_line_error(tmp_path):
     model = build_tokenizer("vqkd_tiny_test")
     save_tokenizer(model, str(tmp_path / "tok.pt"))

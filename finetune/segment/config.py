@@ -112,10 +112,11 @@ RECIPES = {
     # 160k-iteration recipe: the head starts from scratch and stays stuck on garment-vs-background below ~4e-3; the
     # layer decay keeps the backbone's lr lower (docs/demo.md, "Segmentation"). auto: bf16 matmuls on a CPU that
     # computes them natively, fp32 elsewhere. ZeRO-0: the demo runs it as one process, where ZeRO-2's flat gradient
-    # buffers only add copies (1.2x the images/s without them on 2 cores).
+    # buffers only add copies (1.2x the images/s without them on 2 cores). One FFCV decoding thread: the mosaics are
+    # raw pixels, and a serial decoder compiles in 6 s instead of 12 (numba's parallel one) in each process.
     "upernet_beitv2_small_demo_mosaics": {
         "arch": "upernet_beitv2_small_demo", "num_classes": 11, "layer_decay": 0.65,
-        "data": {"source": "fashion_mnist", "limit": 2000, "eval_images": 200},
+        "data": {"source": "fashion_mnist", "limit": 2000, "eval_images": 200, "num_workers": 1},
         "model": {"drop_path": 0.1, "img_size": 48},
         "augment": {"scale": [96, 96], "ratio_range": [0.5, 1.0]},
         "eval": {"stride": 32},

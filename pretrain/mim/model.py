@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.config.registry import build_from_registry
 from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.storage.weights import load_strict, read_weights_file, save_weights_file
+from pretrain.block_rows import block_at_rows
 from pretrain.mim.attention import set_attention_kernel
 
 __all__ = ["MIM_ARCHS", "MIM_TARGETS", "BeitV2MIM", "build_mim_model", "gather_masked", "load_mim_model",
@@ -78,22 +79,6 @@ def patch_pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
     mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
     return (x - mean) / (var + 1e-6).sqrt()
-
-
-def block_at_rows(blk: Block, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None, keep: torch.Tensor
-                  ) -> torch.Tensor:
-    """timm's BEiT `Block.forward` that returns only the rows `keep` (`[B, R]` token indices): equal to
-    `blk(x).gather(1, keep)`, but the MLP runs on the R kept rows instead of all N.
-
-    The attention reads every token, so it runs whole; after it, LayerNorm, MLP, layer scale and drop path act on
-    each token alone (drop path draws one number per image, whatever the row count, so the random stream is the
-    same as `blk(x)`'s).
-    """
-    attn = blk.attn(blk.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
-    x = x + blk.drop_path1(attn if blk.gamma_1 is None else blk.gamma_1 * attn)
-    x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    mlp = blk.mlp(blk.norm2(x))
-    return x + blk.drop_path2(mlp if blk.gamma_2 is None else blk.gamma_2 * mlp)
 
 
 class BeitV2MIM(nn.Module):

@@ -17,8 +17,8 @@ from engine.reporting.metrics import forward_flops_per_image
 from engine.storage.weights import load_strict
 from pretrain.mim.config import RECIPES, MIMConfig
 from pretrain.mim.masking import BlockMaskGenerator
-from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, patch_pixel_targets, read_mim_file,
-                                save_mim_model)
+from pretrain.mim.model import (BeitV2MIM, build_mim_model, gather_masked, masked_positions, patch_pixel_targets,
+                                read_mim_file, save_mim_model)
 from pretrain.mim.visualize import attention_pictures
 from pretrain.tokenizer import VQKD, load_tokenizer
 
@@ -95,20 +95,22 @@ def build_model(cfg: MIMConfig) -> BeitV2MIM:
     return model
 
 
-def frozen_tokenizer(cfg: MIMConfig, device: torch.device) -> tuple[VQKD, float]:
-    """The tokenizer as the step uses it, and its forward FLOPs per image (counted before any compile)."""
+def frozen_tokenizer(cfg: MIMConfig, device: torch.device, num_masked: int) -> tuple[VQKD, float]:
+    """The tokenizer as the step uses it, and its forward FLOPs per image for `num_masked` codes (counted before
+    any compile)."""
     tokenizer = load_tokenizer(cfg.tokenizer, arch=cfg.tokenizer_arch or None)
     tokenizer.decoder = tokenizer.decode_task_layer = None   # MIM only needs the codes
     # The encoder runs in the training precision; the task layer and the codebook stay fp32 by construction.
     tokenizer.encoder.to(COMPUTE_DTYPES[cfg.run.precision])
     tokenizer.to(device)
     probe = torch.rand(3, tokenizer.img_size, tokenizer.img_size, device=device)
-    flops = forward_flops_per_image(tokenizer.get_codebook_indices, probe)
+    rows = torch.arange(num_masked, device=device)[None]   # the step asks for the masked patches' codes only
+    flops = forward_flops_per_image(lambda images: tokenizer.get_codebook_indices(images, rows), probe)
     # It runs every step: about a seventh of a ViT-B step in eager mode on an H200. A partitioned tokenizer runs
     # eagerly: its layers are gathered by DeepSpeed's hooks around each call.
     if cfg.run.compile and not shards_frozen(cfg.run):
         mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
-        tokenizer.encoder.forward_features = torch.compile(tokenizer.encoder.forward_features, mode=mode)
+        tokenizer.encoder_rows = torch.compile(tokenizer.encoder_rows, mode=mode)
     return tokenizer, flops
 
 
@@ -122,7 +124,7 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
     model = build_model(cfg)
     k = model.num_masked_patches
     if cfg.model.target == "codes":
-        tokenizer, target_flops = frozen_tokenizer(cfg, device)
+        tokenizer, target_flops = frozen_tokenizer(cfg, device, k)
         check_tokenizer(tokenizer, model, cfg.tokenizer)
         # partitioned at ZeRO-3 (engine.loop.frozen)
         codes_of = frozen_entry(tokenizer, "get_codebook_indices", cfg.run)
@@ -145,9 +147,9 @@ def prepare(cfg: MIMConfig, device: torch.device) -> StagePlan:
         if pixels:
             targets = gather_masked(patch_pixel_targets(tokenizer_view, patch), mask, k)
         else:
-            with torch.inference_mode():
-                codes = codes_of(tokenizer_view)
-            targets = gather_masked(codes, mask, k).clone()   # clone: a normal tensor that autograd may save
+            with torch.inference_mode():   # the masked patches' codes only, [B, k]: what gather_masked would keep
+                codes = codes_of(tokenizer_view, masked_positions(mask, k))
+            targets = codes.flatten().clone()   # clone: a normal tensor that autograd may save
         # The final layer's and the aggregation head's predictions (None without the head).
         heads = {name: out for name, out in zip(("mim", "agg"), engine(model_view.to(dtype), mask)) if out is not None}
         losses = {name: target_loss(out.float(), targets) for name, out in heads.items()}

@@ -18,6 +18,7 @@ from torch import nn
 from engine.config.registry import build_from_registry
 from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.storage.weights import load_strict, read_weights_file, save_weights_file
+from pretrain.block_rows import block_at_rows
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"
@@ -104,6 +105,22 @@ class VQKD(nn.Module):
         tokens = vit.forward_features(x)
         return vit.fc_norm(tokens[:, vit.num_prefix_tokens:])
 
+    def encoder_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch tokens at `rows` (`[B, R]` patch indices) as `_patch_tokens` gives them, `[B, R, D]`:
+        timm's `Beit.forward_features` with the last block's MLP on those rows alone (the MIM step reads only the
+        masked patches' codes)."""
+        vit = self.encoder
+        x = vit.patch_embed(x)
+        x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if vit.pos_embed is not None:
+            x = x + vit.pos_embed
+        x = vit.pos_drop(x)
+        bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+        for blk in vit.blocks[:-1]:
+            x = blk(x, shared_rel_pos_bias=bias)
+        x = block_at_rows(vit.blocks[-1], x, bias, keep=rows + vit.num_prefix_tokens)
+        return vit.fc_norm(vit.norm(x))
+
     def encode(self, images: torch.Tensor):
         """images: RGB in [0, 1], [B, 3, H, W]. Returns (z_q [B, N, code_dim], commitment loss, codes [B, N], stats)."""
         x = images.to(self.encoder.patch_embed.proj.weight.dtype) * 2 - 1
@@ -127,8 +144,9 @@ class VQKD(nn.Module):
                       "teacher_cosine": cosine.detach(), **stats}
 
     @torch.no_grad()
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, num_patches] for RGB images in [0, 1]; never updates the codebook.
+    def get_codebook_indices(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, num_patches] for RGB images in [0, 1]; never updates the codebook. With `rows` (`[B, R]`
+        patch indices), the ids of those patches only, [B, R], for less work: the same ids.
 
         Only the nearest-code search: no straight-through output, loss or statistics (this runs every MIM step).
         """
@@ -137,7 +155,8 @@ class VQKD(nn.Module):
             self.eval()
         try:
             x = images.to(self.encoder.patch_embed.proj.weight.dtype) * 2 - 1
-            z = _fp32_mlp(self.encode_task_layer, self._patch_tokens(self.encoder, x))
+            tokens = self._patch_tokens(self.encoder, x) if rows is None else self.encoder_rows(x, rows)
+            z = _fp32_mlp(self.encode_task_layer, tokens)
             with torch.autocast(device_type=z.device.type, enabled=False):
                 flat = l2norm(z.float()).reshape(-1, self.quantize.code_dim)
                 return self.quantize.nearest(flat).view(z.shape[:-1])
