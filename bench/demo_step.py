@@ -4,7 +4,9 @@ Each variant runs the demo recipe (`vqkd_small_demo` or `beitv2_small_demo`, rea
 a tokenizer of the demo's shapes) as its own process tree for `steps` steps at the demo's global batch, and reports
 the median images/s of the log rows after the first `skip` (start-up, first allocations). Layouts on a machine of C
 cores: `ranks` (C ranks of one thread each through the `deepspeed` launcher, ZeRO-2: how `make demo` ran the
-pretraining stages before) and `threads` (one process with C threads, no launcher, ZeRO-0). Precisions: `fp32` and
+pretraining stages before), `threads` (one process with C threads, no launcher, ZeRO-0: the demo's training stages)
+and `lanes` (two independent processes of C/2 threads side by side, as the demo runs its jobs after MIM; images/s is
+the two processes' sum, each at the full global batch). Precisions: `fp32` and
 `auto` (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: engine/config/precision.py). With
 `--compiles=off,on` each layout x precision also runs with `--run.compile=true` (torch.compile's inductor on the
 CPU; its compile time is in `wall_s`, not in images/s). Speed-ups are against the first variant; with
@@ -29,7 +31,7 @@ from engine.config.cli import check_counts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"tokenizer": "vqkd_small_demo", "mim": "beitv2_small_demo"}
 TOKENIZER_FOR = {"beitv2_small_demo": "vqkd_small_demo", "beitv2_tiny_test": "vqkd_tiny_test"}
-LAYOUTS = ("ranks", "threads")
+LAYOUTS = ("ranks", "threads", "lanes")
 COMPILES = ("off", "on")
 
 
@@ -70,20 +72,33 @@ def _tokenizer_for(recipe: str, folder: str) -> str:
 
 def measure(stage: str, recipe: str, layout: str, precision: str, *, cores: int, steps: int, skip: int,
             global_batch: int, tokenizer: str, work: str, compiled: bool = False, tree: str = ROOT) -> dict:
-    out = tempfile.mkdtemp(dir=work)
-    cmd, env = _command(stage, recipe, layout, cores, out, steps, global_batch, precision, tokenizer, compiled, tree)
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if proc.returncode:   # recorded, the other variants still run
-        lines = (proc.stdout + proc.stderr).strip().splitlines() or [f"exit status {proc.returncode}"]
-        return {"error": lines[-1][:300]}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rates = [r["images_per_s"] for r in rows[skip:] if "images_per_s" in r]
-    with open(os.path.join(out, "config.json")) as f:
-        resolved = json.load(f)["run"]["precision"]
-    return {"images_per_s": statistics.median(rates), "log_rows": len(rates), "precision_resolved": resolved,
-            "wall_s": round(time.time() - start, 1)}
+    lanes = 2 if layout == "lanes" and cores >= 2 else 1
+    outs = [tempfile.mkdtemp(dir=work) for _ in range(lanes)]
+    start, procs = time.time(), []
+    for i, out in enumerate(outs):   # lanes: cores // 2 threads for the first process, the rest for the second
+        threads = cores // lanes if i == 0 else cores - cores // lanes
+        cmd, env = _command(stage, recipe, "threads" if layout == "lanes" else layout, threads, out, steps,
+                            global_batch, precision, tokenizer, compiled, tree)
+        with open(os.path.join(out, "output.log"), "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait() for p in procs]
+    medians = []
+    for out, code in zip(outs, codes):
+        if code:   # recorded, the other variants still run
+            with open(os.path.join(out, "output.log")) as f:
+                lines = f.read().strip().splitlines() or [f"exit status {code}"]
+            return {"error": lines[-1][:300]}
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rates = [r["images_per_s"] for r in rows[skip:] if "images_per_s" in r]
+        medians.append(statistics.median(rates))
+        with open(os.path.join(out, "config.json")) as f:
+            resolved = json.load(f)["run"]["precision"]
+    row = {"images_per_s": sum(medians), "log_rows": len(rates), "precision_resolved": resolved,
+           "wall_s": round(time.time() - start, 1)}
+    if lanes > 1:
+        row["per_process"] = medians
+    return row
 
 
 def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, layouts: str = "ranks,threads",
@@ -94,7 +109,8 @@ def main(stage: str = "mim", recipe: str = "", steps: int = 60, skip: int = 2, l
     Args:
         stage: `tokenizer` or `mim`; recipe: its recipe (default the demo's).
         steps: training steps per variant (log every 5); skip: log rows dropped at the start.
-        layouts: comma-separated `ranks` / `threads`; precisions: comma-separated `auto` / `fp32` / `bf16_autocast`;
+        layouts: comma-separated `ranks` / `threads` / `lanes`;
+        precisions: comma-separated `auto` / `fp32` / `bf16_autocast`;
         compiles: comma-separated `off` / `on` (torch.compile the model).
         cores: cores to use (0: all of this machine's); global_batch: the demo's (64).
         baseline_tree: another checkout of this project (e.g. `git worktree add /tmp/before <commit>`): each variant

@@ -109,7 +109,7 @@ def test_the_gpu_kernel_check_compares_outputs_and_every_gradient(dtype):
     ("loader", ["--batch=0"], "error: --batch must be a whole number >= 1 (got 0)"),
     ("demo_step", ["--stage=segment"], "error: stage must be one of ['mim', 'tokenizer'], got 'segment'"),
     ("demo_step", ["--steps=0"], "error: --steps must be a whole number >= 1 (got 0)"),
-    ("demo_step", ["--layouts=gpus"], "error: layouts must be among ('ranks', 'threads'), got ['gpus']"),
+    ("demo_step", ["--layouts=gpus"], "error: layouts must be among ('ranks', 'threads', 'lanes'), got ['gpus']"),
     ("demo_step", ["--compiles=yes"], "error: compiles must be among ('off', 'on'), got ['yes']"),
     ("demo_step", ["--baseline_tree=/nonexistent"],
      "error: baseline_tree '/nonexistent' is not a checkout of this project (no pretrain/mim/__main__.py there)"),
@@ -316,11 +316,13 @@ def test_demo_step_bench_command_keeps_the_global_batch_per_layout():
 def test_demo_step_bench_times_both_layouts_through_the_real_train_command(tmp_path):
     from bench.demo_step import main
     out = tmp_path / "demo_step.json"
-    result = main(stage="mim", recipe="beitv2_tiny_test", steps=10, skip=1, layouts="threads,ranks",
-                  precisions="fp32", global_batch=8, out=str(out))
+    result = main(stage="mim", recipe="beitv2_tiny_test", steps=10, skip=1, layouts="threads,ranks,lanes",
+                  precisions="fp32", global_batch=8, cores=2, out=str(out))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["variants"]
-    assert set(rows) == {"threads_fp32", "ranks_fp32"}
+    assert set(rows) == {"threads_fp32", "ranks_fp32", "lanes_fp32"}
+    lanes = rows["lanes_fp32"]   # two processes side by side: their images/s added up
+    assert len(lanes["per_process"]) == 2 and lanes["images_per_s"] == pytest.approx(sum(lanes["per_process"]))
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["log_rows"] >= 1 and row["precision_resolved"] == "fp32", row
     assert rows["threads_fp32"]["speedup_vs_first"] == 1.0
