@@ -181,8 +181,11 @@ def main(images: int = 384, workers: int = 2, batch: int = 64, epochs: int = 3, 
     result["ours_host_plus_device_on_cpu" if device.type == "cpu" else "ours_host_plus_device"] = measure(
         it, device_part, total, batch, repeats)
 
+    # Workers started by a fork server, not forked from this process: FFCV's decoding threads and torch's thread pool
+    # are alive here, and a child forked beside them can deadlock on a lock one of them held.
     loader = torch.utils.data.DataLoader(OfficialPretrainDataset(paths), batch_size=batch, shuffle=True,
-                                         num_workers=workers, drop_last=True, persistent_workers=True)
+                                         num_workers=workers, drop_last=True, persistent_workers=True,
+                                         multiprocessing_context="forkserver")
 
     def forever() -> Iterator:
         while True:

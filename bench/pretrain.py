@@ -49,13 +49,16 @@ VARIANTS = {
 
 def _tokenizer_ms(cfg, batch: int, device: torch.device) -> float:
     """The frozen tokenizer exactly as the stage builds it for `cfg` (precision, compile), one batch."""
-    from pretrain.mim.train import frozen_tokenizer
-    tok, _ = frozen_tokenizer(cfg, device)
+    from pretrain.mim.train import build_model, frozen_tokenizer
+    with torch.device("meta"):   # only for the number of masked patches, whose codes the step asks for
+        k = build_model(cfg).num_masked_patches
+    tok, _ = frozen_tokenizer(cfg, device, k)
     images = torch.rand(batch, 3, tok.img_size, tok.img_size, device=device)
+    rows = torch.arange(k, device=device)[None].expand(batch, -1)
 
     def encode():
         with torch.inference_mode():
-            tok.get_codebook_indices(images)
+            tok.get_codebook_indices(images, rows)
     return 1e3 * time_it(encode, device)
 
 
