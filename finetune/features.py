@@ -20,7 +20,7 @@ from torch import nn
 from data_tools.gpu_augment import normalize
 from engine.storage.files import OutputPathError, write_text_atomically
 from engine.storage.weights import read_weights_file
-from pretrain.block_rows import block_at_rows
+from pretrain.block_rows import block_at_rows, embed_tokens
 
 POOLINGS = ("cls", "mean", "agg_cls")
 
@@ -102,11 +102,7 @@ class FrozenFeatures(nn.Module):
         else:   # the tokenizer's encoder reads [-1, 1]; classifiers read ImageNet-normalised pixels
             x = x01 * 2 - 1 if self.kind == "tokenizer" else normalize(x01)
         vit = self.vit
-        x = vit.patch_embed(x)
-        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if getattr(vit, "pos_embed", None) is not None:
-            x = x + vit.pos_embed
-        bias = vit.rel_pos_bias() if getattr(vit, "rel_pos_bias", None) is not None else None
+        x, bias = embed_tokens(vit, x)
         for i, blk in enumerate(vit.blocks[:self.layer]):
             if i + 1 == self.layer and self.pooling == "cls" and isinstance(blk, BeitBlock):
                 # Only the CLS row is read: the last block's MLP runs on it alone (same values, 1/N of the rows).

@@ -43,20 +43,7 @@ launch() {  # launch MODULE ARGS...: a training command, one process on $CORES c
 }
 one() { env OMP_NUM_THREADS="$CORES" $PY -m "$@"; }   # a one-process command on $CORES cores
 
-lanes() {  # lanes FN_A FN_B: run both, side by side on half the cores each (one after the other with DEMO_NPROC > 1)
-  if [ "$NPROC" -gt 1 ] || [ "$CORES" -lt 2 ]; then "$1"; "$2"; return; fi
-  local half=$((CORES / 2)) a b
-  # Background jobs of a script ignore Ctrl-C: on INT or TERM stop both lanes' processes (TERM: a training run saves
-  # a checkpoint first), so that a rerun resumes instead of racing an orphaned run over the same files.
-  trap 'trap - INT TERM; kill -TERM 0 2>/dev/null; exit 130' INT TERM
-  (CORES=$half; "$1") & a=$!
-  (CORES=$((CORES - half)); "$2") & b=$!
-  local failed=0
-  wait "$a" || failed=1
-  wait "$b" || failed=1
-  trap - INT TERM
-  [ "$failed" -eq 0 ] || { echo "demo: a step failed (its log's end is above)"; exit 1; }
-}
+source scripts/lanes.sh   # lanes FN_A FN_B: two jobs side by side on half the cores each
 
 echo "== 1/5 VQ-KD tokenizer: training ($NPROC process(es), $CORES cores) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \

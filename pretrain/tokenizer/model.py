@@ -18,7 +18,7 @@ from torch import nn
 from engine.config.registry import build_from_registry
 from engine.loop.flops import TRAIN_FACTOR, linear_flops, patch_embed_flops, vit_blocks_flops
 from engine.storage.weights import load_strict, read_weights_file, save_weights_file
-from pretrain.block_rows import block_at_rows
+from pretrain.block_rows import block_at_rows, embed_tokens
 from pretrain.tokenizer.quantizer import NormEMAQuantizer, l2norm
 
 FILE_FORMAT = "beitv2-ds/tokenizer/1"
@@ -110,12 +110,7 @@ class VQKD(nn.Module):
         timm's `Beit.forward_features` with the last block's MLP on those rows alone (the MIM step reads only the
         masked patches' codes)."""
         vit = self.encoder
-        x = vit.patch_embed(x)
-        x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        if vit.pos_embed is not None:
-            x = x + vit.pos_embed
-        x = vit.pos_drop(x)
-        bias = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+        x, bias = embed_tokens(vit, x)
         for blk in vit.blocks[:-1]:
             x = blk(x, shared_rel_pos_bias=bias)
         x = block_at_rows(vit.blocks[-1], x, bias, keep=rows + vit.num_prefix_tokens)
