@@ -17,7 +17,8 @@
 # overlaps the other's work). A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${DEMO_OUT:-runs/demo}
+SEED=${DEMO_SEED:-0}   # the MIM run's seed; the tokenizer and the transfer jobs keep theirs (docs/demo.md, "Measured")
+OUT=${DEMO_OUT:-runs/demo$([ "$SEED" = 0 ] || echo "_seed$SEED")}
 PY=.venv/bin/python
 NPROC=${DEMO_NPROC:-1}
 CORES=${DEMO_CORES:-$(nproc)}
@@ -49,9 +50,9 @@ echo "== 1/5 VQ-KD tokenizer: training ($NPROC process(es), $CORES cores) =="
 logged tokenizer launch pretrain.tokenizer train vqkd_small_demo --run.output_dir="$OUT/tokenizer" \
   --run.progress_bar=false
 
-echo "== 2/5 BEiT v2 MIM pretraining ($NPROC process(es)) against the tokenizer, then export to timm =="
+echo "== 2/5 BEiT v2 MIM pretraining (seed $SEED, $NPROC process(es)) against the tokenizer, then export to timm =="
 logged mim launch pretrain.mim train beitv2_small_demo --tokenizer="$OUT/tokenizer/tokenizer.pt" \
-  --run.output_dir="$OUT/mim" --run.progress_bar=false
+  --run.output_dir="$OUT/mim" --run.seed="$SEED" --run.progress_bar=false
 
 T=$OUT/transfer
 M=$OUT/mosaics
@@ -61,9 +62,10 @@ DATA='{"source": "fashion_mnist", "limit": 12000, "eval_images": 10000}'
 # Frozen features are computed once per backbone into $T/features and shared by the probe and k-NN.
 PROBE=(--data_cfg="$DATA" --eval_crop=1.0 --cache_dir="$T/features")
 # 2,000 training mosaics from Fashion-MNIST's training split, 200 held-out ones from its test split, in grey like the
-# pretraining images (docs/demo.md, "Segmentation"); both writers publish by rename, so a finished file is whole and a
-# rerun skips it. Stored raw (75 MB): no JPEG decoding competes with training for the cores.
+# pretraining images (docs/demo.md, "Segmentation"), drawn once (scripts/mosaics.sh). Stored raw (75 MB): no JPEG
+# decoding competes with training for the cores.
 MOSAIC_ARGS="--train=2000 --val=200 --palette=grey"
+source scripts/mosaics.sh   # mosaics: draw and convert them, or reuse those drawn with MOSAIC_ARGS
 
 pretrained_lane() {   # everything that reads the pretrained models, then the segmentation mosaics
   logged export one pretrain.mim export "$OUT/mim/mim.pt" "$OUT/mim/backbone_timm.safetensors"
@@ -77,19 +79,6 @@ pretrained_lane() {   # everything that reads the pretrained models, then the se
   logged finetune_pretrained launch finetune.classify train beitv2_small_demo_ft --init="$OUT/mim/mim.pt" \
     --run.output_dir="$T/finetune_pretrained" --data.eval_images=10000 --run.progress_bar=false
   mosaics   # here rather than in the other lane: it evens out the two lanes' lengths
-}
-
-mosaics() {   # the segmentation data, drawn once and converted to .beton
-  if [ -d "$M" ] && [ "$(cat "$M/made_with" 2>/dev/null)" != "$MOSAIC_ARGS" ]; then
-    # Mosaics of other arguments (an older demo): redraw them, and retrain the segmenters that learnt from them.
-    rm -rf "$M" "$T"/segment_*
-  fi
-  [ -f "$M/ade/classes.json" ] || logged mosaics $PY -m data_tools.mosaics "$M/ade" $MOSAIC_ARGS --force
-  for split in training validation; do
-    [ -f "$M/$split.beton" ] || logged convert_$split $PY -m data_tools.convert ade20k "$M/ade" "$M/$split.beton" \
-      --split=$split --mode=raw --progress=false
-  done
-  echo "$MOSAIC_ARGS" > "$M/made_with"
 }
 
 baseline_lane() {   # the random-weight baselines and the tokenizer encoder's probe
