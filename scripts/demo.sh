@@ -17,11 +17,17 @@
 # overlaps the other's work). A killed demo resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEED=${DEMO_SEED:-0}   # the MIM run's seed; the tokenizer and the transfer jobs keep theirs (docs/demo.md, "Measured")
+# Settings are checked before any work: a bad one would otherwise surface minutes in, after the tokenizer's training.
+whole() {  # whole NAME VALUE MIN: VALUE as a whole number >= MIN (leading zeros dropped), or a one-line error
+  [[ "$2" =~ ^[0-9]+$ ]] && [ "$((10#$2))" -ge "$3" ] || {
+    echo "demo: $1 must be a whole number >= $3, got '$2'" >&2; exit 2; }
+  echo "$((10#$2))"
+}
+SEED=$(whole DEMO_SEED "${DEMO_SEED:-0}" 0)   # the MIM run's seed; the tokenizer's and the transfer jobs' stay fixed
+NPROC=$(whole DEMO_NPROC "${DEMO_NPROC:-1}" 1)
+CORES=$(whole DEMO_CORES "${DEMO_CORES:-$(nproc)}" 1)
 OUT=${DEMO_OUT:-runs/demo$([ "$SEED" = 0 ] || echo "_seed$SEED")}
 PY=.venv/bin/python
-NPROC=${DEMO_NPROC:-1}
-CORES=${DEMO_CORES:-$(nproc)}
 GLOBAL_BATCH=64   # the demo recipes' micro_batch_size on one process
 mkdir -p "$OUT"
 SECS_DIR=$OUT/seconds   # one file per step: its wall seconds (the lanes run in subshells)
