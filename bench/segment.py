@@ -13,7 +13,7 @@ variants after the DeepSpeed-bf16 ones.
 Ours is the fused attention kernel (`fused`: SDPA) in the backbone; the baseline is the official formulation's
 attention (`--model.attention=explicit`: softmax in Python, no fused kernel) at the same precision, same data and
 same augmentation. Ratios compare variants measured in one run on one machine. MFU uses
-`BeitUperNet.flops_per_image()` and a known device peak (none on a CPU: null there). Writes JSON.
+`BeitSegmenter.flops_per_image()` and a known device peak (none on a CPU: null there). Writes JSON.
 
     python -m bench.segment --arch=upernet_beitv2_base --batch=16 --precision=bf16 --zero=1 --warmup=10
     python -m bench.segment --arch=upernet_beitv2_large --batch=16 --precision=bf16 --zero=1 --warmup=10
@@ -28,7 +28,7 @@ from bench.common import device_info, run_stage_variants, stage_overrides, stage
 from engine.config.cli import run_cli
 from engine.config.schema import resolve
 from finetune.segment.config import RECIPES, SegmentConfig
-from finetune.segment.upernet import SEG_ARCHS
+from finetune.segment.model import SEG_ARCHS
 
 # Each segmenter arch with the recipe that trains it (crop, image scale, augmentation, layer decay).
 RECIPE_FOR = {"upernet_beitv2_base": "upernet_beitv2_base_ade20k",

@@ -9,9 +9,10 @@
 #   4. judge the pretraining downstream: linear probe and k-NN of the pretrained backbone, the same arch with
 #      random weights and the tokenizer's encoder, and a short fine-tune from pretrained and from random weights,
 #      all on the held-out test split,
-#   5. and in semantic segmentation: UperNet on Fashion-MNIST mosaics (garments of the training / test split pasted on
-#      canvases, written in the ADE20K layout and converted to .beton) from the pretrained and from a random
-#      backbone, mIoU on the held-out mosaics; results.json and report.md (with plots) sum it up.
+#   5. and in semantic segmentation on Fashion-MNIST mosaics (garments of the training / test split pasted on
+#      canvases, written in the ADE20K layout and converted to .beton): UperNet fine-tuned from the pretrained and
+#      from a random backbone, and the linear probe of each frozen backbone, mIoU on the held-out mosaics;
+#      results.json and report.md (with plots) sum it up.
 # Steps 3-5 are independent jobs: they run in two lanes side by side, each on half the cores (on 2 cores, two
 # one-thread processes train 1.15x the images/s of one two-thread process, and each one's single-threaded start-up
 # overlaps the other's work). A killed demo resumes where it stopped when run again.
@@ -98,21 +99,26 @@ baseline_lane() {   # the random-weight baselines and the tokenizer encoder's pr
     --run.output_dir="$T/finetune_random" --data.eval_images=10000 --run.progress_bar=false
 }
 
-segment() {   # segment INIT: UperNet on the mosaics from the pretrained or a random backbone
+segment() {   # segment NAME RECIPE INIT: a segmentation recipe on the mosaics from the pretrained or a random backbone
   local path
-  path=$([ "$1" = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
-  logged segment_$1 one finetune.segment train upernet_beitv2_small_demo_mosaics --init="$path" \
+  path=$([ "$3" = pretrained ] && echo "$OUT/mim/mim.pt" || echo random)
+  logged "$1" one finetune.segment train "$2" --init="$path" \
     --data.source=beton --data.train_path="$M/training.beton" --data.eval_path="$M/validation.beton" \
-    --run.output_dir="$T/segment_$1" --run.progress_bar=false
+    --run.output_dir="$T/$1" --run.progress_bar=false
 }
-segment_pretrained() { segment pretrained; }
-segment_random() { segment random; }
+segment_lane() {   # segment_lane INIT: UperNet fine-tuned from the backbone, then the linear probe of it frozen
+  segment "segment_$1" upernet_beitv2_small_demo_mosaics "$1"
+  segment "segment_linear_$1" linear_beitv2_small_demo_mosaics "$1"
+}
+segment_pretrained() { segment_lane pretrained; }
+segment_random() { segment_lane random; }
 
 echo "== 3/5 Evaluations, linear probes, k-NN and fine-tuning on held-out Fashion-MNIST (pretrained vs random), and" \
   "the segmentation mosaics: two lanes =="
 lanes_start=$SECONDS
 lanes pretrained_lane baseline_lane
-echo "== 4/5 Segmentation: UperNet on Fashion-MNIST mosaics (pretrained vs random backbone, mIoU on held-out): two lanes =="
+echo "== 4/5 Segmentation on Fashion-MNIST mosaics, UperNet and the linear probe (pretrained vs random backbone, mIoU" \
+  "on held-out): two lanes =="
 lanes segment_pretrained segment_random
 echo $((SECONDS - lanes_start)) > "$SECS_DIR/transfer_wall"   # steps 3-4 side by side: less than their sum
 
@@ -122,6 +128,7 @@ cat > "$OUT/seconds.json" <<JSON
  "linear_probe": $(secs probe_pretrained probe_random probe_tokenizer), "knn": $(secs knn_pretrained knn_random),
  "finetune": $(secs finetune_pretrained finetune_random),
  "segment": $(secs mosaics convert_training convert_validation segment_pretrained segment_random),
+ "segment_linear": $(secs segment_linear_pretrained segment_linear_random),
  "transfer_wall": $(secs transfer_wall), "total": $SECONDS}
 JSON
 echo "== 5/5 Report =="
@@ -154,10 +161,11 @@ for kind in ("linear_probe", "knn", "finetune"):
     extra = f", tokenizer encoder {100 * row['tokenizer_encoder']:.1f}%" if "tokenizer_encoder" in row else ""
     print(f"{kind} top-1 on the 10,000 test images: pretrained {100 * row['pretrained']:.1f}%, random "
           f"{100 * row['random']:.1f}%{extra}")
-seg = res.get("segmentation", {})
-if seg:
-    print(f"segmentation mIoU on the held-out mosaics: pretrained {100 * seg.get('pretrained', float('nan')):.1f}%, "
-          f"random {100 * seg.get('random', float('nan')):.1f}%")
+for key, name in (("segmentation", "UperNet fine-tuned"), ("segmentation_linear", "linear probe, frozen")):
+    seg = res.get(key, {})
+    if seg:
+        print(f"segmentation mIoU on the held-out mosaics ({name}): pretrained "
+              f"{100 * seg.get('pretrained', float('nan')):.1f}%, random {100 * seg.get('random', float('nan')):.1f}%")
 print(f"outputs in {out}/: results.json, report.md (plots in report/), tokenizer/tokenizer.pt, mim/mim.pt, "
       f"mim/backbone_timm.safetensors, transfer/*.json, transfer/finetune_*/classifier.pt, "
       f"transfer/segment_*/segmenter.pt, tensorboard logs in */tb")

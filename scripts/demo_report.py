@@ -3,7 +3,7 @@
     python scripts/demo_report.py runs/demo
 
 Reads what `scripts/demo.sh` leaves in OUT (tokenizer, MIM and transfer metrics and evaluations, the segmentation
-fine-tunes' metrics and held-out mIoU / mAcc / aAcc, per-stage seconds).
+runs' metrics (UperNet fine-tunes and linear probes) and held-out mIoU / mAcc / aAcc, per-stage seconds).
 The tokenizer's and MIM's training metrics and the tokenizer evaluation are required; every other input is optional:
 a missing one drops its row or plot, and the report says which file was missing.
 """
@@ -25,10 +25,15 @@ PROBE_FEATURES = ("pretrained", "random", "tokenizer_encoder")
 BACKBONES = ("pretrained", "random")
 TRANSFER = {"linear_probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
 SEG_METRICS = ("mIoU", "mAcc", "aAcc")  # held-out segmentation measures, fractions; results.json's headline is mIoU
+# The two segmentation protocols: results.json key -> (the runs' folder prefix under transfer/, name in the report).
+# UperNet fine-tunes the backbone with a decoder trained from scratch (the paper's protocol); the linear probe trains
+# batch norm + a 1x1 classifier on the frozen last block (iBOT's and DINOv2's), so it reads the features alone.
+SEGMENTATIONS = {"segmentation": ("segment", "segmentation"),
+                 "segmentation_linear": ("segment_linear", "linear segmentation (frozen)")}
 # The gains over random weights the demo is built to show, per row (segmentation: mIoU points): a run that reaches
 # them shows pretraining helping by more than the spread over seeds (docs/demo.md, "Measured"). The report's reading
 # and results.json's "bars" judge each measured row against them.
-BARS = {"linear_probe": 0.10, "knn": 0.08, "finetune": 0.03, "segmentation": 0.03}
+BARS = {"linear_probe": 0.10, "knn": 0.08, "finetune": 0.03, "segmentation": 0.03, "segmentation_linear": 0.03}
 # The spread of this recipe over MIM seeds, measured once (three seeds cost three demos' MIM time, so one demo cannot
 # measure it): `DEMO_SEED=0, 1, 2 make demo` with the same tokenizer, native bf16, commit 99684a5 (docs/demo.md,
 # "Measured"). The report prints their mean +/- sample std beside the single seed's numbers. Top-1 per seed, as
@@ -43,6 +48,11 @@ SEG_SEED_SPREAD = {"commits": "f429593 (MIM seed 0), 425ce28 (MIM seeds 1, 2)", 
                    "pretrained": ((0.1843, 0.1479, 0.1469), (0.166506, 0.166247, 0.150613),
                                   (0.183788, 0.163932, 0.109488)),
                    "random": (0.138964, 0.127750, 0.112102)}
+# The linear segmentation probe over its seeds (run.seed: the head's init and the crop order) on the demo's MIM seed 0
+# backbone, fp32 on a 2-core AVX2 CPU (docs/demo.md, "The linear probe of the frozen backbone"): held-out mIoU per
+# run as measured, pretrained and random by segmentation seed.
+LINEAR_SEG_SEED_SPREAD = {"mim_seed": 0, "seg_seeds": (0, 1, 2), "pretrained": (0.182509, 0.189458, 0.185042),
+                          "random": (0.108677, 0.115460, 0.118017)}
 DPI = 100
 # What the numbers depend on beyond the code: a demo table that another setup does not reproduce is traced from here.
 PACKAGES = ("torch", "torchvision", "deepspeed", "timm", "numpy", "pillow", "ffcv", "numba",
@@ -87,8 +97,10 @@ def load(out):
         "knn": {k: read_json(p(f"transfer/knn_{k}.json")) for k in BACKBONES},
         "finetune": {k: read_json(p(f"transfer/finetune_{k}/eval.json")) for k in BACKBONES},
         "finetune_rows": {k: read_jsonl(p(f"transfer/finetune_{k}/metrics.jsonl")) for k in BACKBONES},
-        "segment": {k: read_json(p(f"transfer/segment_{k}/eval.json")) for k in BACKBONES},
-        "segment_rows": {k: read_jsonl(p(f"transfer/segment_{k}/metrics.jsonl")) for k in BACKBONES},
+        **{prefix: {k: read_json(p(f"transfer/{prefix}_{k}/eval.json")) for k in BACKBONES}
+           for prefix, _ in SEGMENTATIONS.values()},
+        **{f"{prefix}_rows": {k: read_jsonl(p(f"transfer/{prefix}_{k}/metrics.jsonl")) for k in BACKBONES}
+           for prefix, _ in SEGMENTATIONS.values()},
         "seconds": read_json(p("seconds.json")),
         "configs": {stage: read_json(p(f"{stage}/config.json")) for stage in ("tokenizer", "mim")},
     }
@@ -133,19 +145,20 @@ def missing_notes(data):
                   for k, v in data[stage].items() if v is None]
     notes += [f"fine-tune loss curve ({k}): `transfer/finetune_{k}/metrics.jsonl` missing"
               for k, v in data["finetune_rows"].items() if v is None]
-    notes += [f"segmentation ({k}): `transfer/segment_{k}/eval.json` missing" for k, v in data["segment"].items()
-              if v is None]
-    notes += [f"segmentation loss curve ({k}): `transfer/segment_{k}/metrics.jsonl` missing"
-              for k, v in data["segment_rows"].items() if v is None]
+    for prefix, name in SEGMENTATIONS.values():
+        notes += [f"{name} ({k}): `transfer/{prefix}_{k}/eval.json` missing" for k, v in data[prefix].items()
+                  if v is None]
+        notes += [f"{name} loss curve ({k}): `transfer/{prefix}_{k}/metrics.jsonl` missing"
+                  for k, v in data[f"{prefix}_rows"].items() if v is None]
     if data["seconds"] is None:
         notes.append("stage seconds: `seconds.json` missing")
     return notes
 
 
 def summarize(data):
-    """The numbers of `results.json`: transfer values are top-1 accuracies as fractions, `segmentation` values held-out
-    mIoU fractions (mAcc, aAcc and per-class IoU in `segmentation_detail`), gains pretrained - random (for
-    segmentation, of mIoU)."""
+    """The numbers of `results.json`: transfer values are top-1 accuracies as fractions, `segmentation` (UperNet) and
+    `segmentation_linear` (linear probe) values held-out mIoU fractions (mAcc, aAcc and per-class IoU in
+    `segmentation_detail` / `segmentation_linear_detail`), gains pretrained - random (for segmentation, of mIoU)."""
     tok = data["tok_eval"]
     results = {"tokenizer": {k: tok[k] for k in ("codebook_usage", "teacher_cosine", "perplexity", "num_codes")}}
     if data["mim_eval"] is not None:
@@ -155,16 +168,17 @@ def summarize(data):
     results["pretraining_gain"] = {  # rounded: no 0.1230000001 in the file
         stage: round(results[stage]["pretrained"] - results[stage]["random"], 6)
         for stage in TRANSFER if all(k in results[stage] for k in BACKBONES)}
-    seg = {k: v for k, v in data["segment"].items() if v is not None}
-    results["segmentation"] = {k: v["mIoU"] for k, v in seg.items()}
-    results["segmentation_detail"] = {
-        k: {**{m: v[m] for m in SEG_METRICS}, "images": v.get("images"),
-            "per_class_iou": {c["class"]: c["iou"] for c in v.get("per_class", [])}} for k, v in seg.items()}
+    for key, (prefix, _) in SEGMENTATIONS.items():
+        seg = {k: v for k, v in data[prefix].items() if v is not None}
+        results[key] = {k: v["mIoU"] for k, v in seg.items()}
+        results[f"{key}_detail"] = {
+            k: {**{m: v[m] for m in SEG_METRICS}, "images": v.get("images"),
+                "per_class_iou": {c["class"]: c["iou"] for c in v.get("per_class", [])}} for k, v in seg.items()}
+        if all(k in seg for k in BACKBONES):
+            results["pretraining_gain"][key] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
     # Fine-tuned top-1 per class, by the class names the evaluation wrote (the data's, from convert's record).
     results["finetune_per_class"] = {k: {c["class"]: c["top1"] for c in v["per_class"]}
                                      for k, v in data["finetune"].items() if v and v.get("per_class")}
-    if all(k in seg for k in BACKBONES):
-        results["pretraining_gain"]["segmentation"] = round(seg["pretrained"]["mIoU"] - seg["random"]["mIoU"], 6)
     # The seeds the pretraining ran with (run.seed): a rerun with the same ones gives the same table; other MIM seeds
     # measure the spread (docs/demo.md).
     results["seed"] = {stage: (cfg or {}).get("run", {}).get("seed") for stage, cfg in data["configs"].items()}
@@ -199,7 +213,8 @@ def plot_losses(data, path):
     panels = [("tokenizer", [("loss", data["tok_rows"], "loss"), ("reconstruction", data["tok_rows"], "rec_loss")]),
               ("MIM", [("total", data["mim_rows"], "loss"), ("masked-token CE", data["mim_rows"], "mim_loss"),
                        ("aggregation CE", data["mim_rows"], "agg_loss")])]
-    for title, runs in (("fine-tune", data["finetune_rows"]), ("segmentation", data["segment_rows"])):
+    for title, runs in (("fine-tune", data["finetune_rows"]),
+                        *((name, data[f"{prefix}_rows"]) for prefix, name in SEGMENTATIONS.values())):
         lines = [(k, rows, "loss") for k, rows in runs.items() if rows]
         if lines:
             panels.append((title, lines))
@@ -248,7 +263,7 @@ def plot_accuracy(results, chance, path):
 def plot_segmentation_iou(results, path):
     """Grouped bars of held-out IoU per class, pretrained vs random; a class absent from the data (IoU null) gets no
     bar."""
-    detail = results["segmentation_detail"]
+    detail = segmentation_runs(results)
     if not detail:
         return None
     classes = seg_classes(detail)
@@ -262,6 +277,12 @@ def plot_segmentation_iou(results, path):
     ax.set(ylabel="held-out IoU", ylim=(0, 1.05), title="segmentation IoU per class")
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def segmentation_runs(results):
+    """Every segmentation run's detail by its label: UperNet's by backbone, the linear probe's 'linear <backbone>'."""
+    return {("" if key == "segmentation" else "linear ") + k: d
+            for key in SEGMENTATIONS for k, d in results[f"{key}_detail"].items()}
 
 
 def seg_classes(detail):
@@ -387,15 +408,16 @@ def report_md(results, data, plots, notes):
             rows.append((f"{name} pretraining gain", f"{100 * gains[stage]:+.1f} points"))
         if "tokenizer_encoder" in results[stage]:
             rows.append((f"{name} top-1, tokenizer encoder", pct(results[stage]["tokenizer_encoder"])))
-    for k, d in results["segmentation_detail"].items():
-        rows.append((f"segmentation mIoU, {k} backbone", f"{pct(d['mIoU'])} (mAcc {pct(d['mAcc'])}, aAcc "
-                     f"{pct(d['aAcc'])})"))
-    if "segmentation" in gains:
-        rows.append(("segmentation pretraining gain (mIoU)", f"{100 * gains['segmentation']:+.1f} points"))
+    for key, (_, name) in SEGMENTATIONS.items():
+        for k, d in results[f"{key}_detail"].items():
+            rows.append((f"{name} mIoU, {k} backbone", f"{pct(d['mIoU'])} (mAcc {pct(d['mAcc'])}, aAcc "
+                         f"{pct(d['aAcc'])})"))
+        if key in gains:
+            rows.append((f"{name} pretraining gain (mIoU)", f"{100 * gains[key]:+.1f} points"))
     lines = ["# BEiT v2 demo results", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows] + [""]
     lines += finetune_class_table(results["finetune_per_class"])
-    lines += segmentation_table(results["segmentation_detail"])
+    lines += segmentation_table(segmentation_runs(results))
     if notes:
         lines += ["Not in this report:", ""] + [f"- {n}" for n in notes] + [""]
     if results["seconds"]:
@@ -410,7 +432,7 @@ def report_md(results, data, plots, notes):
     lines += [f"Measured at commit {env['commit'] or 'unknown'} with Python {env['python']}, {libraries}; CPU "
               f"{env['cpu']} ({env['cores']} cores; {' '.join(env['cpu_vector_flags']) or 'no AVX'}); seeds: "
               f"tokenizer {results['seed']['tokenizer']}, MIM {results['seed']['mim']}.", ""]
-    lines += [seed_spread_line(results), "", segmentation_spread_line(), ""]
+    lines += [seed_spread_line(results), "", segmentation_spread_line(), "", linear_segmentation_spread_line(), ""]
     for title, name in plots:
         lines += [f"![{title}](report/{name})", ""] if name else []
     if data["tokens_png"]:  # the encoder's own picture of the token maps
@@ -442,12 +464,23 @@ def segmentation_spread_line():
             f"fp32, commits {SEG_SEED_SPREAD['commits']}, docs/demo.md).")
 
 
+def linear_segmentation_spread_line():
+    """The linear probe's gain in each of its measured seeds: a frozen backbone leaves the seed little to decide."""
+    spread = LINEAR_SEG_SEED_SPREAD
+    gains = [p - r for p, r in zip(spread["pretrained"], spread["random"])]
+    return (f"Linear segmentation over its seeds {', '.join(map(str, spread['seg_seeds']))} on MIM seed "
+            f"{spread['mim_seed']}'s backbone: pretrained {' / '.join(f'{100 * p:.1f}' for p in spread['pretrained'])} "
+            f"vs random {' / '.join(f'{100 * r:.1f}' for r in spread['random'])} mIoU, gains "
+            f"{', '.join(f'{100 * g:+.1f}' for g in gains)} ({100 * statistics.fmean(gains):+.1f} +/- "
+            f"{100 * statistics.stdev(gains):.1f}; fp32, docs/demo.md).")
+
+
 def reading(results):
     """One sentence: which rows' gains over random initialisation reach the demo's bars (BARS), which do not."""
     bars = results["bars"]
     if not bars:
         return "Reading: no pretrained vs random comparison, since the pretrained or the random results are missing."
-    names = {**TRANSFER, "segmentation": "segmentation"}
+    names = {**TRANSFER, **{key: name for key, (_, name) in SEGMENTATIONS.items()}}
 
     def said(met):
         return ", ".join(f"{names[k]} {100 * b['gain']:+.1f} {'>=' if met else '<'} {100 * b['bar']:.0f} points"

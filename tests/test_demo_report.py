@@ -67,13 +67,15 @@ def out(tmp_path):
                           {"class": "Trouser", "images": 100, "top1": top1 - 0.1},
                           {"class": "Bag", "images": 0, "top1": None}]})
     classes = ["background", "T-shirt/top", "Trouser", "Bag"]
-    for kind, (miou, ious) in {"pretrained": (0.42, [0.93, 0.25, None, 0.08]),
-                               "random": (0.157, [0.90, 0.05, None, 0.0])}.items():
-        write(tmp_path, f"transfer/segment_{kind}/metrics.jsonl",
+    for run, (miou, ious) in {"segment_pretrained": (0.42, [0.93, 0.25, None, 0.08]),
+                              "segment_random": (0.157, [0.90, 0.05, None, 0.0]),
+                              "segment_linear_pretrained": (0.30, [0.91, 0.2, None, 0.05]),
+                              "segment_linear_random": (0.12, [0.85, 0.0, None, 0.0])}.items():
+        write(tmp_path, f"transfer/{run}/metrics.jsonl",
               [{"step": s, "split": "train", "loss": 2.0 / s, "loss_decode": 1.5 / s, "loss_aux": 1.2 / s,
                 "pixel_acc": 0.6, "images_per_s": 80.0, "lr": 1e-4} for s in (20, 40, 60)]
               + [{"step": 60, "split": "eval", "mIoU": miou}])  # a non-train row: not on the loss curve
-        write(tmp_path, f"transfer/segment_{kind}/eval.json", {
+        write(tmp_path, f"transfer/{run}/eval.json", {
             "images": 200, "mIoU": miou, "mAcc": miou + 0.1, "aAcc": 0.802, "pixels": 1800000,
             "per_class": [{"class": c, "iou": iou, "acc": None if iou is None else 0.5, "pixels": 1000}
                           for c, iou in zip(classes, ious)]})
@@ -97,8 +99,10 @@ def test_full_report(out):
     assert results["linear_probe"] == {"pretrained": 0.62, "random": 0.41, "tokenizer_encoder": 0.55}
     assert results["knn"] == {"pretrained": 0.58, "random": 0.37}
     assert results["pretraining_gain"] == pytest.approx({"linear_probe": 0.21, "knn": 0.21, "finetune": 0.09,
-                                                         "segmentation": 0.263})
+                                                         "segmentation": 0.263, "segmentation_linear": 0.18})
     assert results["segmentation"] == {"pretrained": 0.42, "random": 0.157}
+    assert results["segmentation_linear"] == {"pretrained": 0.30, "random": 0.12}
+    assert results["segmentation_linear_detail"]["random"]["per_class_iou"]["background"] == 0.85
     detail = results["segmentation_detail"]
     assert detail["pretrained"]["mAcc"] == pytest.approx(0.52) and detail["random"]["aAcc"] == 0.802
     assert detail["random"]["per_class_iou"] == {"background": 0.9, "T-shirt/top": 0.05, "Trouser": None, "Bag": 0.0}
@@ -123,6 +127,11 @@ def test_full_report(out):
     assert ("seeds 0, 1, 2 of the segmentation recipe on the backbones of MIM seeds 0, 1, 2 and the grey mosaics "
             "gained +4.5, +2.0, +3.5 / +2.8, +3.8, +3.9 / +4.5, +3.6, -0.3 mIoU points (+3.1 +/- 1.5 over the 9 "
             "runs;") in report
+    # and the linear segmentation probe's over its seeds, which docs/demo.md's table states
+    assert ("Linear segmentation over its seeds 0, 1, 2 on MIM seed 0's backbone: pretrained 18.3 / 18.9 / 18.5 vs "
+            "random 10.9 / 11.5 / 11.8 mIoU, gains +7.4, +7.4, +6.7 (+7.2 +/- 0.4; fp32") in report
+    assert ("| linear probe of the frozen backbone (the demo's second row) | 18.3 / 10.9 (+7.4) | 18.9 / 11.5 (+7.4) "
+            "| 18.5 / 11.8 (+6.7) | +7.2 +/- 0.4 |") in doc
     for row in ("| 0 | 75.9% (+15.9) | 70.7% (+16.9) | 62.2% (+9.7) | 18.4 (+4.5) / 14.8 (+2.0) / 14.7 (+3.5) |",
                 "| 1 | 73.4% (+13.4) | 67.4% (+13.6) | 60.0% (+7.5) | 16.7 (+2.8) / 16.6 (+3.8) / 15.1 (+3.9) |",
                 "| 2 | 74.3% (+14.3) | 70.4% (+16.6) | 64.1% (+11.5) | 18.4 (+4.5) / 16.4 (+3.6) / 10.9 (-0.3) |",
@@ -141,16 +150,19 @@ def test_full_report(out):
                 "| segmentation mIoU, pretrained backbone | 42.0% (mAcc 52.0%, aAcc 80.2%) |",
                 "| segmentation mIoU, random backbone | 15.7% (mAcc 25.7%, aAcc 80.2%) |",
                 "| segmentation pretraining gain (mIoU) | +26.3 points |",
+                "| linear segmentation (frozen) mIoU, random backbone | 12.0% (mAcc 22.0%, aAcc 80.2%) |",
+                "| linear segmentation (frozen) pretraining gain (mIoU) | +18.0 points |",
                 "| class | pretrained top-1 | random top-1 |", "| T-shirt/top | 90.0% | 81.0% |",
                 "| Trouser | 70.0% | 61.0% |", "| Bag | - | - |",
-                "| class | pretrained IoU | random IoU |", "| background | 93.0% | 90.0% |",
-                "| T-shirt/top | 25.0% | 5.0% |", "| Trouser | - | - |", "| Bag | 8.0% | 0.0% |",
+                "| class | pretrained IoU | random IoU | linear pretrained IoU | linear random IoU |",
+                "| background | 93.0% | 90.0% | 91.0% | 85.0% |", "| T-shirt/top | 25.0% | 5.0% | 20.0% | 0.0% |",
+                "| Trouser | - | - | - | - |", "| Bag | 8.0% | 0.0% | 5.0% | 0.0% |",
                 "| segment | 300.0 |", "![segmentation IoU per class](report/segmentation_iou.png)"):
         assert row in report
     assert results["bars"]["segmentation"] == {"gain": 0.263, "bar": 0.03, "met": True}
     assert ("Reading: pretraining reaches the demo's bar over random initialisation on every row: linear probe "
             "+21.0 >= 10 points, k-NN +21.0 >= 8 points, fine-tune +9.0 >= 3 points, segmentation +26.3 >= 3 "
-            "points.") in report
+            "points, linear segmentation (frozen) +18.0 >= 3 points.") in report
     assert "missing" not in report
     for name in ("loss_curves", "accuracy", "codebook_usage", "token_maps", "segmentation_iou"):
         assert_png(out / "report" / f"{name}.png")
@@ -173,10 +185,11 @@ def test_missing_optional_inputs_leave_rows_out_with_a_note(out):
     assert "k-NN top-1, random backbone" not in report and "k-NN pretraining gain" not in report
     assert "`transfer/knn_random.json` missing" in report and "`tokenizer/test_tokens.npy` missing" in report
     assert not (out / "report/token_maps.png").exists()
-    assert set(results["bars"]) == {"linear_probe", "finetune", "segmentation"}   # no k-NN gain, no k-NN bar
+    assert set(results["bars"]) == {"linear_probe", "finetune", "segmentation", "segmentation_linear"}   # no k-NN
     assert results["bars"]["linear_probe"]["met"] is False
     assert ("Reading: pretraining reaches the demo's bar over random initialisation on fine-tune +9.0 >= 3 points, "
-            "segmentation +26.3 >= 3 points; misses it on linear probe +2.0 < 10 points.") in report
+            "segmentation +26.3 >= 3 points, linear segmentation (frozen) +18.0 >= 3 points; misses it on linear "
+            "probe +2.0 < 10 points.") in report
 
 
 def test_segmentation_loss_curves_are_the_train_rows(out):
@@ -185,7 +198,8 @@ def test_segmentation_loss_curves_are_the_train_rows(out):
 
 
 def test_missing_segmentation_leaves_its_rows_out_with_a_note(out):
-    shutil.rmtree(out / "transfer/segment_random")
+    for run in ("segment_linear_pretrained", "segment_linear_random", "segment_random"):
+        shutil.rmtree(out / "transfer" / run)
     assert demo_report.main(str(out)) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["segmentation"] == {"pretrained": 0.42} and "segmentation" not in results["pretraining_gain"]
@@ -194,6 +208,8 @@ def test_missing_segmentation_leaves_its_rows_out_with_a_note(out):
     assert "| class | pretrained IoU |\n" in report and "| T-shirt/top | 25.0% |\n" in report
     assert "`transfer/segment_random/eval.json` missing" in report
     assert "`transfer/segment_random/metrics.jsonl` missing" in report
+    assert "linear segmentation (frozen) (random): `transfer/segment_linear_random/eval.json` missing" in report
+    assert results["segmentation_linear"] == {} and "segmentation_linear" not in results["bars"]
 
     shutil.rmtree(out / "transfer/segment_pretrained")  # an old demo folder: no segmentation at all
     (out / "report/segmentation_iou.png").unlink()

@@ -10,7 +10,7 @@ from engine.parallel.ds_setup import layer_decay_param_groups
 from finetune.model import build_classifier
 from finetune.segment.metrics import (confusion_matrix, evaluate_segmenter, predict_image, segmentation_metrics,
                                   slide_logits, scaled_size)
-from finetune.segment.upernet import BeitFeaturePyramid, build_segmenter, load_segmenter, save_segmenter
+from finetune.segment.model import BeitFeaturePyramid, build_segmenter, load_segmenter, save_segmenter
 from pretrain.mim import save_mim_model
 from tests.dist_util import run_ranks
 from tests.test_finetune_model import tiny_mim
@@ -83,6 +83,50 @@ def test_backbone_routes_load_into_the_segmenter_and_a_segmenter_file_round_trip
     five = build_segmenter(TINY, 5, path, new_head=True, img_size=64).state_dict()
     assert five["decode_head.conv_seg.weight"].shape[0] == 5
     assert torch.equal(five["decode_head.fpn_bottleneck.conv.weight"], seg_sd["decode_head.fpn_bottleneck.conv.weight"])
+
+
+def test_the_linear_probe_trains_batch_norm_and_a_1x1_classifier_on_the_frozen_blocks_it_reads(tmp_path):
+    mim = tmp_path / "mim.pt"
+    save_mim_model(tiny_mim(), mim)
+    seg = build_segmenter("linear_beitv2_tiny_test", 11, mim).train()   # reads blocks 1 and 2 of 3
+    assert {n for n, p in seg.named_parameters() if p.requires_grad} == {
+        "decode_head.bn.weight", "decode_head.bn.bias", "decode_head.conv_seg.weight", "decode_head.conv_seg.bias"}
+    assert not seg.backbone.training and seg.decode_head.training and seg.auxiliary_head is None
+    assert not any(k.startswith("backbone.fpn") for k in seg.state_dict())
+    # The backbone is the checkpoint's, as UperNet's is.
+    upernet = build_segmenter(TINY, 11, mim).state_dict()
+    for key, value in seg.state_dict().items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, upernet[key]), key
+    blocks = {}
+    for i in (1, 2):
+        seg.backbone.blocks[i].register_forward_hook(lambda m, inp, out, i=i: blocks.setdefault(i, out))
+    x = torch.randn(4, 3, 32, 32)
+    logits, aux = seg(x)
+    assert aux is None and logits.shape == (4, 11, 4, 4)   # the patch stride: 8 px patches of a 32 px crop
+    maps = torch.cat([blocks[i][:, 1:].transpose(1, 2).reshape(4, -1, 4, 4) for i in (1, 2)], 1)
+    head = seg.decode_head
+    assert torch.allclose(logits, head.conv_seg(head.bn(maps)), atol=1e-6)
+    logits.square().mean().backward()
+    assert all(p.grad is None for p in seg.backbone.parameters())
+    assert head.conv_seg.weight.grad is not None and head.bn.weight.grad is not None
+    # Half a training step's work: the frozen forward plus three times the small head.
+    assert seg.flops_per_image() < build_segmenter(TINY, 11).flops_per_image() / 2
+    # A segmenter file round-trips; UperNet's file gives the linear probe its backbone (and the other way round).
+    path = tmp_path / "linear.pt"
+    save_segmenter(seg, path)
+    again = load_segmenter(path)
+    assert again.frozen_backbone and all(torch.equal(v, again.state_dict()[k]) for k, v in seg.state_dict().items())
+    upernet_file = tmp_path / "upernet.pt"
+    save_segmenter(build_segmenter(TINY, 11, mim), upernet_file)
+    from_upernet = build_segmenter("linear_beitv2_tiny_test", 11, upernet_file).state_dict()
+    assert all(torch.equal(from_upernet[k], v) for k, v in seg.state_dict().items() if k.startswith("backbone."))
+    to_upernet = build_segmenter(TINY, 11, path).state_dict()
+    assert all(torch.equal(to_upernet[k], v) for k, v in seg.state_dict().items() if k.startswith("backbone."))
+    with pytest.raises(ValueError, match="decoder 'mlp'.*upernet, linear"):
+        build_segmenter("linear_beitv2_tiny_test", 11, decoder="mlp")
+    with pytest.raises(ValueError, match=r"out_indices \(\) must be 1 or more"):
+        build_segmenter("linear_beitv2_tiny_test", 11, out_indices=())
 
 
 def test_a_tokenizer_file_is_not_a_backbone(tiny_tokenizer_file):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.config.schema import ConfigError, StageConfig, key, merge
 from finetune.model import CLS_ARCHS
-from finetune.segment.upernet import SEG_ARCHS
+from finetune.segment.model import SEG_ARCHS
 
 
 @dataclass
@@ -102,6 +102,22 @@ def _official(arch: str, lr: float, layer_decay: float, drop_path: float, out: s
                              "model.drop_path": drop_path, "run.output_dir": out})
 
 
+# What the demo's segmentation recipes share. auto: bf16 matmuls on a CPU that computes them natively, fp32
+# elsewhere. ZeRO-0: the demo runs it as one process, where ZeRO-2's flat gradient buffers only add copies (1.2x the
+# images/s without them on 2 cores). One FFCV decoding thread: the mosaics are raw pixels, and a serial decoder
+# compiles in 6 s instead of 12 (numba's parallel one) in each process.
+_DEMO_MOSAICS = {
+    "num_classes": 11,
+    "data": {"source": "fashion_mnist", "limit": 2000, "eval_images": 200, "num_workers": 1},
+    "model": {"img_size": 48},
+    "augment": {"scale": [96, 96], "ratio_range": [0.5, 1.0]},
+    "eval": {"stride": 32},
+    "optim": {"min_lr": 0.0, "betas": [0.9, 0.999], "weight_decay": 0.05},
+    "schedule": {"decay": "poly"},
+    "run": {"precision": "auto", "micro_batch_size": 16, "ds_config": "ds_configs/zero0.json", "save_interval": 100,
+            "log_interval": 20},
+}
+
 RECIPES = {
     "upernet_beitv2_base_ade20k": _official("upernet_beitv2_base", lr=5e-5, layer_decay=0.75, drop_path=0.15,
                                             out="runs/upernet_beitv2_base_ade20k"),
@@ -110,21 +126,17 @@ RECIPES = {
     # Two CPU cores: the demo backbone on Fashion-MNIST mosaics (96 px canvases of 1-3 garments, 11 classes) at its
     # pretraining size of 48 px (crops of 50-100% scaled canvases). A run this short wants a much higher lr than the
     # 160k-iteration recipe: the head starts from scratch and stays stuck on garment-vs-background below ~4e-3; the
-    # layer decay keeps the backbone's lr lower (docs/demo.md, "Segmentation"). auto: bf16 matmuls on a CPU that
-    # computes them natively, fp32 elsewhere. ZeRO-0: the demo runs it as one process, where ZeRO-2's flat gradient
-    # buffers only add copies (1.2x the images/s without them on 2 cores). One FFCV decoding thread: the mosaics are
-    # raw pixels, and a serial decoder compiles in 6 s instead of 12 (numba's parallel one) in each process.
-    "upernet_beitv2_small_demo_mosaics": {
-        "arch": "upernet_beitv2_small_demo", "num_classes": 11, "layer_decay": 0.65,
-        "data": {"source": "fashion_mnist", "limit": 2000, "eval_images": 200, "num_workers": 1},
-        "model": {"drop_path": 0.1, "img_size": 48},
-        "augment": {"scale": [96, 96], "ratio_range": [0.5, 1.0]},
-        "eval": {"stride": 32},
-        "optim": {"lr": 4e-3, "min_lr": 0.0, "betas": [0.9, 0.999], "weight_decay": 0.05},
-        "schedule": {"total_steps": 280, "warmup_steps": 20, "decay": "poly"},
-        "run": {"precision": "auto", "micro_batch_size": 16, "ds_config": "ds_configs/zero0.json",
-                "output_dir": "runs/demo/segment", "save_interval": 100, "log_interval": 20},
-    },
+    # layer decay keeps the backbone's lr lower (docs/demo.md, "Segmentation").
+    "upernet_beitv2_small_demo_mosaics": merge(_DEMO_MOSAICS, {
+        "arch": "upernet_beitv2_small_demo", "layer_decay": 0.65, "model": {"drop_path": 0.1},
+        "optim": {"lr": 4e-3}, "schedule": {"total_steps": 280, "warmup_steps": 20},
+        "run": {"output_dir": "runs/demo/segment"}}),
+    # The linear probe of the frozen demo backbone on the same mosaics, crops and test view: only batch norm and a
+    # 1x1 classifier train, so the held-out mIoU is what the last block's patch tokens hold (docs/demo.md).
+    "linear_beitv2_small_demo_mosaics": merge(_DEMO_MOSAICS, {
+        "arch": "linear_beitv2_small_demo", "layer_decay": 1.0, "model": {"drop_path": 0.0},
+        "optim": {"lr": 1e-2}, "schedule": {"total_steps": 280, "warmup_steps": 20},
+        "run": {"output_dir": "runs/demo/segment_linear"}}),
     "upernet_beitv2_tiny_test": {
         "arch": "upernet_beitv2_tiny_test", "num_classes": 11, "init": "random", "mosaic_size": 48,
         "data": {"source": "fashion_mnist", "limit": 64, "eval_images": 8, "num_workers": 0},

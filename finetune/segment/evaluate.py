@@ -11,7 +11,7 @@ from engine.loop.evaluation import eval_device, write_result
 from finetune.segment.config import SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import MS_RATIOS
 from finetune.segment.train import held_out_metrics
-from finetune.segment.upernet import build_segmenter, load_segmenter
+from finetune.segment.model import build_segmenter, load_segmenter
 
 
 def evaluate(checkpoint: str, arch: str = "", num_classes: int = 0, data_cfg: dict | None = None,

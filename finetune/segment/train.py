@@ -21,7 +21,7 @@ from engine.parallel import distributed as dist_utils
 from engine.parallel.ds_setup import PARAM_DTYPES, layer_decay_param_groups, zero_stage_of
 from finetune.segment.config import RECIPES, SegAugmentConfig, SegEvalConfig, SegmentConfig
 from finetune.segment.metrics import evaluate_segmenter, per_class_table
-from finetune.segment.upernet import BeitUperNet, build_segmenter, load_segmenter, save_segmenter
+from finetune.segment.model import BeitSegmenter, build_segmenter, load_segmenter, save_segmenter
 from pretrain.mim.attention import set_attention_kernel
 
 EVAL_BATCH = 8   # held-out images decoded per batch (each is then predicted on its own, window by window)
@@ -62,7 +62,7 @@ class AverageBatchNormStats:
         pass
 
 
-def build_model(cfg: SegmentConfig) -> BeitUperNet:
+def build_model(cfg: SegmentConfig) -> BeitSegmenter:
     overrides = {"drop_path_rate": cfg.model.drop_path, "img_size": cfg.crop}
     init = None if cfg.init == "random" else cfg.init
     model = build_segmenter(cfg.arch, cfg.num_classes, init, new_head=cfg.model.new_head, **overrides)
@@ -77,7 +77,7 @@ def class_names(data: DataConfig, num_classes: int) -> list[str] | None:
     return None
 
 
-def held_out_metrics(model: BeitUperNet, data: DataConfig, augment: SegAugmentConfig, ev: SegEvalConfig,
+def held_out_metrics(model: BeitSegmenter, data: DataConfig, augment: SegAugmentConfig, ev: SegEvalConfig,
                      mosaic_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """mIoU / mAcc / aAcc on the held-out split at the test scale `augment.scale`, predicted as `ev` says (crops of
     the model's size), each rank its shard."""
@@ -94,8 +94,9 @@ def held_out_metrics(model: BeitUperNet, data: DataConfig, augment: SegAugmentCo
 
 
 def prepare(cfg: SegmentConfig, device: torch.device) -> StagePlan:
-    """UperNet fine-tuning: the mmseg training pipeline batched on the device, per-pixel cross-entropy of the main
-    and auxiliary heads, layer-wise lr decay; then mIoU / mAcc / aAcc on held-out images."""
+    """UperNet fine-tuning (or the linear probe's head alone): the mmseg training pipeline batched on the device,
+    per-pixel cross-entropy of the main and auxiliary heads, layer-wise lr decay; then mIoU / mAcc / aAcc on
+    held-out images."""
     model = build_model(cfg).to(device)
     sync_bn = device.type == "cuda" and dist_utils.world_size() > 1   # official SyncBN (torch's needs a GPU)
     if sync_bn:
@@ -118,13 +119,16 @@ def prepare(cfg: SegmentConfig, device: torch.device) -> StagePlan:
     def step(engine, batch):
         labels = guard(batch["label"])
         main, aux = engine(batch["image"].to(dtype))
-        (loss_main, full_size), (loss_aux, _) = pixel_cross_entropy(main, labels), pixel_cross_entropy(aux, labels)
+        loss_main, full_size = pixel_cross_entropy(main, labels)
         with torch.no_grad():
             pred = full_size.argmax(1)
             valid = labels != IGNORE
             pixel_acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
-        loss = loss_main + cfg.model.aux_weight * loss_aux
-        return loss, {"loss_decode": loss_main.detach(), "loss_aux": loss_aux.detach(), "pixel_acc": pixel_acc}
+        loss, aux_metrics = loss_main, {}
+        if aux is not None:   # UperNet's auxiliary head (the linear probe has none)
+            loss_aux = pixel_cross_entropy(aux, labels)[0]
+            loss, aux_metrics = loss_main + cfg.model.aux_weight * loss_aux, {"loss_aux": loss_aux.detach()}
+        return loss, {"loss_decode": loss_main.detach(), **aux_metrics, "pixel_acc": pixel_acc}
 
     def evaluate(result: FitResult) -> dict:
         # ZeRO-3 leaves each rank a shard of the weights: evaluate the consolidated file (every rank reads it).
@@ -144,8 +148,9 @@ def prepare(cfg: SegmentConfig, device: torch.device) -> StagePlan:
 
 
 def train(recipe: str = "upernet_beitv2_small_demo_mosaics", **overrides) -> dict:
-    """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`). Flags override the
-    recipe; `segmenter.pt` and `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
+    """Fine-tune a UperNet segmenter from a backbone checkpoint (`--init=PATH`, or `random`), or train the linear
+    probe of the frozen backbone (`linear_*` archs and recipes). Flags override the recipe; `segmenter.pt` and
+    `eval.json` (mIoU, mAcc, aAcc, per-class IoU) land in run.output_dir."""
     return train_stage(SegmentConfig, RECIPES, recipe, overrides, prepare, data_task="segment")
 
 
